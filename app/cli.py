@@ -1,0 +1,82 @@
+"""`mergegate` command line: serve the gateway, or build the demo repository and serve it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from app.settings import Settings, resolve_admin_key
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None}
+    return Settings(**overrides)
+
+
+def _serve(settings: Settings) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+
+
+def _print_howto(settings: Settings) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    key_hint = ("$MERGEGATE_ADMIN_KEY" if settings.admin_key else f"$(cat {settings.admin_key_file})")
+    print(f"""
+MergeGate is starting on {base}  (API docs: {base}/docs)
+  curl {base}/v1/models
+  curl {base}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "demo-code", "prompt": "def ", "max_tokens": 32}}'
+  python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='none'); print(c.models.list())"
+  admin: curl {base}/admin/experts -H "Authorization: Bearer {key_hint}"
+""", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    resolve_admin_key(settings)
+    _print_howto(settings)
+    _serve(settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from experts.demo import build_demo
+
+    settings = _settings(args)
+    build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick)
+    resolve_admin_key(settings)
+    _print_howto(settings)
+    _serve(settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="mergegate", description="MergeGate: a model-merging gateway")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", help="bind address (default 127.0.0.1; env MERGEGATE_HOST)")
+        p.add_argument("--port", type=int, help="port (default 8000; env MERGEGATE_PORT)")
+        p.add_argument("--data-dir", type=Path, help="data directory (default ./data; env MERGEGATE_DATA_DIR)")
+
+    p = sub.add_parser("serve", help="serve the gateway on an existing data dir")
+    common(p)
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("demo", help="build the demo experts locally if missing, then serve")
+    common(p)
+    p.add_argument("--quick", action="store_true", help="tiny models, a few seconds of training (for tests)")
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

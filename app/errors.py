@@ -1,0 +1,106 @@
+"""One shape for every error on the wire: the OpenAI envelope {"error": {message, type, param, code}}.
+
+Domain exceptions (experts.errors, merging.errors) are mapped here; routers never catch them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from experts import errors as xe
+
+log = logging.getLogger("mergegate.errors")
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself (auth, limits, request shape)."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Map any exception to the ApiError the client should see (never a traceback)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, xe.ExpertNotFoundError):
+        return ApiError(404, str(exc), code="model_not_found", param="model")
+    if isinstance(exc, xe.JobNotFoundError):
+        return ApiError(404, str(exc), code="job_not_found")
+    if isinstance(exc, (xe.ExpertExistsError, xe.ExpertInUseError, xe.JobStateError)):
+        return ApiError(409, str(exc), code=type(exc).__name__.removesuffix("Error").lower())
+    if isinstance(exc, xe.GenerationInputError):
+        return ApiError(400, str(exc), code=exc.code, param=exc.param)
+    if isinstance(exc, xe.ExpertUnavailableError):
+        return ApiError(503, str(exc), type="server_error", code="model_unavailable")
+    if isinstance(exc, ValueError) and _is_domain(exc):  # InvalidExpertError, merging errors, corpus errors
+        return ApiError(400, str(exc), code=type(exc).__name__)
+    log.exception("unhandled error", exc_info=exc)
+    return ApiError(500, "internal server error; see the gateway log", type="server_error")
+
+
+DOMAIN_ERRORS: list[type[Exception]] = [xe.ExpertError, ValueError]
+
+
+def _is_domain(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("experts", "merging")
+
+
+def error_body(err: ApiError) -> dict:
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    first = errs[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+    return (f"{param}: {msg}" if param else msg) + more, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = _validation_message(exc)
+        return error_response(ApiError(400, msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such endpoint"
+        return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+    async def _domain(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    # Domain errors are handled inside the app (so middleware sees the status); `Exception` is the
+    # last resort, answered by Starlette's outermost middleware.
+    for exc_type in DOMAIN_ERRORS:
+        app.add_exception_handler(exc_type, _domain)
+    app.add_exception_handler(Exception, _domain)

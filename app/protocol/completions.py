@@ -1,0 +1,79 @@
+"""/v1/completions wire models (OpenAI legacy completions)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from app.protocol.common import OpenAIBaseModel, StreamOptions, Usage
+
+MAX_STOP = 4
+
+
+def normalize_stop(v: object) -> object:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if isinstance(v, list):
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not isinstance(s, str) or s == "" for s in v):
+            raise ValueError("stop sequences must be non-empty strings")
+    return v
+
+
+class CompletionRequest(OpenAIBaseModel):
+    model: str = Field(..., description="Expert id, as listed by GET /v1/models", examples=["demo-code"])
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        "", description="Text, a list of texts, token ids, or a list of token-id lists", examples=["def fib(n):"])
+    max_tokens: int | None = Field(16, ge=0, description="New tokens to generate (0 with echo scores the prompt)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return this many alternatives per token")
+    echo: bool = Field(False, description="Prepend the prompt (and its logprobs) to each choice")
+    stop: list[str] = Field(default_factory=list, description="Up to 4 sequences; generation stops before them")
+    seed: int | None = Field(None, description="Same seed and request, same output")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+    model_config = {"extra": "allow", "json_schema_extra": {"examples": [
+        {"model": "demo-code", "prompt": "def fib(n):", "max_tokens": 32, "temperature": 0}]}}
+
+    _stop = field_validator("stop", mode="before")(classmethod(lambda cls, v: normalize_stop(v)))
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        if v != 0.0:
+            raise ValueError("presence/frequency penalties are not supported; send 0 or omit them")
+        return v
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

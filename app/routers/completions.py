@@ -1,0 +1,39 @@
+"""POST /v1/completions and /v1/chat/completions (OpenAI-compatible)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from app.deps import CompletionsDep, require_client
+from app.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
+from app.protocol.common import error_responses
+from app.protocol.completions import CompletionRequest, CompletionResponse
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_client)])
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=False,
+             responses={**error_responses(400, 401, 404, 413, 503),
+                        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
+             summary="Create a completion")
+async def create_completion(body: CompletionRequest, service: CompletionsDep):  # noqa: ANN201
+    """Text completion with sampling, stop sequences, seeds, logprobs and echo; `stream=true` sends SSE
+    chunks ending with `data: [DONE]`."""
+    if body.stream:
+        return StreamingResponse(await service.stream_completion(body), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    return await service.complete(body)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={**error_responses(400, 401, 404, 413, 503),
+                        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
+             summary="Create a chat completion")
+async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep):  # noqa: ANN201
+    """Chat completion; the prompt is built with the tokenizer's chat template, or the default
+    template documented in docs/api.md."""
+    if body.stream:
+        return StreamingResponse(await service.stream_chat(body), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await service.chat(body)

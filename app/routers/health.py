@@ -1,0 +1,31 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from anyio.to_thread import run_sync
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.errors import ApiError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Liveness: the process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: the registry database is reachable",
+            responses={503: {"description": "Registry unreachable"}})
+async def ready(request: Request) -> JSONResponse:
+    try:
+        await run_sync(request.app.state.repo.registry.ping)
+    except Exception as e:  # noqa: BLE001 - any database failure means not ready
+        raise ApiError(503, f"registry unreachable: {type(e).__name__}", type="server_error", code="not_ready") from None
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,234 @@
+"""Completions and chat completions: wire request -> expert call -> wire response or SSE chunks.
+
+Generation is blocking torch code; it runs in worker threads bounded by a capacity limiter, so
+the event loop keeps serving (health checks, other requests) during a long generation. Streams
+advance one token per thread hop, so a client that disconnects stops its generation at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+from anyio.to_thread import run_sync
+
+from app.errors import ApiError
+from app.metrics import Metrics
+from app.protocol.chat import ChatCompletionRequest
+from app.protocol.completions import CompletionRequest
+from app.sse import SSE_DONE, sse_error, sse_event
+from experts.base import Choice, Expert, GenerationParams, StreamDelta, StreamEnd, TokenLogprob
+from experts.repository import ExpertRepository
+
+FINGERPRINT = "mergegate-0.1"
+_DONE = object()
+
+
+def _legacy_logprobs(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
+        "text_offset": [t.text_offset for t in tokens],
+    }
+
+
+def _chat_logprobs(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    return {"content": [
+        {"token": t.token, "logprob": t.logprob, "bytes": list(t.raw),
+         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+        for t in tokens
+    ]}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class CompletionService:
+    def __init__(self, repo: ExpertRepository, metrics: Metrics, *, workers: int, max_n: int) -> None:
+        self.repo = repo
+        self.metrics = metrics
+        self.limiter = anyio.CapacityLimiter(workers)
+        self.max_n = max_n
+
+    # -- shared -------------------------------------------------------------------------------
+    def _expert(self, model: str) -> Expert:
+        return self.repo.get(model)
+
+    def _check_n(self, n: int) -> None:
+        if n > self.max_n:
+            raise ApiError(400, f"n must be at most {self.max_n}", param="n")
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await run_sync(fn, *args, limiter=self.limiter)
+
+    async def _prompts(self, expert: Expert, prompt: Any) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt must not be an empty list", param="prompt")
+        if isinstance(prompt[0], str):
+            return list(prompt)
+        if not hasattr(expert, "detokenize"):
+            raise ApiError(400, "token-id prompts need an expert with a local tokenizer", param="prompt")
+        lists = [prompt] if isinstance(prompt[0], int) else prompt
+        return [await self._call(expert.detokenize, ids) for ids in lists]
+
+    async def _stream_events(self, expert: Expert, prompt: str, params: GenerationParams
+                             ) -> AsyncIterator[StreamDelta | StreamEnd]:
+        """Advance the blocking generator one event per thread hop. The first hop happens before the
+        caller starts the HTTP response, so bad input (e.g. context length) still gets a 4xx status."""
+        it: Iterator[StreamDelta | StreamEnd] = await self._call(expert.stream, prompt, params)
+        first = await self._call(next, it, _DONE)
+        try:
+            ev = first
+            while ev is not _DONE:
+                yield ev
+                ev = await self._call(next, it, _DONE)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    # -- /v1/completions ----------------------------------------------------------------------
+    def _params(self, req: CompletionRequest) -> GenerationParams:
+        return GenerationParams(max_tokens=16 if req.max_tokens is None else req.max_tokens,
+                                temperature=req.temperature, top_p=req.top_p, n=req.n, stop=tuple(req.stop),
+                                seed=req.seed, logprobs=req.logprobs, echo=req.echo)
+
+    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+        self._check_n(req.n)
+        expert = self._expert(req.model)
+        params = self._params(req)
+        prompts = await self._prompts(expert, req.prompt)
+        choices, n_prompt, n_completion = [], 0, 0
+        for p_idx, prompt in enumerate(prompts):
+            result = await self._call(expert.generate, prompt, params)
+            n_prompt += result.prompt_tokens
+            n_completion += result.completion_tokens
+            for c in result.choices:
+                choices.append(self._completion_choice(p_idx * req.n + c.index, c, req))
+        self.metrics.count_tokens(req.model, n_prompt, n_completion)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "choices": choices, "usage": _usage(n_prompt, n_completion),
+                "system_fingerprint": FINGERPRINT}
+
+    @staticmethod
+    def _completion_choice(index: int, c: Choice, req: CompletionRequest) -> dict[str, Any]:
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = _legacy_logprobs((c.prompt_tokens or []) + (c.tokens or []))
+        return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str]:
+        self._check_n(req.n)
+        expert = self._expert(req.model)
+        params = self._params(req)
+        prompts = await self._prompts(expert, req.prompt)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": FINGERPRINT}
+        first_events = self._stream_events(expert, prompts[0], params)
+        first = await anext(first_events)  # may raise: still before the response starts
+
+        async def body() -> AsyncIterator[str]:
+            n_prompt = n_completion = 0
+            try:
+                for p_idx, prompt in enumerate(prompts):
+                    events = first_events if p_idx == 0 else self._stream_events(expert, prompt, params)
+                    pending = [first] if p_idx == 0 else []
+                    async for ev in _chain(pending, events):
+                        if isinstance(ev, StreamEnd):
+                            n_prompt += ev.prompt_tokens
+                            n_completion += ev.completion_tokens
+                            continue
+                        lp = _legacy_logprobs(ev.tokens) if req.logprobs is not None else None
+                        choice = {"index": p_idx * req.n + ev.index, "text": ev.text, "logprobs": lp,
+                                  "finish_reason": ev.finish_reason}
+                        yield sse_event({**head, "choices": [choice], "usage": None})
+                self.metrics.count_tokens(req.model, n_prompt, n_completion)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse_event({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
+            except Exception as e:  # noqa: BLE001 - mid-stream errors travel as an SSE event
+                yield sse_error(e)
+            yield SSE_DONE
+
+        return body()
+
+    # -- /v1/chat/completions -----------------------------------------------------------------
+    def _chat_params(self, req: ChatCompletionRequest) -> GenerationParams:
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return GenerationParams(max_tokens=max_tokens if max_tokens is not None else 256, temperature=req.temperature,
+                                top_p=req.top_p, n=req.n, stop=tuple(req.stop), seed=req.seed,
+                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+    async def _chat_prompt(self, expert: Expert, req: ChatCompletionRequest) -> str:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        return await self._call(expert.render_chat, messages)
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        self._check_n(req.n)
+        expert = self._expert(req.model)
+        prompt = await self._chat_prompt(expert, req)
+        params = await self._fit_chat_params(expert, req, prompt)
+        result = await self._call(expert.generate, prompt, params)
+        self.metrics.count_tokens(req.model, result.prompt_tokens, result.completion_tokens)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": _chat_logprobs(c.tokens or []) if req.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in result.choices]
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": req.model, "choices": choices,
+                "usage": _usage(result.prompt_tokens, result.completion_tokens), "system_fingerprint": FINGERPRINT}
+
+    async def _fit_chat_params(self, expert: Expert, req: ChatCompletionRequest, prompt: str) -> GenerationParams:
+        """Without an explicit limit, a chat answer may use the rest of the context window (up to 256)."""
+        params = self._chat_params(req)
+        if req.max_completion_tokens or req.max_tokens:
+            return params
+        ctx = expert.describe().get("context_length") or 2048
+        used = await self._call(expert.count_tokens, prompt)
+        room = max(1, min(256, ctx - max(used, 1)))
+        return GenerationParams(**{**{f: getattr(params, f) for f in params.__slots__}, "max_tokens": room})
+
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        self._check_n(req.n)
+        expert = self._expert(req.model)
+        prompt = await self._chat_prompt(expert, req)
+        params = await self._fit_chat_params(expert, req, prompt)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": req.model, "system_fingerprint": FINGERPRINT}
+        events = self._stream_events(expert, prompt, params)
+        first = await anext(events)
+
+        async def body() -> AsyncIterator[str]:
+            started: set[int] = set()
+            try:
+                async for ev in _chain([first], events):
+                    if isinstance(ev, StreamEnd):
+                        self.metrics.count_tokens(req.model, ev.prompt_tokens, ev.completion_tokens)
+                        if req.stream_options and req.stream_options.include_usage:
+                            yield sse_event({**head, "choices": [],
+                                             "usage": _usage(ev.prompt_tokens, ev.completion_tokens)})
+                        continue
+                    delta: dict[str, Any] = {"content": ev.text}
+                    if ev.index not in started:
+                        started.add(ev.index)
+                        delta = {"role": "assistant", "content": ev.text}
+                    choice = {"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason,
+                              "logprobs": _chat_logprobs(ev.tokens) if req.logprobs else None}
+                    yield sse_event({**head, "choices": [choice], "usage": None})
+            except Exception as e:  # noqa: BLE001
+                yield sse_error(e)
+            yield SSE_DONE
+
+        return body()
+
+
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for x in first:
+        yield x
+    async for x in rest:
+        yield x

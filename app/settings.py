@@ -1,0 +1,66 @@
+"""Gateway settings, from arguments or `MERGEGATE_*` environment variables."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MERGEGATE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db")
+    admin_key: SecretStr | None = Field(None, description="admin key; when unset one is generated into <data_dir>/admin.key")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="client keys, comma-separated")
+    max_loaded_models: int = 4
+    max_loaded_bytes: int = 8 << 30
+    max_body_bytes: int = 4 << 20  # JSON requests
+    max_upload_bytes: int = 4 << 30  # expert uploads
+    max_n: int = 16
+    generation_workers: int = 2  # concurrent generations (each uses torch's intra-op threads)
+    job_workers: int = 2
+    default_dtype: str | None = None
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.data_dir / "admin.key"
+
+
+def resolve_admin_key(settings: Settings) -> str:
+    """The configured admin key, else the one stored in <data_dir>/admin.key (created 0600 on first start).
+
+    Admin is therefore never open: without a configured key, only someone who can read the data
+    dir can administer the gateway."""
+    if settings.admin_key is not None and settings.admin_key.get_secret_value():
+        return settings.admin_key.get_secret_value()
+    path = settings.admin_key_file
+    if path.is_file():
+        key = path.read_text().strip()
+        if key:
+            return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "mg-admin-" + secrets.token_urlsafe(24)
+    tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.write_text(key + "\n")
+    tmp.replace(path)
+    return key

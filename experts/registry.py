@@ -1,0 +1,253 @@
+"""The registry: experts and jobs in a SQL database (SQLite by default, any SQLAlchemy URL works).
+
+Portable SQL through SQLAlchemy Core so that several gateways can share one PostgreSQL. The schema
+is versioned: `MIGRATIONS[i]` moves the database from version i to i + 1, inside one transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from experts.errors import ExpertExistsError, ExpertNotFoundError, JobNotFoundError
+
+metadata = sa.MetaData()
+
+schema_info = sa.Table(
+    "schema_info", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+experts_table = sa.Table(
+    "experts", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("architecture", sa.String(128)),
+    sa.Column("num_params", sa.BigInteger),
+    sa.Column("dtype", sa.String(16)),
+    sa.Column("context_length", sa.Integer),
+    sa.Column("tokenizer_fingerprint", sa.String(64)),
+    sa.Column("domain", sa.String(128)),
+    sa.Column("tags", sa.JSON, nullable=False),
+    sa.Column("lineage", sa.JSON),  # {"parents": [{"id", "weight"}], "recipe": {...}}
+    sa.Column("spec", sa.JSON, nullable=False),  # kind-specific settings (base id, upstream, members...)
+    sa.Column("path", sa.String(512)),  # artifact directory, relative to the data dir
+    sa.Column("size_bytes", sa.BigInteger),
+    sa.Column("pinned", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+jobs_table = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("progress", sa.Float, nullable=False, default=0.0),
+    sa.Column("message", sa.Text),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("owner", sa.String(64)),  # the gateway instance that runs it
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[experts_table, jobs_table])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class ExpertRecord:
+    id: str
+    kind: str
+    status: str = "ready"
+    architecture: str | None = None
+    num_params: int | None = None
+    dtype: str | None = None
+    context_length: int | None = None
+    tokenizer_fingerprint: str | None = None
+    domain: str | None = None
+    tags: list[str] = field(default_factory=list)
+    lineage: dict[str, Any] | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    size_bytes: int | None = None
+    pinned: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    status: str
+    progress: float = 0.0
+    message: str | None = None
+    result: Any = None
+    error: str | None = None
+    owner: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class Registry:
+    """Row-level access to experts and jobs. Thread-safe: every call uses its own connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    # -- schema -------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION; returns the version found before."""
+        with self.engine.begin() as conn:
+            metadata.create_all(conn, tables=[schema_info])
+            row = conn.execute(sa.select(schema_info.c.version).where(schema_info.c.id == 1)).first()
+            found = row[0] if row else 0
+            if found > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema v{found} is newer than this gateway (v{SCHEMA_VERSION})")
+            for version in range(found, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+            if row is None:
+                conn.execute(sa.insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+            else:
+                conn.execute(sa.update(schema_info).where(schema_info.c.id == 1).values(version=SCHEMA_VERSION))
+        return found
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- experts ------------------------------------------------------------------------------
+    def insert_expert(self, record: ExpertRecord) -> ExpertRecord:
+        now = time.time()
+        record.created_at = record.created_at or now
+        record.updated_at = now
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(experts_table).values(**record.to_dict()))
+        except sa.exc.IntegrityError:
+            raise ExpertExistsError(record.id) from None
+        return record
+
+    def get_expert(self, expert_id: str) -> ExpertRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(experts_table).where(experts_table.c.id == expert_id)).mappings().first()
+        if row is None:
+            raise ExpertNotFoundError(expert_id)
+        return ExpertRecord(**dict(row))
+
+    def has_expert(self, expert_id: str) -> bool:
+        with self.engine.connect() as conn:
+            q = sa.select(experts_table.c.id).where(experts_table.c.id == expert_id)
+            return conn.execute(q).first() is not None
+
+    def list_experts(self, *, kind: str | None = None) -> list[ExpertRecord]:
+        q = sa.select(experts_table).order_by(experts_table.c.created_at, experts_table.c.id)
+        if kind is not None:
+            q = q.where(experts_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [ExpertRecord(**dict(r)) for r in conn.execute(q).mappings()]
+
+    def update_expert(self, expert_id: str, **values: Any) -> ExpertRecord:
+        values["updated_at"] = time.time()
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.update(experts_table).where(experts_table.c.id == expert_id).values(**values))
+        if res.rowcount == 0:
+            raise ExpertNotFoundError(expert_id)
+        return self.get_expert(expert_id)
+
+    def delete_expert(self, expert_id: str) -> None:
+        with self.engine.begin() as conn:
+            res = conn.execute(sa.delete(experts_table).where(experts_table.c.id == expert_id))
+        if res.rowcount == 0:
+            raise ExpertNotFoundError(expert_id)
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def insert_job(self, job: JobRecord) -> JobRecord:
+        job.created_at = job.updated_at = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(jobs_table).values(**job.to_dict()))
+        return job
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return JobRecord(**dict(row))
+
+    def list_jobs(self, *, status: str | None = None, kind: str | None = None, limit: int = 100) -> list[JobRecord]:
+        q = sa.select(jobs_table).order_by(jobs_table.c.created_at.desc()).limit(limit)
+        if status is not None:
+            q = q.where(jobs_table.c.status == status)
+        if kind is not None:
+            q = q.where(jobs_table.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [JobRecord(**dict(r)) for r in conn.execute(q).mappings()]
+
+    def update_job(self, job_id: str, *, only_if_status: Sequence[str] | None = None, **values: Any) -> bool:
+        """Update a job; with `only_if_status` the update is a compare-and-set. Returns whether it applied."""
+        values["updated_at"] = time.time()
+        q = sa.update(jobs_table).where(jobs_table.c.id == job_id)
+        if only_if_status is not None:
+            q = q.where(jobs_table.c.status.in_(list(only_if_status)))
+        with self.engine.begin() as conn:
+            return conn.execute(q.values(**values)).rowcount > 0
+
+    def fail_orphaned_jobs(self, owner: str, message: str) -> int:
+        """Jobs this instance was running or had queued when it died: mark them failed."""
+        now = time.time()
+        q = (
+            sa.update(jobs_table)
+            .where(jobs_table.c.owner == owner, jobs_table.c.status.in_(["queued", "running"]))
+            .values(status="failed", error=message, finished_at=now, updated_at=now)
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(q).rowcount

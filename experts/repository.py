@@ -1,0 +1,178 @@
+"""ExpertRepository: the registry rows, the artifacts on disk and the loaded models, kept consistent.
+
+Writes follow one order so that a crash at any point leaves a consistent repository:
+stage the artifact -> validate -> rename into the store -> insert the registry row. A row is only
+ever inserted for a complete artifact; an artifact without a row is an orphan removed at start-up.
+Deletion removes the row first, then the artifact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from experts.base import Expert, ExpertKind
+from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
+from experts.loading import LoadedModel, ModelCache, load_hf_model
+from experts.local import LocalExpert
+from experts.registry import ExpertRecord, Registry
+from experts.store import ArtifactStore, check_expert_id
+from experts.validation import model_files, validate_model_dir
+
+ExpertFactory = Callable[[ExpertRecord], Expert]
+ModelLoader = Callable[[ExpertRecord], LoadedModel]
+
+
+class ExpertRepository:
+    def __init__(self, registry: Registry, store: ArtifactStore, *, max_loaded_models: int, max_loaded_bytes: int,
+                 default_dtype: str | None = None) -> None:
+        self.registry = registry
+        self.store = store
+        self.default_dtype = default_dtype
+        self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
+        # Kinds plug in here: how to serve a record, and how to load its weights.
+        self.factories: dict[str, ExpertFactory] = {ExpertKind.LOCAL.value: lambda r: LocalExpert(r, self.cache)}
+        self.loaders: dict[str, ModelLoader] = {ExpertKind.LOCAL.value: self._load_local}
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Migrate the schema, clear crash debris, and re-apply pins."""
+        self.registry.migrate()
+        self.store.cleanup()
+        records = self.registry.list_experts()
+        for orphan in self.store.orphans({r.path for r in records if r.path}):
+            shutil.rmtree(orphan, ignore_errors=True)
+        for r in records:
+            if r.pinned:
+                self.cache.pin(r.id)
+
+    # -- queries ------------------------------------------------------------------------------
+    def record(self, expert_id: str) -> ExpertRecord:
+        return self.registry.get_expert(expert_id)
+
+    def list(self, *, kind: str | None = None) -> list[ExpertRecord]:
+        return self.registry.list_experts(kind=kind)
+
+    def get(self, expert_id: str) -> Expert:
+        record = self.registry.get_expert(expert_id)
+        if record.status != "ready":
+            raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
+        factory = self.factories.get(record.kind)
+        if factory is None:
+            raise ExpertUnavailableError(f"expert {expert_id!r} is of kind {record.kind!r}, which this gateway cannot serve")
+        return factory(record)
+
+    def describe(self, expert_id: str) -> dict[str, Any]:
+        d = self.registry.get_expert(expert_id).to_dict()
+        d["loaded"] = self.cache.is_loaded(expert_id)
+        return d
+
+    def artifact_dir(self, record: ExpertRecord) -> Path:
+        if not record.path:
+            raise ExpertUnavailableError(f"expert {record.id!r} has no artifact on disk")
+        return self.store.resolve(record.path)
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load(self, expert_id: str) -> LoadedModel:
+        record = self.registry.get_expert(expert_id)
+        loader = self.loaders.get(record.kind)
+        if loader is None:
+            raise ExpertUnavailableError(f"experts of kind {record.kind!r} have no weights to load")
+        try:
+            return loader(record)
+        except ExpertUnavailableError:
+            raise
+        except Exception as e:
+            raise ExpertUnavailableError(f"expert {expert_id!r} failed to load: {e}") from e
+
+    def _load_local(self, record: ExpertRecord) -> LoadedModel:
+        return load_hf_model(self.artifact_dir(record), dtype=self.default_dtype)
+
+    def load(self, expert_id: str) -> None:
+        self.get(expert_id)  # checks it exists and is servable
+        self.cache.get(expert_id)
+
+    def unload(self, expert_id: str) -> bool:
+        self.registry.get_expert(expert_id)
+        return self.cache.unload(expert_id)
+
+    def pin(self, expert_id: str, pinned: bool = True) -> ExpertRecord:
+        record = self.registry.update_expert(expert_id, pinned=pinned)
+        self.cache.pin(expert_id, pinned)
+        if pinned:
+            self.cache.get(expert_id)
+        return record
+
+    # -- registration -------------------------------------------------------------------------
+    def stage_copy(self, src: Path) -> Path:
+        """Copy a model directory's relevant files into a new staging directory."""
+        staging = self.store.new_staging()
+        try:
+            for f in model_files(src):
+                shutil.copy2(f, staging / f.name)
+        except OSError:
+            self.store.discard(staging)
+            raise
+        return staging
+
+    def register_staged(self, expert_id: str, staging: Path, *, kind: str = ExpertKind.LOCAL.value,
+                        tags: list[str] | None = None, domain: str | None = None,
+                        lineage: dict[str, Any] | None = None, spec: dict[str, Any] | None = None) -> ExpertRecord:
+        """Validate a staged model directory and register it; on any failure the staging is discarded."""
+        try:
+            check_expert_id(expert_id)
+            if self.registry.has_expert(expert_id):
+                raise ExpertExistsError(expert_id)
+            info = validate_model_dir(staging)
+            rel = self.store.commit(staging, expert_id)
+        except BaseException:
+            self.store.discard(staging)
+            raise
+        record = ExpertRecord(
+            id=expert_id, kind=kind, status="ready", architecture=info.architecture, num_params=info.num_params,
+            dtype=info.dtype, context_length=info.context_length, tokenizer_fingerprint=info.tokenizer_fingerprint,
+            domain=domain, tags=list(tags or []), lineage=lineage, spec=dict(spec or {}), path=rel,
+            size_bytes=info.size_bytes,
+        )
+        try:
+            return self.registry.insert_expert(record)
+        except BaseException:
+            self.store.remove(rel)
+            raise
+
+    def register_from_dir(self, expert_id: str, src: Path, **meta: Any) -> ExpertRecord:
+        check_expert_id(expert_id)
+        if self.registry.has_expert(expert_id):
+            raise ExpertExistsError(expert_id)
+        if not src.is_dir():
+            raise InvalidExpertError(f"{src} is not a directory on the server")
+        validate_model_dir(src)  # fail before copying anything
+        return self.register_staged(expert_id, self.stage_copy(src), **meta)
+
+    def insert_record(self, record: ExpertRecord) -> ExpertRecord:
+        """Register an expert without an artifact (remote and ensemble kinds)."""
+        check_expert_id(record.id)
+        return self.registry.insert_expert(record)
+
+    # -- removal ------------------------------------------------------------------------------
+    def dependents(self, expert_id: str) -> list[str]:
+        out = []
+        for r in self.registry.list_experts():
+            members = [m.get("id") for m in r.spec.get("members", []) if isinstance(m, dict)]
+            if r.spec.get("base") == expert_id or expert_id in members:
+                out.append(r.id)
+        return out
+
+    def delete(self, expert_id: str) -> None:
+        record = self.registry.get_expert(expert_id)
+        users = self.dependents(expert_id)
+        if users:
+            raise ExpertInUseError(f"expert {expert_id!r} is used by {users}; delete those first")
+        self.registry.delete_expert(expert_id)
+        self.cache.forget(expert_id)
+        self.store.remove(record.path)
+
+    def close(self) -> None:
+        self.registry.close()

@@ -1,0 +1,116 @@
+"""Test helpers: tiny local models (no downloads) and a real gateway process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "test-admin-key"
+CLIENT_KEY = "test-client-key"
+
+
+def training_text() -> list[str]:
+    import pydoc_data.topics
+
+    return [v for _, v in sorted(pydoc_data.topics.topics.items())]
+
+
+def build_tokenizer(vocab_size: int = 400):
+    from experts.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(training_text(), vocab_size=vocab_size)
+
+
+def build_model_dir(out: Path, *, tokenizer=None, n_layer: int = 2, n_embd: int = 64, n_positions: int = 128,
+                    seed: int = 0, vocab_size: int = 400) -> Path:
+    """Save a random-initialised tiny GPT-2 with a locally trained tokenizer as an HF directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer or build_tokenizer(vocab_size)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=len(tok), n_positions=n_positions,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    """`mergegate serve` in a subprocess; stops itself."""
+
+    def __init__(self, data_dir: Path, *, api_keys: str = "", admin_key: str | None = ADMIN_KEY,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "MERGEGATE_API_KEYS": api_keys,
+                    "MERGEGATE_LOG_LEVEL": "warning", **(extra_env or {})}
+        self.env.pop("MERGEGATE_ADMIN_KEY", None)
+        if admin_key is not None:
+            self.env["MERGEGATE_ADMIN_KEY"] = admin_key
+        self.admin_key = admin_key
+        self.proc: subprocess.Popen | None = None
+        self.log = data_dir.parent / f"gateway-{self.port}.log"
+
+    def start(self, timeout: float = 90.0) -> Gateway:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("gateway did not start in time")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        key = self.admin_key or (self.data_dir / "admin.key").read_text().strip()
+        return {"Authorization": f"Bearer {key}"}
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers=self.admin_headers, timeout=120)
+
+    def register(self, expert_id: str, path: Path, **extra) -> dict:
+        with self.admin() as c:
+            r = c.post("/admin/experts", json={"id": expert_id, "path": str(path), **extra})
+            assert r.status_code == 201, r.text
+            return r.json()
