@@ -8,6 +8,7 @@ Deletion removes the row first, then the artifact.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,8 @@ from experts.local import LocalExpert
 from experts.registry import ExpertRecord, Registry
 from experts.store import ArtifactStore, check_expert_id
 from experts.validation import model_files, validate_model_dir
+
+log = logging.getLogger("mergegate.repository")
 
 ExpertFactory = Callable[[ExpertRecord], Expert]
 ModelLoader = Callable[[ExpertRecord], LoadedModel]
@@ -45,8 +48,12 @@ class ExpertRepository:
         for orphan in self.store.orphans({r.path for r in records if r.path}):
             shutil.rmtree(orphan, ignore_errors=True)
         for r in records:
-            if r.pinned:
+            if r.pinned:  # pinned means resident: load now, so the first request is not a cold start
                 self.cache.pin(r.id)
+                try:
+                    self.cache.get(r.id)
+                except Exception as e:  # noqa: BLE001 - a broken expert must not stop the gateway
+                    log.warning("pinned expert %s failed to load: %s", r.id, e)
 
     # -- queries ------------------------------------------------------------------------------
     def record(self, expert_id: str) -> ExpertRecord:

@@ -1,0 +1,130 @@
+"""Unit tests: job life cycle, the model cache, the registry schema."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from experts.errors import JobStateError
+from experts.jobs import JobService
+from experts.loading import LoadedModel, ModelCache
+from experts.registry import SCHEMA_VERSION, ExpertRecord, Registry
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    reg.migrate()
+    yield reg
+    reg.close()
+
+
+def wait_status(svc: JobService, job_id: str, statuses: tuple[str, ...], timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = svc.get(job_id).status
+        if s in statuses:
+            return s
+        time.sleep(0.01)
+    raise AssertionError(f"job stayed {svc.get(job_id).status}")
+
+
+def test_job_success_failure_and_progress(registry):
+    svc = JobService(registry, owner="me", workers=1)
+    try:
+        ok = svc.submit("t", {"a": 1}, lambda ctx: (ctx.progress(0.5, "half", force=True), {"x": 2})[1])
+        assert svc.wait(ok.id, 10).status == "succeeded"
+        row = svc.get(ok.id)
+        assert row.result == {"x": 2} and row.progress == 1.0 and row.started_at and row.finished_at
+
+        def boom(ctx):
+            raise ValueError("bad thing")
+
+        bad = svc.submit("t", {}, boom)
+        row = svc.wait(bad.id, 10)
+        assert row.status == "failed" and row.error == "bad thing"
+    finally:
+        svc.shutdown()
+
+
+def test_cancel_running_and_queued_jobs(registry):
+    svc = JobService(registry, owner="me", workers=1)
+    started = threading.Event()
+
+    def slow(ctx):
+        started.set()
+        for i in range(1000):
+            ctx.progress(i / 1000)
+            time.sleep(0.01)
+        return "finished"
+
+    try:
+        running = svc.submit("slow", {}, slow)
+        queued = svc.submit("slow", {}, slow)
+        assert started.wait(5)
+        assert svc.cancel(queued.id).status == "cancelled"
+        svc.cancel(running.id)
+        assert wait_status(svc, running.id, ("cancelled",)) == "cancelled"
+        with pytest.raises(JobStateError):
+            svc.cancel(running.id)
+        assert svc.get(queued.id).started_at is None  # never ran
+    finally:
+        svc.shutdown()
+
+
+def test_orphaned_jobs_fail_on_recover(registry):
+    from experts.registry import JobRecord
+
+    registry.insert_job(JobRecord(id="j1", kind="k", params={}, status="running", owner="me"))
+    registry.insert_job(JobRecord(id="j2", kind="k", params={}, status="running", owner="someone-else"))
+    svc = JobService(registry, owner="me")
+    assert svc.recover() == 1
+    assert registry.get_job("j1").status == "failed" and registry.get_job("j2").status == "running"
+    svc.shutdown()
+
+
+def test_cache_lru_by_count_and_bytes_with_pins():
+    loads: list[str] = []
+
+    def loader(key: str) -> LoadedModel:
+        loads.append(key)
+        return LoadedModel(model=key, tokenizer=None, nbytes=100)
+
+    cache = ModelCache(loader, max_models=2, max_bytes=10_000)
+    cache.get("a"), cache.get("b"), cache.get("a"), cache.get("c")  # b is least recently used
+    assert set(cache.loaded()) == {"a", "c"}
+    cache.pin("a")
+    cache.get("b"), cache.get("d")
+    assert "a" in cache.loaded() and len(cache.loaded()) == 2
+    cache.max_bytes = 150  # byte bound: only one unpinned 100-byte model fits beside nothing else
+    cache.get("e")
+    assert set(cache.loaded()) == {"a", "e"}
+    assert loads == ["a", "b", "c", "b", "d", "e"]
+
+
+def test_cache_loads_once_under_concurrency():
+    n = {"loads": 0}
+
+    def loader(key: str) -> LoadedModel:
+        n["loads"] += 1
+        time.sleep(0.1)
+        return LoadedModel(model=key, tokenizer=None, nbytes=1)
+
+    cache = ModelCache(loader, max_models=4, max_bytes=100)
+    threads = [threading.Thread(target=cache.get, args=("x",)) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert n["loads"] == 1
+
+
+def test_registry_schema_version_wal_and_migration_idempotent(registry, tmp_path):
+    assert registry.migrate() == SCHEMA_VERSION  # already current: nothing to do
+    with registry.engine.connect() as c:
+        assert c.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    registry.insert_expert(ExpertRecord(id="e1", kind="remote", spec={"url": "x"}, tags=["a"]))
+    again = Registry(registry.url)
+    assert again.get_expert("e1").tags == ["a"] and again.get_expert("e1").spec == {"url": "x"}
+    again.close()
