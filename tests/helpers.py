@@ -55,7 +55,8 @@ class Gateway:
     """`mergegate serve` in a subprocess; stops itself."""
 
     def __init__(self, data_dir: Path, *, api_keys: str = "", admin_key: str | None = ADMIN_KEY,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, command: tuple[str, ...] = ("serve",)) -> None:
+        self.command = command
         self.data_dir = data_dir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -72,7 +73,7 @@ class Gateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "app.cli", *self.command, "--port", str(self.port), "--data-dir", str(self.data_dir)],
             cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

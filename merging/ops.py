@@ -1,0 +1,288 @@
+"""Tensor primitives shared by the merge methods.
+
+Every function here is pure: tensors in, tensors out, no I/O, no global state, and any
+randomness comes from an explicit ``torch.Generator``. Masks are boolean tensors with the
+shape of their input. Unless a docstring says otherwise, results keep the input's dtype and
+device; the ``deltas`` helpers work in float32 (the methods upcast before calling them).
+
+Two "how many entries to keep" rules coexist, on purpose (see :func:`keep_count`):
+
+* TIES / breadcrumbs use ``floor(density * numel)`` like mergekit's ``sparsify.py`` and
+  peft's ``magnitude_based_pruning`` (``int(density * numel)``);
+* the Evo sparsifier S_k uses ``max(1, round(k * numel))`` like the authors' code
+  (``core/merger.py``). The spec's summary table says ceil; the code says round, and we
+  follow the code. ``round`` is Python's (half to even).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KeepRule",
+    "breadcrumbs_mask",
+    "disjoint_merge",
+    "evo_sparsify",
+    "keep_count",
+    "lerp",
+    "magnitude_mask",
+    "magnitude_threshold",
+    "random_mask",
+    "sign_consensus_mask",
+    "slerp",
+    "task_vectors",
+    "weighted_sum",
+]
+
+KeepRule = Literal["round", "floor", "ceil"]
+
+
+def keep_count(numel: int, fraction: float, rule: KeepRule = "floor") -> int:
+    """Number of entries a keep-fraction retains.
+
+    Args:
+        numel: size of the tensor.
+        fraction: keep fraction, clipped to [0, 1].
+        rule: ``"floor"`` (mergekit/peft TIES: ``int(fraction*numel)``), ``"round"``
+            (Evo-Merging code: ``max(1, round(fraction*numel))``, at least one entry for any
+            fraction > 0) or ``"ceil"`` (the Evo spec table's wording).
+
+    Returns:
+        An int in [0, numel]; 0 only for fraction <= 0 (or floor with fraction*numel < 1);
+        numel for fraction >= 1.
+    """
+    fraction = float(fraction)
+    if numel <= 0 or fraction <= 0.0:
+        return 0
+    if fraction >= 1.0:
+        return numel
+    if rule == "floor":
+        return min(numel, int(fraction * numel))
+    raw = round(numel * fraction) if rule == "round" else math.ceil(numel * fraction)
+    return min(numel, max(1, raw))
+
+
+def magnitude_threshold(x: Tensor, n_keep: int) -> float:
+    """The ``n_keep``-th largest ``|x|`` (so ``|x| >= thr`` keeps the top ``n_keep`` plus ties).
+
+    Args:
+        x: any shape; ``1 <= n_keep <= x.numel()``.
+
+    Returns:
+        The threshold as a Python float (exact for float16/bfloat16/float32 inputs).
+    """
+    mags = x.detach().reshape(-1).abs().float()  # (numel,)
+    # kthvalue is a selection (O(numel)), cheaper than a large topk; k-th smallest, 1-based.
+    return float(torch.kthvalue(mags, mags.numel() - n_keep + 1).values)
+
+
+def magnitude_mask(x: Tensor, density: float, *, rule: KeepRule = "floor") -> Tensor:
+    """Keep the top ``keep_count(numel, density, rule)`` entries of ``x`` by magnitude.
+
+    Entries tied with the threshold are kept as well, so the mask may hold a few more than
+    the count when ``|x|`` has repeated values (mergekit breaks such ties arbitrarily).
+
+    Args:
+        x: any shape.
+        density: fraction of entries to keep, in [0, 1].
+
+    Returns:
+        Bool tensor, same shape and device as ``x``.
+    """
+    n_keep = keep_count(x.numel(), density, rule)
+    if n_keep >= x.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    if n_keep == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    return x.abs() >= magnitude_threshold(x, n_keep)
+
+
+def evo_sparsify(x: Tensor, k: float, *, rule: KeepRule = "round") -> Tensor:
+    """Evo-Merging sparsifier S_k: keep the top ``max(1, round(k*numel))`` entries by magnitude.
+
+    S_k(T) = T * 1[|T| >= thr], thr = min(topk(|T|, n_keep)); ``k == 0`` gives zeros,
+    ``k == 1`` gives ``T`` itself, ties at the threshold are kept, and there is NO rescaling.
+
+    Args:
+        x: any shape, any float dtype.
+        k: keep fraction, clipped to [0, 1].
+        rule: see :func:`keep_count`; the default matches the authors' code.
+
+    Returns:
+        Tensor like ``x`` (same dtype/device); ``x`` itself when nothing is dropped.
+    """
+    # Black-box Model Merging for LMaaS (2509.12951), Sec. 3 / core/merger.py sparsify_tensor_by_magnitude
+    if x.numel() == 0 or k >= 1.0:
+        return x
+    if k <= 0.0:
+        return torch.zeros_like(x)
+    n_keep = keep_count(x.numel(), k, rule)
+    thr = magnitude_threshold(x, n_keep)
+    return torch.where(x.abs() >= thr, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def random_mask(x: Tensor, density: float, *, generator: torch.Generator | None) -> Tensor:
+    """DARE's Bernoulli keep-mask: each entry is kept independently with probability ``density``.
+
+    The uniform draws are made on the generator's device in float32 and then moved to
+    ``x.device``, so a CPU generator gives the same mask whatever the device or dtype of ``x``.
+
+    Args:
+        x: any shape (only its shape and device are used).
+        density: keep probability in [0, 1] (= 1 - DARE drop rate p).
+        generator: source of randomness; ``None`` uses torch's global RNG (not reproducible).
+
+    Returns:
+        Bool tensor of ``x``'s shape on ``x.device``.
+    """
+    if density >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    if density <= 0.0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    device = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float32)
+    return (u < density).to(x.device)
+
+
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask: drop the top ``gamma`` outliers and everything below ``density``.
+
+    With entries ranked by ``|x|`` descending, keep ranks ``[n_top, n_top + n_keep)`` where
+    ``n_keep = floor(density*numel)`` and ``n_top = floor(gamma*numel)`` (reduced so that
+    ``n_top + n_keep <= numel``), mergekit's ``magnitude_outliers`` counts. Ties at both
+    boundaries are kept. Unlike mergekit, ``n_top == 0`` keeps the top entries (mergekit's
+    ``indices[n_bot:-0]`` slice is empty there and zeroes the whole tensor).
+
+    Args:
+        x: any shape.
+        density: fraction kept, in [0, 1]; ``>= 1`` keeps everything (as mergekit).
+        gamma: fraction of largest-magnitude entries dropped, in [0, 1].
+
+    Returns:
+        Bool tensor, same shape and device as ``x``.
+    """
+    # Davari & Belilovsky 2023 (arXiv 2312.06795), Sec. 3: mask both tails of |tau|
+    numel = x.numel()
+    n_keep = keep_count(numel, density, "floor")
+    if n_keep >= numel:
+        return torch.ones_like(x, dtype=torch.bool)
+    if n_keep == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    n_top = min(int(gamma * numel), numel - n_keep)
+    mags = x.abs().float()
+    flat = mags.reshape(-1)
+    lo = float(torch.kthvalue(flat, numel - (n_top + n_keep) + 1).values)  # (n_top+n_keep)-th largest
+    hi = float(torch.kthvalue(flat, numel - n_top).values)  # (n_top+1)-th largest
+    return (mags >= lo) & (mags <= hi)
+
+
+def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """Stack per-expert deltas tau_i = theta_i - theta_base.
+
+    Args:
+        base: shape S.
+        tensors: N tensors of shape S.
+
+    Returns:
+        Tensor of shape (N, *S), float32, on ``base.device``.
+    """
+    base32 = base.float()
+    return torch.stack([t.to(device=base.device, dtype=torch.float32) - base32 for t in tensors])
+
+
+def weighted_sum(deltas: Tensor, weights: Tensor) -> Tensor:
+    """sum_i w_i * delta_i.
+
+    Args:
+        deltas: (N, *S).
+        weights: (N,), broadcast over the delta dims.
+
+    Returns:
+        Tensor of shape S, in the promoted dtype of the inputs.
+    """
+    w = weights.reshape(weights.shape + (1,) * (deltas.dim() - 1))  # (N, 1, ..., 1)
+    return (deltas * w).sum(dim=0)
+
+
+def sign_consensus_mask(deltas: Tensor, method: Literal["sum", "count"] = "sum") -> Tensor:
+    """TIES "elect sign": which entries agree with the elected sign.
+
+    gamma^p = sgn(sum_i delta_i^p) for ``"sum"`` (mass; the TIES paper), or the sign of the
+    count of positive minus negative entries for ``"count"``; a zero vote elects ``+``
+    (mergekit ``get_mask``, peft ``calculate_majority_sign_mask``).
+
+    Args:
+        deltas: (N, *S) (pass the *weighted* deltas to elect by weighted mass, as mergekit).
+
+    Returns:
+        Bool tensor (N, *S); zero entries never agree.
+    """
+    # Yadav et al. 2023 (TIES-Merging, arXiv 2306.01708), Sec. 3 step 2 "Elect"
+    sign = deltas.sign()
+    vote = deltas.sum(dim=0) if method == "sum" else sign.sum(dim=0)  # (*S,)
+    elected = torch.where(vote >= 0, 1.0, -1.0).to(sign.dtype)
+    return sign == elected
+
+
+def disjoint_merge(deltas: Tensor, weights: Tensor, mask: Tensor, *, normalize: bool) -> Tensor:
+    """TIES "disjoint mean" in mergekit's weighted form.
+
+    mixed = sum_i w_i m_i delta_i, divided by sum_i w_i m_i when ``normalize`` (entries where
+    that divisor is 0 are divided by 1). With unit weights this is Yadav et al.'s
+    (1/|A^p|) sum_{i in A^p} delta_i^p.
+
+    Args:
+        deltas: (N, *S) unweighted.
+        weights: (N,).
+        mask: bool (N, *S), typically from :func:`sign_consensus_mask`.
+
+    Returns:
+        Tensor of shape S.
+    """
+    # Yadav et al. 2023, Sec. 3 step 3 "Disjoint Merge"
+    w = weights.reshape(weights.shape + (1,) * (deltas.dim() - 1)).to(deltas.dtype)  # (N, 1, ..)
+    m = mask.to(deltas.dtype)
+    mixed = (deltas * w * m).sum(dim=0)
+    if not normalize:
+        return mixed
+    divisor = (w * m).sum(dim=0)
+    divisor[divisor == 0] = 1.0
+    return mixed / divisor
+
+
+def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """(1 - t) * a + t * b, in the promoted dtype of ``a`` and ``b``."""
+    return (1.0 - t) * a + t * b
+
+
+def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, dot_threshold: float = 0.9995) -> Tensor:
+    """Spherical interpolation of two whole tensors, treated as flat vectors (torch only).
+
+    theta = arccos(<a/|a|, b/|b|>), result = sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b.
+    Falls back to :func:`lerp` when ``|cos theta| > dot_threshold`` (near-colinear), like
+    mergekit's ``slerp``. As there, a vector with norm <= ``eps`` is left unnormalised, so a
+    zero tensor gives cos theta = 0 (theta = pi/2), not a lerp. Computed in float32.
+
+    Args:
+        a, b: same shape S; t in [0, 1] (0 gives ``a``, 1 gives ``b``).
+
+    Returns:
+        Tensor of shape S, float32.
+    """
+    # Shoemake 1985, "Animating rotation with quaternion curves" (slerp formula)
+    a32, b32 = a.float(), b.float()
+    na, nb = float(torch.linalg.vector_norm(a32)), float(torch.linalg.vector_norm(b32))
+    dot = float((a32 * b32).sum())
+    dot /= (na if na > eps else 1.0) * (nb if nb > eps else 1.0)
+    if abs(dot) > dot_threshold:
+        return lerp(a32, b32, t)
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    s0 = math.sin((1.0 - t) * theta) / sin_theta
+    s1 = math.sin(t * theta) / sin_theta
+    return s0 * a32 + s1 * b32
