@@ -18,9 +18,10 @@ from app.auth import Authenticator
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
-from app.routers import admin_experts, admin_jobs, completions, health, model_list
+from app.routers import admin_experts, admin_jobs, admin_merges, completions, health, model_list
 from app.services.admin import AdminService
 from app.services.completions import CompletionService
+from app.services.merges import MergeService
 from app.settings import Settings, resolve_admin_key
 from experts.jobs import JobService
 from experts.registry import Registry
@@ -72,6 +73,7 @@ def build_state(app: FastAPI, settings: Settings) -> None:
     app.state.auth = Authenticator(admin_key, [k.get_secret_value() for k in settings.api_keys])
     app.state.completions = CompletionService(repo, metrics, workers=settings.generation_workers, max_n=settings.max_n)
     app.state.admin = AdminService(repo, jobs, metrics, max_upload_bytes=settings.max_upload_bytes)
+    app.state.merges = MergeService(app.state.admin)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -90,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MergeGate", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router):
+    for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
+              admin_merges.router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)

@@ -20,6 +20,7 @@ class ExpertView(BaseModel):
     tags: list[str] = []
     lineage: dict[str, Any] | None = Field(None, description="Parents with weights and the recipe that produced it")
     spec: dict[str, Any] = {}
+    path: str | None = Field(None, description="Artifact directory, relative to the data dir")
     size_bytes: int | None = None
     pinned: bool = False
     loaded: bool = False

@@ -1,0 +1,51 @@
+"""Merge use-cases: validate a recipe (400 before any work), preview it, run it as a job."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from anyio.to_thread import run_sync
+
+from app.services.admin import AdminService
+from experts.jobs import JobContext
+from experts.merges import MergeRunner
+from merging.methods import METHODS
+from merging.recipe import MergeRecipe, load_recipe
+
+
+class MergeService:
+    def __init__(self, admin: AdminService) -> None:
+        self.admin = admin
+        self.runner = MergeRunner(admin.repo)
+
+    @staticmethod
+    def methods() -> list[dict[str, Any]]:
+        return [{"name": m.name, "needs_base": m.needs_base, "lora": m.lora, "reference": m.reference_url,
+                 "parameters": [asdict(p) for p in m.params]} for m in METHODS.values()]
+
+    async def preview(self, recipe_data: dict[str, Any], output_id: str | None) -> dict[str, Any]:
+        recipe = load_recipe(recipe_data)
+        est = await run_sync(self.runner.preflight, recipe, output_id)
+        return {"valid": True, "method": recipe.method, "recipe": _resolved(recipe), **est}
+
+    async def start(self, output_id: str, recipe_data: dict[str, Any], *, tags: list[str], domain: str | None,
+                    background: bool) -> tuple[int, dict[str, Any]]:
+        recipe = load_recipe(recipe_data)
+        await run_sync(self.runner.preflight, recipe, output_id)  # every refusal happens here, as a 4xx
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            record = self.runner.run(recipe, output_id, tags=tags, domain=domain,
+                                     progress=lambda f, msg: ctx.progress(f, msg))
+            return {"expert": record.id}
+
+        job = self.admin.submit("merge", {"id": output_id, "recipe": recipe.model_dump(mode="json"),
+                                          "tags": tags}, run)
+        return await self.admin.finish(job, background)
+
+
+def _resolved(recipe: MergeRecipe) -> dict[str, Any]:
+    d = recipe.model_dump(mode="json")
+    d["parameters"] = recipe.resolved_parameters()
+    d["experts"] = [{"id": e.id, **p} for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)]
+    return d

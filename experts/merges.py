@@ -1,0 +1,112 @@
+"""Running merge recipes against the repository: resolve experts, check, merge tensor by tensor, register.
+
+The math lives in `merging/` (pure); this module does the I/O around it. The output is assembled
+in a staging directory (config and tokenizer from the reference model, weights streamed into one
+safetensors file) and registered atomically with the recipe as its lineage, so every merged
+expert says exactly how it was made and can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from experts.errors import InvalidExpertError
+from experts.registry import ExpertRecord
+from experts.repository import ExpertRepository
+from experts.st_writer import StreamingSafetensorsWriter
+from experts.store import check_expert_id
+from experts.validation import model_files
+from merging.apply import check_tokenizers, estimate, merge_tensors
+from merging.recipe import MergeRecipe
+from merging.sources import SafetensorsSource, TensorSource, tensor_meta
+
+Progress = Callable[[float, str], None]
+MERGEABLE_KINDS = ("local", "lora")
+
+
+class MergeRunner:
+    def __init__(self, repo: ExpertRepository) -> None:
+        self.repo = repo
+
+    def _participants(self, recipe: MergeRecipe) -> list[str]:
+        ids = list(recipe.expert_ids)
+        if recipe.base is not None and recipe.base not in ids:
+            ids.insert(0, recipe.base)
+        return ids
+
+    def _resolve(self, recipe: MergeRecipe) -> tuple[dict[str, ExpertRecord], dict[str, TensorSource]]:
+        records = {i: self.repo.record(i) for i in self._participants(recipe)}  # 404 for unknown ids
+        for r in records.values():
+            if r.kind not in MERGEABLE_KINDS or not r.path:
+                raise InvalidExpertError(f"expert {r.id!r} is of kind {r.kind!r}; only local and lora experts "
+                                         "have weights to merge")
+        sources = {i: SafetensorsSource(self.repo.artifact_dir(r)) for i, r in records.items()}
+        return records, sources
+
+    def preflight(self, recipe: MergeRecipe, output_id: str | None = None) -> dict[str, Any]:
+        """All checks, no work: returns the estimate (tensors, output bytes, peak working bytes)."""
+        if output_id is not None:
+            check_expert_id(output_id)
+            if self.repo.registry.has_expert(output_id):
+                from experts.errors import ExpertExistsError
+
+                raise ExpertExistsError(output_id)
+        records, sources = self._resolve(recipe)
+        check_tokenizers({i: r.tokenizer_fingerprint for i, r in records.items()},
+                         allow_mismatch=recipe.allow_tokenizer_mismatch)
+        est = estimate(recipe, sources)
+        return {**est, "experts": list(records), "input_bytes": sum(r.size_bytes or 0 for r in records.values())}
+
+    def run(self, recipe: MergeRecipe, output_id: str, *, tags: list[str] | None = None,
+            domain: str | None = None, progress: Progress | None = None) -> ExpertRecord:
+        self.preflight(recipe, output_id)
+        records, sources = self._resolve(recipe)
+        ref_id = recipe.base if recipe.base is not None and recipe.merge_method.uses_base(recipe.base) \
+            else recipe.expert_ids[0]
+        staging = self.repo.store.new_staging()
+        try:
+            self._copy_non_weights(self.repo.artifact_dir(records[ref_id]), staging, recipe.dtype)
+            self._write_weights(recipe, sources, ref_id, staging / "model.safetensors", progress)
+        except BaseException:
+            self.repo.store.discard(staging)
+            raise
+        weights = {e.id: p.get("weight") for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
+        lineage = {"op": "merge", "parents": [{"id": i, "weight": weights.get(i)} for i in recipe.expert_ids],
+                   "base": recipe.base, "recipe": recipe.model_dump(mode="json")}
+        if progress:
+            progress(0.99, "registering")
+        return self.repo.register_staged(output_id, staging, tags=tags, domain=domain, lineage=lineage,
+                                         kind=records[recipe.expert_ids[0]].kind)
+
+    @staticmethod
+    def _copy_non_weights(src: Path, dst: Path, dtype: str | None) -> None:
+        for f in model_files(src):
+            if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, dst / f.name)
+        cfg = dst / "config.json"
+        if dtype is not None and cfg.is_file():
+            data = json.loads(cfg.read_text())
+            data["torch_dtype"] = data["dtype"] = dtype
+            cfg.write_text(json.dumps(data, indent=2))
+
+    @staticmethod
+    def _write_weights(recipe: MergeRecipe, sources: dict[str, TensorSource], ref_id: str, out: Path,
+                       progress: Progress | None) -> None:
+        def on_tensor(i: int, n: int, name: str) -> None:
+            if progress:
+                progress(0.98 * i / max(n, 1), f"tensor {i + 1}/{n}: {name}")
+
+        stream = merge_tensors(recipe, sources, on_tensor)
+        ref = sources[ref_id]
+        out_dtype = recipe.torch_dtype
+        layout = []
+        for name in ref.keys():
+            shape, dt = tensor_meta(ref, name)
+            layout.append((name, tuple(shape), out_dtype if out_dtype is not None and dt.is_floating_point else dt))
+        with StreamingSafetensorsWriter(out, layout) as w:
+            for name, tensor in stream:
+                w.write(name, tensor)
