@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from experts.errors import InvalidExpertError
 from experts.registry import ExpertRecord
 from experts.repository import ExpertRepository
@@ -21,6 +23,7 @@ from experts.st_writer import StreamingSafetensorsWriter
 from experts.store import check_expert_id
 from experts.validation import model_files
 from merging.apply import check_tokenizers, estimate, merge_tensors
+from merging.errors import IncompatibleExpertsError
 from merging.recipe import MergeRecipe
 from merging.sources import SafetensorsSource, TensorSource, tensor_meta
 
@@ -58,13 +61,33 @@ class MergeRunner:
         records, sources = self._resolve(recipe)
         check_tokenizers({i: r.tokenizer_fingerprint for i, r in records.items()},
                          allow_mismatch=recipe.allow_tokenizer_mismatch)
+        self._check_lora_bases({i: records[i] for i in recipe.expert_ids})
         est = estimate(recipe, sources)
         return {**est, "experts": list(records), "input_bytes": sum(r.size_bytes or 0 for r in records.values())}
+
+    def _check_lora_bases(self, records: dict[str, ExpertRecord]) -> str | None:
+        kinds = {r.kind for r in records.values()}
+        if "lora" not in kinds:
+            return None
+        if kinds != {"lora"}:
+            raise IncompatibleExpertsError("cannot merge LoRA adapters with full models")
+        bases = {r.spec.get("base") for r in records.values()}
+        if len(bases) != 1:
+            raise IncompatibleExpertsError(f"LoRA experts on different bases cannot be merged: {sorted(map(str, bases))}")
+        ranks = {r.spec.get("rank") for r in records.values()}
+        targets = {tuple(r.spec.get("target_modules") or []) for r in records.values()}
+        if len(targets) != 1:
+            raise IncompatibleExpertsError("LoRA experts with different target modules cannot be merged")
+        del ranks  # different ranks are fine for linear/cat; evo checks shapes per module
+        return next(iter(bases))
 
     def run(self, recipe: MergeRecipe, output_id: str, *, tags: list[str] | None = None,
             domain: str | None = None, progress: Progress | None = None) -> ExpertRecord:
         self.preflight(recipe, output_id)
         records, sources = self._resolve(recipe)
+        lora_base = self._check_lora_bases({i: records[i] for i in recipe.expert_ids})
+        if lora_base is not None:
+            return self._run_lora(recipe, output_id, records, sources, lora_base, tags, domain, progress)
         ref_id = recipe.base if recipe.base is not None and recipe.merge_method.uses_base(recipe.base) \
             else recipe.expert_ids[0]
         staging = self.repo.store.new_staging()
@@ -74,13 +97,40 @@ class MergeRunner:
         except BaseException:
             self.repo.store.discard(staging)
             raise
-        weights = {e.id: p.get("weight") for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
+        weights = {e.id: p.get("weight", p.get("beta")) for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
         lineage = {"op": "merge", "parents": [{"id": i, "weight": weights.get(i)} for i in recipe.expert_ids],
                    "base": recipe.base, "recipe": recipe.model_dump(mode="json")}
         if progress:
             progress(0.99, "registering")
         return self.repo.register_staged(output_id, staging, tags=tags, domain=domain, lineage=lineage,
                                          kind=records[recipe.expert_ids[0]].kind)
+
+    def _run_lora(self, recipe: MergeRecipe, output_id: str, records: dict[str, ExpertRecord],
+                  sources: dict[str, TensorSource], base: str, tags: list[str] | None, domain: str | None,
+                  progress: Progress | None) -> ExpertRecord:
+        """Adapters are small: merge module by module in memory, write one adapter file."""
+        first = self.repo.artifact_dir(records[recipe.expert_ids[0]])
+        staging = self.repo.store.new_staging()
+        try:
+            def on_tensor(i: int, n: int, name: str) -> None:
+                if progress:
+                    progress(0.98 * i / max(n, 1), f"tensor {i + 1}/{n}: {name}")
+
+            tensors = dict(merge_tensors(recipe, {i: sources[i] for i in recipe.expert_ids}, on_tensor))
+            save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+            cfg = json.loads((first / "adapter_config.json").read_text())
+            if recipe.method in ("linear", "cat"):  # peft's forms carry their scaling in the factors
+                rank = next(t.shape[0] for k, t in tensors.items() if "lora_A" in k)
+                cfg["r"] = cfg["lora_alpha"] = int(rank)
+                cfg.pop("rank_pattern", None), cfg.pop("alpha_pattern", None)
+            (staging / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+        except BaseException:
+            self.repo.store.discard(staging)
+            raise
+        lineage = {"op": "merge", "parents": [{"id": e.id, "weight": p.get("weight", p.get("beta"))}
+                                              for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)],
+                   "base": base, "recipe": recipe.model_dump(mode="json")}
+        return self.repo.register_adapter(output_id, staging, base=base, tags=tags, domain=domain, lineage=lineage)
 
     @staticmethod
     def _copy_non_weights(src: Path, dst: Path, dtype: str | None) -> None:

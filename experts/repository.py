@@ -18,6 +18,7 @@ from experts.base import Expert, ExpertKind
 from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
 from experts.loading import LoadedModel, ModelCache, load_hf_model
 from experts.local import LocalExpert
+from experts.lora_kind import is_adapter_dir, load_lora_model, validate_adapter_dir
 from experts.registry import ExpertRecord, Registry
 from experts.store import ArtifactStore, check_expert_id
 from experts.validation import model_files, validate_model_dir
@@ -36,8 +37,10 @@ class ExpertRepository:
         self.default_dtype = default_dtype
         self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
         # Kinds plug in here: how to serve a record, and how to load its weights.
-        self.factories: dict[str, ExpertFactory] = {ExpertKind.LOCAL.value: lambda r: LocalExpert(r, self.cache)}
-        self.loaders: dict[str, ModelLoader] = {ExpertKind.LOCAL.value: self._load_local}
+        local = lambda r: LocalExpert(r, self.cache)  # noqa: E731
+        self.factories: dict[str, ExpertFactory] = {ExpertKind.LOCAL.value: local, ExpertKind.LORA.value: local}
+        self.loaders: dict[str, ModelLoader] = {ExpertKind.LOCAL.value: self._load_local,
+                                                ExpertKind.LORA.value: self._load_lora}
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -97,6 +100,10 @@ class ExpertRepository:
     def _load_local(self, record: ExpertRecord) -> LoadedModel:
         return load_hf_model(self.artifact_dir(record), dtype=self.default_dtype)
 
+    def _load_lora(self, record: ExpertRecord) -> LoadedModel:
+        base = self.registry.get_expert(record.spec["base"])
+        return load_lora_model(self.artifact_dir(record), self.artifact_dir(base), dtype=self.default_dtype)
+
     def load(self, expert_id: str) -> None:
         self.get(expert_id)  # checks it exists and is servable
         self.cache.get(expert_id)
@@ -149,14 +156,56 @@ class ExpertRepository:
             self.store.remove(rel)
             raise
 
-    def register_from_dir(self, expert_id: str, src: Path, **meta: Any) -> ExpertRecord:
+    def register_from_dir(self, expert_id: str, src: Path, *, base: str | None = None, **meta: Any) -> ExpertRecord:
         check_expert_id(expert_id)
         if self.registry.has_expert(expert_id):
             raise ExpertExistsError(expert_id)
         if not src.is_dir():
             raise InvalidExpertError(f"{src} is not a directory on the server")
-        validate_model_dir(src)  # fail before copying anything
+        if is_adapter_dir(src):
+            self.validate_adapter(src, base)  # fail before copying anything
+            return self.register_adapter(expert_id, self.stage_copy(src), base=base or "", **meta)
+        validate_model_dir(src)
         return self.register_staged(expert_id, self.stage_copy(src), **meta)
+
+    def _lora_base(self, base: str | None) -> ExpertRecord:
+        if not base:
+            raise InvalidExpertError("this is a LoRA adapter: say which registered expert is its base ('base')")
+        record = self.registry.get_expert(base)
+        if record.kind != ExpertKind.LOCAL.value:
+            raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {base!r} is {record.kind}")
+        return record
+
+    def validate_adapter(self, src: Path, base: str | None) -> Any:
+        return validate_adapter_dir(src, self.artifact_dir(self._lora_base(base)))
+
+    def register_adapter(self, expert_id: str, staging: Path, *, base: str, tags: list[str] | None = None,
+                         domain: str | None = None, lineage: dict[str, Any] | None = None,
+                         spec: dict[str, Any] | None = None) -> ExpertRecord:
+        """Validate a staged LoRA adapter against its base and register it (kind `lora`)."""
+        try:
+            check_expert_id(expert_id)
+            if self.registry.has_expert(expert_id):
+                raise ExpertExistsError(expert_id)
+            base_rec = self._lora_base(base)
+            info = validate_adapter_dir(staging, self.artifact_dir(base_rec))
+            rel = self.store.commit(staging, expert_id)
+        except BaseException:
+            self.store.discard(staging)
+            raise
+        record = ExpertRecord(
+            id=expert_id, kind=ExpertKind.LORA.value, status="ready", architecture=base_rec.architecture,
+            num_params=info.num_params, dtype=info.dtype, context_length=base_rec.context_length,
+            tokenizer_fingerprint=base_rec.tokenizer_fingerprint, domain=domain, tags=list(tags or []),
+            lineage=lineage, path=rel, size_bytes=info.size_bytes,
+            spec={**(spec or {}), "base": base, "rank": info.rank, "lora_alpha": info.lora_alpha,
+                  "target_modules": info.target_modules},
+        )
+        try:
+            return self.registry.insert_expert(record)
+        except BaseException:
+            self.store.remove(rel)
+            raise
 
     def insert_record(self, record: ExpertRecord) -> ExpertRecord:
         """Register an expert without an artifact (remote and ensemble kinds)."""

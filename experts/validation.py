@@ -21,7 +21,7 @@ from experts.errors import InvalidExpertError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 TOKENIZER_AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "adapter_config.json")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 

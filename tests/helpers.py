@@ -115,3 +115,22 @@ class Gateway:
             r = c.post("/admin/experts", json={"id": expert_id, "path": str(path), **extra})
             assert r.status_code == 201, r.text
             return r.json()
+
+
+def build_adapter_dir(out: Path, base_dir: Path, *, rank: int = 4, seed: int = 0,
+                      targets: tuple[str, ...] = ("c_attn",)) -> Path:
+    """A PEFT LoRA adapter for the model in `base_dir`, with random (non-zero) A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                                  lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(out)
+    return out

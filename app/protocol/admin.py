@@ -39,6 +39,7 @@ class RegisterExpertRequest(BaseModel):
     id: str = Field(..., description="Unique expert id (letters, digits, '.', '_', ':', '-')", examples=["my-expert"])
     path: str = Field(..., description="Directory on the server with config.json, *.safetensors, tokenizer files",
                       examples=["/models/my-expert"])
+    base: str | None = Field(None, description="For a LoRA adapter directory: the registered base expert")
     tags: list[str] = Field(default_factory=list, examples=[["code"]])
     domain: str | None = Field(None, examples=["code"])
     lineage: dict[str, Any] | None = None

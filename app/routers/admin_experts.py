@@ -32,9 +32,10 @@ async def get_expert(expert_id: str, admin: AdminDep):
              summary="Register a model directory on the server")
 async def register_expert(body: RegisterExpertRequest, admin: AdminDep, background: bool = BACKGROUND):
     """Validates the directory (config, weights against the config, tokenizer), copies it into the
-    store through a staging area, and registers it as a `local` expert."""
+    store through a staging area, and registers it as a `local` expert — or, for a PEFT LoRA
+    adapter directory (adapter_config.json), as a `lora` expert on `base`."""
     status, payload = await admin.register_path(body.id, body.path, tags=body.tags, domain=body.domain,
-                                                lineage=body.lineage, background=background)
+                                                lineage=body.lineage, background=background, base=body.base)
     return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
 
 
@@ -48,6 +49,7 @@ async def upload_expert(
     files: list[UploadFile] | None = File(None, description="Or the files: config.json, model.safetensors, tokenizer"),
     tags: str = Form("", description="Comma-separated tags"),
     domain: str | None = Form(None),
+    base: str | None = Form(None, description="For a LoRA adapter: the registered base expert"),
     background: bool = BACKGROUND,
 ):
     """Validated before anything is registered; a rejected upload leaves nothing behind."""
@@ -57,7 +59,7 @@ async def upload_expert(
     file_list = [(f.filename or "", f.file) for f in files or []]
     arch = (archive.filename or "archive", archive.file) if archive is not None else None
     status, payload = await admin.register_upload(id, file_list, arch, tags=tag_list, domain=domain,
-                                                  background=background)
+                                                  background=background, base=base)
     return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
 
 

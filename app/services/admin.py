@@ -21,8 +21,9 @@ from app.metrics import Metrics
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.jobs import TERMINAL, JobContext, JobService
-from experts.registry import ExpertRecord, JobRecord
+from experts.registry import JobRecord
 from experts.repository import ExpertRepository
+from experts.lora_kind import is_adapter_dir
 from experts.store import check_expert_id, check_upload_filename, safe_extract
 from experts.validation import validate_model_dir
 
@@ -65,23 +66,33 @@ class AdminService:
         return 202, done.to_dict()
 
     # -- registration -------------------------------------------------------------------------
+    def _validate(self, src: Path, base: str | None) -> None:
+        if is_adapter_dir(src):
+            self.repo.validate_adapter(src, base)
+        else:
+            validate_model_dir(src)
+
     async def register_path(self, expert_id: str, path: str, *, tags: list[str], domain: str | None,
-                            lineage: dict[str, Any] | None, background: bool) -> tuple[int, dict[str, Any]]:
+                            lineage: dict[str, Any] | None, background: bool,
+                            base: str | None = None) -> tuple[int, dict[str, Any]]:
         self._precheck(expert_id)
         src = Path(path)
         if not src.is_absolute():
             raise InvalidExpertError("path must be an absolute directory on the gateway's machine")
-        await run_sync(validate_model_dir, src)
+        if not src.is_dir():
+            raise InvalidExpertError(f"{src} is not a directory on the server")
+        await run_sync(self._validate, src, base)
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.1, "copying", force=True)
-            r = self.repo.register_from_dir(expert_id, src, tags=tags, domain=domain, lineage=lineage)
+            r = self.repo.register_from_dir(expert_id, src, base=base, tags=tags, domain=domain, lineage=lineage)
             return {"expert": r.id}
 
-        job = self.submit("register_expert", {"id": expert_id, "path": path, "tags": tags}, run)
+        job = self.submit("register_expert", {"id": expert_id, "path": path, "tags": tags, "base": base}, run)
         return await self.finish(job, background)
 
-    def _stage_upload(self, files: list[tuple[str, BinaryIO]], archive: tuple[str, BinaryIO] | None) -> Path:
+    def _stage_upload(self, files: list[tuple[str, BinaryIO]], archive: tuple[str, BinaryIO] | None,
+                      base: str | None) -> Path:
         staging = self.repo.store.new_staging()
         try:
             if archive is not None:
@@ -97,7 +108,7 @@ class AdminService:
                     shutil.copyfileobj(fileobj, out, 1 << 20)
             if archive is None and not files:
                 raise InvalidExpertError("send an 'archive' (tar/zip) or the model's 'files'")
-            validate_model_dir(staging)
+            self._validate(staging, base)
         except BaseException:
             self.repo.store.discard(staging)
             raise
@@ -105,13 +116,16 @@ class AdminService:
 
     async def register_upload(self, expert_id: str, files: list[tuple[str, BinaryIO]],
                               archive: tuple[str, BinaryIO] | None, *, tags: list[str], domain: str | None,
-                              background: bool) -> tuple[int, dict[str, Any]]:
+                              background: bool, base: str | None = None) -> tuple[int, dict[str, Any]]:
         self._precheck(expert_id)
-        staging = await run_sync(self._stage_upload, files, archive)
+        staging = await run_sync(self._stage_upload, files, archive, base)
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.5, "registering", force=True)
-            r = self.repo.register_staged(expert_id, staging, tags=tags, domain=domain)
+            if is_adapter_dir(staging):
+                r = self.repo.register_adapter(expert_id, staging, base=base or "", tags=tags, domain=domain)
+            else:
+                r = self.repo.register_staged(expert_id, staging, tags=tags, domain=domain)
             return {"expert": r.id}
 
         try:
@@ -157,7 +171,3 @@ class AdminService:
             await asyncio.sleep(poll_s)
             job = await run_sync(self.jobs.get, job_id)
         yield "data: [DONE]\n\n"
-
-
-def record_view(record: ExpertRecord, loaded: bool) -> dict[str, Any]:
-    return {**record.to_dict(), "loaded": loaded}
