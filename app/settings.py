@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     generation_workers: int = 2  # concurrent generations (each uses torch's intra-op threads)
     job_workers: int = 2
     default_dtype: str | None = None
+    corpus_bytes: int = 2_000_000  # text per built-in domain corpus (all splits), for BTM and evaluation
     log_level: str = "info"
+    remote_max_connections: int = 512  # the pool shared by all remote experts
+    remote_max_keepalive: int = 128
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -39,8 +39,13 @@ class ExpertRepository:
         # Kinds plug in here: how to serve a record, and how to load its weights.
         local = lambda r: LocalExpert(r, self.cache)  # noqa: E731
         self.factories: dict[str, ExpertFactory] = {ExpertKind.LOCAL.value: local, ExpertKind.LORA.value: local}
+        self.factories[ExpertKind.ENSEMBLE.value] = local
         self.loaders: dict[str, ModelLoader] = {ExpertKind.LOCAL.value: self._load_local,
-                                                ExpertKind.LORA.value: self._load_lora}
+                                                ExpertKind.LORA.value: self._load_lora,
+                                                ExpertKind.ENSEMBLE.value: self._load_ensemble}
+        # Kind-specific extras for describe() (e.g. a remote expert's breaker), and clean-ups after delete().
+        self.describers: dict[str, Callable[[ExpertRecord], dict[str, Any]]] = {}
+        self.on_delete: list[Callable[[ExpertRecord], None]] = []
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -75,8 +80,12 @@ class ExpertRepository:
         return factory(record)
 
     def describe(self, expert_id: str) -> dict[str, Any]:
-        d = self.registry.get_expert(expert_id).to_dict()
+        record = self.registry.get_expert(expert_id)
+        d = record.to_dict()
         d["loaded"] = self.cache.is_loaded(expert_id)
+        describer = self.describers.get(record.kind)
+        if describer is not None:
+            d.update(describer(record))
         return d
 
     def artifact_dir(self, record: ExpertRecord) -> Path:
@@ -103,6 +112,11 @@ class ExpertRepository:
     def _load_lora(self, record: ExpertRecord) -> LoadedModel:
         base = self.registry.get_expert(record.spec["base"])
         return load_lora_model(self.artifact_dir(record), self.artifact_dir(base), dtype=self.default_dtype)
+
+    def _load_ensemble(self, record: ExpertRecord) -> LoadedModel:
+        from experts.forest import load_forest
+
+        return load_forest(self, record)
 
     def load(self, expert_id: str) -> None:
         self.get(expert_id)  # checks it exists and is servable
@@ -229,6 +243,8 @@ class ExpertRepository:
         self.registry.delete_expert(expert_id)
         self.cache.forget(expert_id)
         self.store.remove(record.path)
+        for hook in self.on_delete:
+            hook(record)
 
     def close(self) -> None:
         self.registry.close()

@@ -25,7 +25,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 def gateway(tmp_path_factory, tiny_model_dir):
     """One shared gateway (client keys on) with the tiny model registered as `tiny`."""
     gw = Gateway(tmp_path_factory.mktemp("gw") / "data", api_keys=CLIENT_KEY,
-                 extra_env={"MERGEGATE_MAX_UPLOAD_BYTES": str(8 << 20)}).start()
+                 extra_env={"MERGEGATE_MAX_UPLOAD_BYTES": str(8 << 20),
+                            "MERGEGATE_CORPUS_BYTES": "300000"}).start()
     try:
         gw.register("tiny", tiny_model_dir, tags=["test"], domain="python-docs")
         yield gw

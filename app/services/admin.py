@@ -59,7 +59,9 @@ class AdminService:
             return 202, job.to_dict()
         done = await run_sync(self.jobs.wait, job.id, SYNC_WAIT_S)
         if done.status == "succeeded":
-            return 201, self.describe(done.result["expert"])
+            if isinstance(done.result, dict) and "expert" in done.result:
+                return 201, self.describe(done.result["expert"])
+            return 200, done.to_dict()
         if done.status in TERMINAL:
             raise ApiError(400 if done.status == "failed" else 409, f"{job.kind} {done.status}: {done.error or ''}".strip(),
                            code=f"job_{done.status}")

@@ -1,0 +1,103 @@
+"""Wire models for /admin/btm, /admin/corpora and /admin/evaluate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class BudgetIn(BaseModel):
+    max_tokens: int | None = Field(None, gt=0, description="Training tokens (steps x batch x sequence length)")
+    max_seconds: float | None = Field(None, gt=0, description="Wall-clock budget")
+    batch_size: int = Field(8, ge=1, le=512)
+    seq_len: int = Field(128, ge=8, le=8192)
+    lr: float = Field(2e-3, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetIn:
+        if self.max_tokens is None and self.max_seconds is None:
+            raise ValueError("set max_tokens or max_seconds (a budget of zero is not allowed)")
+        return self
+
+
+class SizeIn(BaseModel):
+    n_layer: int = Field(4, ge=1, le=48)
+    n_embd: int = Field(256, ge=16, le=4096)
+    n_head: int = Field(4, ge=1, le=64)
+    n_positions: int = Field(256, ge=16, le=8192)
+    vocab_size: int = Field(4096, ge=300, le=65536)
+
+
+class SeedRequest(BaseModel):
+    id: str = Field(..., examples=["btm-seed"])
+    domains: list[str] = Field(..., min_length=1, examples=[["code", "legal", "scripture"]])
+    budget: BudgetIn
+    size: SizeIn = SizeIn()
+
+
+class BranchRequest(BaseModel):
+    id: str = Field(..., examples=["legal-init"])
+    parents: list[str] = Field(..., min_length=1)
+    domain: str | None = Field(None, description="New domain; its sample gives the default weights")
+    weights: list[float] | None = Field(None, description="Explicit weights (default: the parents' domain posterior)")
+
+
+class TrainRequest(BaseModel):
+    id: str = Field(..., examples=["btm-legal"])
+    source: str = Field(..., description="Expert to continue training")
+    domain: str
+    budget: BudgetIn
+
+
+class PriorIn(BaseModel):
+    corpus: str | None = Field(None, description="Target data for the cached prior (a corpus name)")
+    split: Literal["train", "validation", "test"] = "validation"
+    sequences: int = Field(8, ge=1, le=256)
+    weights: list[float] | None = Field(None, description="An explicit prior instead")
+
+
+class ForestRequest(BaseModel):
+    id: str = Field(..., examples=["btm-forest"])
+    members: list[str] = Field(..., min_length=1)
+    prior: PriorIn = PriorIn()
+    top_k: int | None = Field(None, ge=1)
+    posterior: Literal["paper", "reference"] = "paper"
+
+
+class AddMemberRequest(BaseModel):
+    expert: str
+
+
+class AverageRequest(BaseModel):
+    id: str = Field(..., examples=["btm-average"])
+    weighting: Literal["uniform", "prior"] = "uniform"
+
+
+class PipelineRequest(BaseModel):
+    prefix: str = Field(..., examples=["btm"], description="Ids: <prefix>-seed, <prefix>-<domain>, <prefix>-forest")
+    domains: list[str] = Field(..., min_length=1, examples=[["code", "legal"]])
+    budget: BudgetIn = Field(..., description="Total budget; the seed takes seed_fraction of it")
+    seed_fraction: float = Field(0.5, gt=0, lt=1)
+    size: SizeIn = SizeIn()
+    top_k: int | None = Field(None, ge=1)
+    averages: bool = True
+
+
+class EvaluateRequest(BaseModel):
+    model: str
+    corpus: str | None = Field(None, description="A corpus name (with split), or give text")
+    split: Literal["train", "validation", "test"] = "test"
+    text: str | None = None
+    context_length: int = Field(128, ge=8, le=8192)
+    stride: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, gt=0, description="Evaluate only the first N tokens")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluateRequest:
+        if (self.corpus is None) == (self.text is None):
+            raise ValueError("give exactly one of corpus or text")
+        if self.stride > self.context_length:
+            raise ValueError("stride must not exceed context_length")
+        return self
