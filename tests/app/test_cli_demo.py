@@ -23,13 +23,17 @@ def test_demo_builds_then_serves_and_restarts_instantly(tmp_path):
     try:
         client = openai.OpenAI(base_url=gw.base + "/v1", api_key="unused", max_retries=0)
         ids = {m.id for m in client.models.list()}
-        assert {"demo-code", "demo-docs"} <= ids
+        assert {"demo-seed", "demo-code", "demo-python_docs", "demo-forest", "demo-average"} <= ids
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="demo-code", messages=[{"role": "user", "content": "def"}], max_tokens=8, stream=True) if c.choices)
+            model="demo-forest", messages=[{"role": "user", "content": "def"}], max_tokens=8, stream=True) if c.choices)
         assert isinstance(text, str)
         with gw.admin() as c:
             e = c.get("/admin/experts/demo-code").json()
-        assert e["lineage"]["recipe"]["corpus"] == "code" and e["tags"] == ["demo", "code"]
+            f = c.get("/admin/experts/demo-forest").json()
+        assert e["lineage"]["recipe"]["corpus"] == "code" and e["lineage"]["op"] == "btm.branch-train"
+        assert f["kind"] == "ensemble" and [m["id"] for m in f["spec"]["members"]] == ["demo-code", "demo-python_docs"]
+        r = client.completions.create(model="demo-forest", prompt="import", max_tokens=4, logprobs=1)
+        assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
     finally:
         gw.stop()
     log_before = gw.log.read_text()
