@@ -11,57 +11,47 @@ thousands of times with different (alpha, beta).
 
 A candidate is then, per tensor segment and cache-sized chunk: start from the base (or
 zero), and for each expert ``hardshrink`` the chunk at just below thr (|x| > lambd <=> |x| >=
-thr for float32) into a scratch buffer and add it with weight beta_i. That is the reference's
-arithmetic in the reference's order (:func:`merging.methods.merge_tensor` ``evo`` and
-:func:`merging.lora.evo_lora`), so results match it exactly; main-memory traffic is one
-read of the N stacks plus the output write. Results go straight into the caller's float32
-contiguous tensors (e.g. a resident model's parameters), or through an internal buffer and
-``copy_`` for other dtypes.
+thr for float32) into a scratch buffer and add it with weight beta_i. For large tensors that
+is the reference's arithmetic in the reference's order (:func:`merging.methods.merge_tensor`
+``evo``, :func:`merging.lora.evo_lora`), so they match it bit for bit; main-memory traffic is
+one read of the N stacks plus the output write. Small tensors (all N rows fit the scratch)
+are shrunk into the rows of a scratch matrix and summed by one ``addmv``, to save per-op
+overhead (GEMV sums in another order: ~1e-7 relative to the reference). Results go straight
+into the caller's float32 contiguous tensors (e.g. a resident model's parameters), or through
+an internal buffer and ``copy_`` for other dtypes.
 
 When the same alpha comes twice in a row (stage 2 of Evo-Merging fixes alpha), the second
 call also stores the sparsified stack W = S_alpha(values), and from then on a candidate is
-one ``addmv`` (base + W^T beta) per tensor, i.e. a single pass over the stacks (GEMV sums in
-a different order: ~1e-7 relative to the reference). LoRA B factors (never sparsified unless
-``sparsify_b``) always take that path. Buffers are allocated once; nothing touches disk.
+one ``addmv`` (base + W^T beta) per tensor, i.e. a single pass over the stacks. LoRA B
+factors (never sparsified unless ``sparsify_b``) always take that path. Buffers are
+allocated once; nothing touches disk. On a CPU shared with other processes, prefer
+``torch.set_num_threads(1)``: many short OpenMP regions stall when a core is busy elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from merging import ops
 from merging.errors import IncompatibleExpertsError, InvalidRecipeError
+from merging.evo_layout import (
+    Block,
+    accumulate,
+    destination,
+    finish,
+    gemv,
+    hardshrink,
+    make_block,
+    shrink_lambdas,
+    shrink_rows,
+)
 from merging.lora import lora_modules
 
 __all__ = ["EvoPlan"]
 
-_CHUNK = 1 << 16  # floats per chunk: accumulator + scratch stay in L2
-
-
-@dataclass(frozen=True, slots=True)
-class _Segment:
-    name: str
-    shape: torch.Size
-    off: int  # offset in the block's P axis
-    numel: int
-
-
-@dataclass
-class _Block:
-    """Segments laid out side by side: values (N, P), optional base (P,), output buffer (P,)."""
-
-    segments: list[_Segment]
-    values: Tensor  # (N, P) float32
-    base: Tensor | None  # (P,) float32
-    out: Tensor  # (P,) float32, used for targets that are not float32-contiguous
-    sorted_mags: Tensor | None  # (N, P) ascending |values| per segment; None: never sparsified
-    masked: Tensor | None = None  # (N, P) cached S_alpha(values)
-    cached_alpha: tuple[float, ...] | None = None
+_CHUNK = 1 << 17  # floats per chunk (512 KiB): accumulator + scratch stay in L2
 
 
 class EvoPlan:
@@ -71,19 +61,37 @@ class EvoPlan:
     :meth:`lora` (A = sum_i beta_i S_{alpha_i}(A_i), B = sum_i beta_i B_i).
     """
 
-    def __init__(self, blocks: list[_Block], passthrough: Mapping[str, Tensor], n_experts: int,
-                 *, cache_masked: bool = True) -> None:
+    def __init__(
+        self,
+        blocks: list[Block],
+        passthrough: Mapping[str, Tensor],
+        n_experts: int,
+        *,
+        cache_masked: bool = True,
+        chunk_size: int = _CHUNK,
+    ) -> None:
         self.blocks = blocks
         self.passthrough = dict(passthrough)
         self.n_experts = n_experts
         self.cache_masked = cache_masked
         self.device = blocks[0].values.device if blocks else torch.device("cpu")
-        self._scratch = torch.empty(_CHUNK, dtype=torch.float32, device=self.device)
+        self.chunk_size = chunk_size
+        self._scratch = torch.empty(chunk_size, dtype=torch.float32, device=self.device)
+        self._rows: dict[tuple[int, int], tuple[Tensor, list[Tensor]]] = {}
+        for block in blocks:
+            block.build_views(chunk_size)
         self._last_alpha: tuple[float, ...] | None = None
 
     @classmethod
-    def full(cls, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]], *,
-             cache_masked: bool = True, device: torch.device | str | None = None) -> EvoPlan:
+    def full(
+        cls,
+        base: Mapping[str, Tensor],
+        experts: Sequence[Mapping[str, Tensor]],
+        *,
+        cache_masked: bool = True,
+        device: torch.device | str | None = None,
+        chunk_size: int = _CHUNK,
+    ) -> EvoPlan:
         """Plan for full experts sharing ``base``'s names and shapes (non-float tensors pass through).
 
         Args:
@@ -91,7 +99,10 @@ class EvoPlan:
             experts: N such mappings with the same names and shapes.
             cache_masked: allow storing S_alpha(values) when alpha repeats (one more (N, P) stack).
             device: where the stacks live and candidates are computed (default: CPU).
+            chunk_size: floats per streamed chunk (keep accumulator + scratch in cache).
         """
+        if not experts:
+            raise InvalidRecipeError("an Evo plan needs at least one expert")
         dev = torch.device(device or "cpu")
         entries: dict[str, list[Tensor]] = {}
         bases: dict[str, Tensor] = {}
@@ -100,25 +111,38 @@ class EvoPlan:
             for i, e in enumerate(experts):
                 if name not in e or e[name].shape != b.shape:
                     got = "missing" if name not in e else f"shape {list(e[name].shape)}"
-                    raise IncompatibleExpertsError(f"expert {i}: tensor {name!r} is {got}, base has {list(b.shape)}")
+                    raise IncompatibleExpertsError(
+                        f"expert {i}: tensor {name!r} is {got}, base has {list(b.shape)}"
+                    )
             if not b.is_floating_point():
                 passthrough[name] = b
                 continue
             b32 = bases[name] = b.detach().to(dev, torch.float32)
             entries[name] = [e[name].detach().to(dev, torch.float32) - b32 for e in experts]
-        block = _make_block(entries, bases, sparse=True, device=dev)
-        return cls([block], passthrough, len(experts), cache_masked=cache_masked)
+        blocks = [make_block(entries, bases, sparse=True, device=dev)] if entries else []
+        return cls(blocks, passthrough, len(experts), cache_masked=cache_masked, chunk_size=chunk_size)
 
     @classmethod
-    def lora(cls, adapters: Sequence[Mapping[str, Tensor]], *, sparsify_b: bool = False,
-             cache_masked: bool = True, device: torch.device | str | None = None) -> EvoPlan:
+    def lora(
+        cls,
+        adapters: Sequence[Mapping[str, Tensor]],
+        *,
+        sparsify_b: bool = False,
+        cache_masked: bool = True,
+        device: torch.device | str | None = None,
+        chunk_size: int = _CHUNK,
+    ) -> EvoPlan:
         """Plan for N PEFT adapters; output names are the first adapter's factor keys.
 
         Modules absent from the first adapter are dropped; an adapter lacking a module
         contributes nothing to it (as in the authors' code).
         """
+        if not adapters:
+            raise InvalidRecipeError("an Evo plan needs at least one adapter")
         dev = torch.device(device or "cpu")
         mods = [lora_modules(a.keys()) for a in adapters]
+        if not mods[0]:
+            raise IncompatibleExpertsError("the first adapter has no LoRA A/B factor pairs")
         a_entries: dict[str, list[Tensor]] = {}
         b_entries: dict[str, list[Tensor]] = {}
         for mid, (a0, b0) in mods[0].items():
@@ -137,10 +161,10 @@ class EvoPlan:
         if sparsify_b:
             a_entries.update(b_entries)
             b_entries = {}
-        blocks = [_make_block(a_entries, {}, sparse=True, device=dev)]
+        blocks = [make_block(a_entries, {}, sparse=True, device=dev)]
         if b_entries:
-            blocks.append(_make_block(b_entries, {}, sparse=False, device=dev))
-        return cls(blocks, {}, len(adapters), cache_masked=cache_masked)
+            blocks.append(make_block(b_entries, {}, sparse=False, device=dev))
+        return cls(blocks, {}, len(adapters), cache_masked=cache_masked, chunk_size=chunk_size)
 
     @property
     def names(self) -> list[str]:
@@ -150,7 +174,12 @@ class EvoPlan:
     @property
     def nbytes(self) -> int:
         """Bytes held by the precomputed stacks and buffers."""
-        ts = [t for b in self.blocks for t in (b.values, b.base, b.out, b.sorted_mags, b.masked) if t is not None]
+        ts = [
+            t
+            for b in self.blocks
+            for t in (b.values, b.base, b.out, b.sorted_mags, b.masked)
+            if t is not None
+        ]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def allocate_targets(self) -> dict[str, Tensor]:
@@ -188,110 +217,62 @@ class EvoPlan:
                 if name in targets and targets[name].data_ptr() != t.data_ptr():
                     targets[name].copy_(t)
 
-    def _stream_block(self, block: _Block, alpha: tuple[float, ...], beta: list[float],
-                      targets: Mapping[str, Tensor], *, store: bool) -> None:
-        """base + sum_i beta_i S_{alpha_i}(V_i), per segment and chunk, in expert order."""
-        assert block.sorted_mags is not None
-        if store and block.masked is None:
-            block.masked = torch.empty_like(block.values)
-        lambdas = _shrink_lambdas(block, alpha)
+    def _stream_block(
+        self,
+        block: Block,
+        alpha: tuple[float, ...],
+        beta: list[float],
+        targets: Mapping[str, Tensor],
+        *,
+        store: bool,
+    ) -> None:
+        """base + sum_i beta_i S_{alpha_i}(V_i), per segment and chunk.
+
+        Large segments: for each expert in order, hardshrink into an L2 scratch and add_ (the
+        reference's arithmetic). Small ones (all active experts fit in the scratch): hardshrink
+        into the rows of a scratch matrix and one (add)mv, to save per-op overhead.
+        """
+        lambdas = shrink_lambdas(block, alpha)
+        masked = block.ensure_masked() if store else None
+        active = [i for i in range(self.n_experts) if alpha[i] > 0.0 and beta[i] != 0.0]
+        beta_act = torch.tensor([beta[i] for i in active], dtype=torch.float32, device=self.device)
         for j, seg in enumerate(block.segments):
-            dest, direct = _dest(block, seg, targets)
-            for lo in range(0, seg.numel, _CHUNK):
-                hi = min(seg.numel, lo + _CHUNK)
-                o = dest[lo:hi]
-                if block.base is None:
-                    o.zero_()
+            dest, direct = destination(block, seg, targets)
+            lams = [row[j] for row in lambdas]
+            for c, (lo, hi, srcs, base) in enumerate(block.chunks[j]):
+                o = dest if hi - lo == seg.numel else dest[lo:hi]
+                if masked is not None:  # store S_alpha(V_i) for the following same-alpha calls
+                    shrink_rows(masked[j][c], srcs, lams, alpha)
+                    accumulate(o, base, [masked[j][c][i] for i in active], [beta[i] for i in active])
+                elif len(active) * (hi - lo) <= self.chunk_size and active:
+                    mat, rows = self._matrix(len(active), hi - lo)
+                    shrink_rows(
+                        rows,
+                        [srcs[i] for i in active],
+                        [lams[i] for i in active],
+                        [alpha[i] for i in active],
+                    )
+                    gemv(mat, beta_act, base, o)
                 else:
-                    o.copy_(block.base[seg.off + lo : seg.off + hi])
-                for i in range(self.n_experts):
-                    src = block.values[i, seg.off + lo : seg.off + hi]
-                    lam = lambdas[i][j]
-                    if store:
-                        w = block.masked[i, seg.off + lo : seg.off + hi]  # type: ignore[index]
-                        if alpha[i] <= 0.0:
-                            w.zero_()
-                        elif lam is None:
-                            w.copy_(src)
-                        else:
-                            torch.ops.aten.hardshrink.out(src, lam, out=w)
-                        src = w
-                    elif lam is not None and alpha[i] > 0.0 and beta[i] != 0.0:
-                        src = torch.ops.aten.hardshrink.out(src, lam, out=self._scratch[: hi - lo])
-                    if alpha[i] > 0.0 and beta[i] != 0.0:
-                        o.add_(src, alpha=beta[i])
-            _finish(seg, dest, direct, targets)
+                    scratch = self._scratch[: hi - lo]
+                    # a generator: each term is added before the next overwrites the scratch
+                    shrunk = (hardshrink(srcs[i], lams[i], scratch) for i in active)
+                    accumulate(o, base, shrunk, [beta[i] for i in active])
+            finish(seg, dest, direct, targets)
         block.cached_alpha = alpha if store else None
 
-    def _gemv_block(self, block: _Block, stack: Tensor, beta_t: Tensor, targets: Mapping[str, Tensor]) -> None:
+    def _matrix(self, k: int, width: int) -> tuple[Tensor, list[Tensor]]:
+        """A (k, width) view of the scratch buffer and its rows (cached: views cost µs each)."""
+        key = (k, width)
+        if key not in self._rows:
+            mat = self._scratch[: k * width].view(k, width)
+            self._rows[key] = (mat, list(mat.unbind(0)))
+        return self._rows[key]
+
+    def _gemv_block(self, block: Block, stack: Tensor, beta_t: Tensor, targets: Mapping[str, Tensor]) -> None:
         """base + stack^T beta per segment (stack (N, P))."""
         for seg in block.segments:
-            dest, direct = _dest(block, seg, targets)
-            mat = stack[:, seg.off : seg.off + seg.numel].t()  # (numel, N)
-            if block.base is None:
-                torch.mv(mat, beta_t, out=dest)
-            else:
-                torch.addmv(block.base[seg.off : seg.off + seg.numel], mat, beta_t, out=dest)
-            _finish(seg, dest, direct, targets)
-
-
-def _dest(block: _Block, seg: _Segment, targets: Mapping[str, Tensor]) -> tuple[Tensor, bool]:
-    """Where to accumulate a segment: the target itself when it is float32-contiguous here."""
-    t = targets.get(seg.name)
-    if t is not None and t.shape != seg.shape:
-        raise IncompatibleExpertsError(f"target {seg.name!r} has shape {list(t.shape)}, expected {list(seg.shape)}")
-    if t is not None and t.dtype == torch.float32 and t.is_contiguous() and t.device == block.out.device:
-        return t.detach().view(-1), True
-    return block.out[seg.off : seg.off + seg.numel], False
-
-
-def _finish(seg: _Segment, dest: Tensor, direct: bool, targets: Mapping[str, Tensor]) -> None:
-    t = targets.get(seg.name)
-    if t is not None and not direct:
-        t.copy_(dest.view(seg.shape))
-
-
-def _shrink_lambdas(block: _Block, alpha: tuple[float, ...]) -> list[list[float | None]]:
-    """Per expert and segment: hardshrink lambda just below S_alpha's threshold (None: keep all)."""
-    assert block.sorted_mags is not None
-    out: list[list[float | None]] = []
-    for i, a in enumerate(alpha):
-        if a <= 0.0 or a >= 1.0:
-            out.append([None] * len(block.segments))
-            continue
-        idx = [s.off + s.numel - ops.keep_count(s.numel, a, "round") for s in block.segments]
-        thr = block.sorted_mags[i, torch.tensor(idx, device=block.sorted_mags.device)].tolist()
-        # |x| > nextafter(thr, 0) <=> |x| >= thr for float32 x; thr == 0 keeps everything
-        out.append([None if t <= 0.0 else float(np.nextafter(np.float32(t), np.float32(0))) for t in thr])
-    return out
-
-
-def _make_block(entries: Mapping[str, list[Tensor]], bases: Mapping[str, Tensor], *, sparse: bool,
-                device: torch.device) -> _Block:
-    """Stack entries (name -> N float32 tensors) side by side; sort magnitudes when ``sparse``."""
-    n = len(next(iter(entries.values()))) if entries else 0
-    segments, off = [], 0
-    for name, ts in entries.items():
-        segments.append(_Segment(name, ts[0].shape, off, ts[0].numel()))
-        off += ts[0].numel()
-    values = torch.empty((n, off), dtype=torch.float32, device=device)  # (N, P)
-    mags = torch.empty((n, off), dtype=torch.float32, device=device) if sparse else None
-    base = torch.empty(off, dtype=torch.float32, device=device) if bases else None
-    for seg in segments:
-        sl = slice(seg.off, seg.off + seg.numel)
-        for i, t in enumerate(entries[seg.name]):
-            values[i, sl] = t.reshape(-1)
-            if mags is not None:
-                mags[i, sl] = _sorted_abs(t)
-        if base is not None:
-            base[sl] = bases[seg.name].reshape(-1)
-    out = torch.empty(off, dtype=torch.float32, device=device)
-    return _Block(segments, values, base, out, mags)
-
-
-def _sorted_abs(t: Tensor) -> Tensor:
-    """|t| flattened, ascending (numpy's sort is several times faster than torch's on CPU)."""
-    flat = t.detach().reshape(-1).abs()
-    if flat.device.type == "cpu":
-        return torch.from_numpy(np.sort(flat.numpy()))
-    return torch.sort(flat).values
+            dest, direct = destination(block, seg, targets)
+            base = None if block.base is None else block.base[seg.off : seg.off + seg.numel]
+            gemv(stack[:, seg.off : seg.off + seg.numel], beta_t, base, dest)
+            finish(seg, dest, direct, targets)

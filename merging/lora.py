@@ -35,6 +35,7 @@ __all__ = [
     "LORA_METHODS",
     "cat_lora",
     "evo_lora",
+    "is_lora_key",
     "linear_lora",
     "lora_modules",
     "lora_scaling",

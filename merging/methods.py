@@ -75,14 +75,21 @@ def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consens
         params: Mapping[str, Any],
         generator: torch.Generator | None,
     ) -> Tensor:
+        """theta = base + lambda * M(w, sparsify(tau)), tau_i = theta_i - base.
+
+        M = sum_i w_i tau_i (/ sum_i w_i if normalize) without consensus (task arithmetic,
+        DARE-linear, breadcrumbs); with consensus, M = disjoint merge of the entries agreeing
+        with the sign elected by sum_i w_i tau_i (TIES, DARE-TIES, breadcrumbs-TIES).
+        """
+        # Ilharco et al. 2023 (arXiv 2212.04089) Sec. 2: theta = theta_pre + lambda sum_t tau_t
         assert base is not None
         deltas = ops.task_vectors(base, tensors)  # (N, *S) float32
         for i, (d, p) in enumerate(zip(deltas, per_expert, strict=True)):
             if sparsify == "magnitude":  # TIES step 1 "trim"
                 deltas[i] = d * ops.magnitude_mask(d, p["density"])
-            elif sparsify == "breadcrumbs":
+            elif sparsify == "breadcrumbs":  # Davari & Belilovsky 2023, Sec. 3: mask both tails
                 deltas[i] = d * ops.breadcrumbs_mask(d, p["density"], p["gamma"])
-            elif sparsify == "random":  # DARE: drop with prob 1 - density, rescale by 1/density
+            elif sparsify == "random":  # Yu et al. 2024 (DARE) Sec. 3: drop w.p. 1 - density, rescale
                 dens = p["density"]
                 kept = d * ops.random_mask(d, dens, generator=generator)
                 deltas[i] = kept / dens if params["rescale"] and 0.0 < dens < 1.0 else kept

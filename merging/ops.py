@@ -155,8 +155,9 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     With entries ranked by ``|x|`` descending, keep ranks ``[n_top, n_top + n_keep)`` where
     ``n_keep = floor(density*numel)`` and ``n_top = floor(gamma*numel)`` (reduced so that
     ``n_top + n_keep <= numel``), mergekit's ``magnitude_outliers`` counts. Ties at both
-    boundaries are kept. Unlike mergekit, ``n_top == 0`` keeps the top entries (mergekit's
-    ``indices[n_bot:-0]`` slice is empty there and zeroes the whole tensor).
+    boundaries are kept (mergekit keeps exactly ``n_keep``, breaking ties arbitrarily).
+    ``n_top == 0`` keeps the top entries, as mergekit 0.1.5 does; older mergekit releases
+    sliced ``indices[n_bot:-n_top]``, which is empty there and zeroed the whole tensor.
 
     Args:
         x: any shape.
@@ -265,8 +266,10 @@ def slerp(a: Tensor, b: Tensor, t: float, *, eps: float = 1e-8, dot_threshold: f
 
     theta = arccos(<a/|a|, b/|b|>), result = sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b.
     Falls back to :func:`lerp` when ``|cos theta| > dot_threshold`` (near-colinear), like
-    mergekit's ``slerp``. As there, a vector with norm <= ``eps`` is left unnormalised, so a
-    zero tensor gives cos theta = 0 (theta = pi/2), not a lerp. Computed in float32.
+    mergekit's classic ``slerp``, which also treats the whole tensor as one vector (mergekit
+    0.1.5 interpolates each output row separately instead). As in mergekit, a vector with
+    norm <= ``eps`` is left unnormalised, so a zero tensor gives cos theta = 0 (theta = pi/2),
+    not a lerp. Computed in float32.
 
     Args:
         a, b: same shape S; t in [0, 1] (0 gives ``a``, 1 gives ``b``).

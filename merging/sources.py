@@ -103,7 +103,7 @@ class SafetensorsSource:
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
+                for k in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                     if k in self._where:
                         raise IncompatibleExpertsError(
                             f"tensor {k!r} appears in both {self._where[k]} and {f}"

@@ -196,3 +196,36 @@ def test_dare_seed_reproducible_and_order_independent(gpt2_dirs: dict[str, Path]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert tensor_seed(1, "x") != tensor_seed(1, "y") and tensor_seed(1, "x") == tensor_seed(1, "x")
+
+
+def test_sharded_directory_and_duplicates(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    src = SafetensorsSource(tmp_path)
+    assert src.keys() == ["a", "b"] and src.dtype("b") == torch.bfloat16 and src.get("b").shape == (3,)
+    save_file({"a": torch.ones(2)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(IncompatibleExpertsError, match="'a' appears in both"):
+        SafetensorsSource(tmp_path)
+    with pytest.raises(IncompatibleExpertsError, match="no \\*.safetensors"):
+        SafetensorsSource(tmp_path / "missing")
+
+
+def test_merging_imports_only_allowed_packages() -> None:
+    """merging/ imports neither app nor experts: only torch, safetensors, pydantic, numpy, nevergrad."""
+    import ast
+    import sys
+
+    allowed = {"torch", "safetensors", "pydantic", "numpy", "nevergrad", "merging"} | set(
+        sys.stdlib_module_names
+    )
+    root = Path(__file__).resolve().parents[2] / "merging"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"

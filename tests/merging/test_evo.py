@@ -30,23 +30,28 @@ def test_hand_case_thresholds_by_lookup() -> None:
     base = {"x": torch.zeros(6)}
     plan = EvoPlan.full(base, [{"x": torch.tensor([0.5, -3.0, 2.0, -2.0, 1.0, 0.0])}])
     out = {"x": torch.empty(6)}
-    for alpha, expected in [(0.25, [0, -3, 2, -2, 0, 0]), (0.6, [0, -3, 2, -2, 1, 0]), (0.01, [0, -3, 0, 0, 0, 0]),
-                            (0.0, [0] * 6), (1.0, [0.5, -3, 2, -2, 1, 0])]:
+    for alpha, expected in [
+        (0.25, [0, -3, 2, -2, 0, 0]),
+        (0.6, [0, -3, 2, -2, 1, 0]),
+        (0.01, [0, -3, 0, 0, 0, 0]),
+        (0.0, [0] * 6),
+        (1.0, [0.5, -3, 2, -2, 1, 0]),
+    ]:
         plan.apply([alpha], [1.0], out)
         assert out["x"].tolist() == expected, alpha
         plan.apply([alpha], [-0.5], out)  # same alpha again: cached masked stack + GEMV
         assert out["x"].tolist() == [-0.5 * v for v in expected], alpha
 
 
-@pytest.mark.parametrize("cache_masked", [True, False])
-def test_full_form_equals_slow_path_in_place(cache_masked: bool) -> None:
+@pytest.mark.parametrize(("cache_masked", "chunk_size"), [(True, 1 << 17), (False, 1 << 17), (True, 77)])
+def test_full_form_equals_slow_path_in_place(cache_masked: bool, chunk_size: int) -> None:
     base = tiny_gpt2(0)
     experts = [finetuned_like(base, seed=s).state_dict() for s in (1, 2, 3)]
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     base_sd["steps"] = torch.tensor([3])  # a non-float buffer passes through
     for e in experts:
         e["steps"] = torch.tensor([9])
-    plan = EvoPlan.full(base_sd, experts, cache_masked=cache_masked)
+    plan = EvoPlan.full(base_sd, experts, cache_masked=cache_masked, chunk_size=chunk_size)
     target = tiny_gpt2(0)  # a resident model whose parameters receive each candidate
     params = dict(target.named_parameters())
     targets = {**params, "steps": torch.zeros(1, dtype=torch.int64)}
@@ -97,13 +102,13 @@ def _adapters(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("sparsify_b", [False, True])
-def test_lora_form_equals_evo_lora(sparsify_b: bool) -> None:
+@pytest.mark.parametrize(("sparsify_b", "chunk_size"), [(False, 1 << 17), (True, 1 << 17), (False, 10)])
+def test_lora_form_equals_evo_lora(sparsify_b: bool, chunk_size: int) -> None:
     adapters = _adapters(5)
     missing = "base_model.model.l0.v.lora_A.weight", "base_model.model.l0.v.lora_B.weight"
     for k in missing:  # the last adapter lacks one module: it contributes nothing there
         del adapters[4][k]
-    plan = EvoPlan.lora(adapters, sparsify_b=sparsify_b)
+    plan = EvoPlan.lora(adapters, sparsify_b=sparsify_b, chunk_size=chunk_size)
     targets = {k: torch.empty_like(v) for k, v in adapters[0].items()}
     assert sorted(plan.names) == sorted(targets)
     for alpha, beta in candidates(5, 4, seed=1):
@@ -127,3 +132,15 @@ def test_apply_checks() -> None:
         plan.apply([1.0], [1.0], {})
     plan.apply([1.0, 1.0], [1.0, 1.0], {})  # no targets: computed, nothing copied
     assert plan.nbytes > 0
+
+
+def test_plan_argument_errors() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        EvoPlan.full({"x": torch.zeros(2)}, [])
+    with pytest.raises(ValueError, match="shape"):
+        EvoPlan.full({"x": torch.zeros(2)}, [{"x": torch.zeros(3)}])
+    with pytest.raises(ValueError, match="no LoRA"):
+        EvoPlan.lora([{"w": torch.zeros(2)}])
+    plan = EvoPlan.full({"x": torch.zeros(2)}, [{"x": torch.ones(2)}])
+    with pytest.raises(ValueError, match="shape"):
+        plan.apply([1.0], [1.0], {"x": torch.zeros(3)})

@@ -157,3 +157,18 @@ def test_merge_tensors_lora_evo_skips_missing_modules(peft_model) -> None:  # ty
     a_key, b_key = mods[1]
     exp_a, exp_b = evo_lora([a[a_key], b[a_key]], [a[b_key], b[b_key]], [0.4, 0.6], [0.8, -0.5])
     assert torch.equal(out[a_key], exp_a) and torch.equal(out[b_key], exp_b)
+
+
+def test_estimate_lora(peft_model) -> None:  # type: ignore[no-untyped-def]
+    from merging.apply import estimate
+
+    _, sd, _ = peft_model
+    srcs = {"a": DictSource(sd["a"]), "b": DictSource(sd["b"])}
+    one = sum(v.numel() * 4 for v in sd["a"].values())
+    evo = MergeRecipe(method="evo", base="gpt2-tiny", experts=[{"id": "a"}, {"id": "b"}])
+    cat = MergeRecipe(method="cat", experts=[{"id": "a"}, {"id": "b"}])
+    assert estimate(evo, srcs)["num_tensors"] == 12 and estimate(evo, srcs)["output_bytes"] == one
+    assert estimate(cat, srcs)["output_bytes"] == 2 * one  # the ranks are concatenated
+    ties = MergeRecipe(method="ties", base="gpt2-tiny", experts=[{"id": "a"}, {"id": "b"}])
+    with pytest.raises(IncompatibleExpertsError, match="no LoRA form"):
+        estimate(ties, srcs)
