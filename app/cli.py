@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     common(p)
     p.add_argument("--quick", action="store_true", help="tiny models, a few seconds of training (for tests)")
     p.set_defaults(fn=cmd_demo)
+    from app import cli_btm
+
+    cli_btm.add_parser(sub)
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -27,6 +27,7 @@ from experts.ensemble.runners import BACKENDS, make_runner
 __all__ = [
     "BACKENDS", "MODES", "EnsembleCache", "EnsembleConfig", "EnsembleLM", "EnsembleOutput", "TopK",
     "bayes_log_posterior", "bayes_posterior", "cached_prior", "ema_update", "estimate_prior", "make_runner",
-    "mix_log_weights", "mix_logprobs", "reference_posterior", "sequence_log_posteriors", "sequence_posteriors",
+    "mix_log_weights", "mix_logprobs", "reference_posterior", "sequence_log_posteriors",
+    "sequence_posteriors",
     "top_k_experts",
 ]

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from experts.ensemble.posterior import check_mode, ema_update, mix_log_weights, sequence_log_posteriors, top_k_experts
+from experts.ensemble.posterior import (
+    check_mode,
+    ema_update,
+    mix_log_weights,
+    sequence_log_posteriors,
+    top_k_experts,
+)
 from experts.ensemble.runners import make_runner
 
 
@@ -78,6 +84,10 @@ class EnsembleLM(torch.nn.Module):
     from the whole context's likelihood) or "reference" (previous token's likelihood x prior, uniform
     at a sequence's first position; with top-k "uniform" is over the k experts that run). backend:
     "auto" | "stacked" | "loop" | "vmap" (see experts/ensemble/runners.py).
+
+    `config.n_positions` is the smallest context of the experts that run. The stacked backend holds
+    its own copy of the weights: convert the experts (dtype, device) before building the ensemble,
+    not the ensemble afterwards.
     """
 
     def __init__(self, models: Sequence[Any], prior: Any = None, *, top_k: int | None = None,
@@ -88,10 +98,12 @@ class EnsembleLM(torch.nn.Module):
         self.mode = check_mode(mode)
         prior_t = _prior_tensor(prior, len(models))
         sel = top_k_experts(prior_t, top_k)
-        self.selected = [int(i) for i in sel.indices if sel.prior[i] > 0]  # zero prior: never weighted, never run
+        # an expert with zero prior never gets weight, so it never runs
+        self.selected = [int(i) for i in sel.indices if sel.prior[i] > 0]
         self.prior = sel.prior  # full length, zeros outside the top-k
         chosen = [models[i] for i in self.selected]
-        self.experts = torch.nn.ModuleList(chosen) if all(isinstance(m, torch.nn.Module) for m in chosen) else chosen
+        modules = all(isinstance(m, torch.nn.Module) for m in chosen)
+        self.experts = torch.nn.ModuleList(chosen) if modules else chosen
         self.register_buffer("log_prior", torch.log(sel.prior[self.selected]).float(), persistent=False)
         vocab = {_vocab_size(m) for m in chosen}
         if len(vocab) != 1:
@@ -101,7 +113,7 @@ class EnsembleLM(torch.nn.Module):
             self.register_buffer(f"_stacked_{i}", t, persistent=False)  # counted by model_nbytes
         c0 = getattr(chosen[0], "config", None)
         self.config = EnsembleConfig(
-            n_positions=min(_context(m) for m in models), vocab_size=vocab.pop(), num_experts=len(models),
+            n_positions=min(_context(m) for m in chosen), vocab_size=vocab.pop(), num_experts=len(models),
             top_k=len(chosen), mode=self.mode, backend=self.runner.name,
             bos_token_id=getattr(c0, "bos_token_id", None), eos_token_id=getattr(c0, "eos_token_id", None))
 
@@ -191,9 +203,10 @@ def estimate_prior(models: Sequence[Any], sequences: Sequence[Sequence[int]], *,
     if not seqs:
         raise ValueError("estimate_prior needs at least one held-out sequence of 2 or more tokens")
     prior: torch.Tensor | None = None
+    uniform = torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
     history: list[torch.Tensor] = []
     for start in range(0, len(seqs), batch_size):
-        current = prior if prior is not None else torch.full((len(models),), 1.0 / len(models), dtype=torch.float64)
+        current = prior if prior is not None else uniform
         ens.log_prior = torch.log(current).float()
         posts = [ens.posterior(torch.tensor([s]))[0].double() for s in seqs[start:start + batch_size]]
         prior = ema_update(prior, torch.stack(posts).mean(0), decay)

@@ -24,7 +24,7 @@ def check_mode(mode: str) -> str:
         raise ValueError(f"unknown posterior mode {mode!r}; use one of {MODES}") from None
 
 
-# BTM paper §2 (spec §2.1): P(D=j | x_<t) ∝ P(x_<t | D=j) · P(D=j), with the whole context's log-likelihood.
+# BTM paper §2 (spec §2.1): P(D=j | x_<t) ∝ P(x_<t | D=j) · P(D=j), the whole context's likelihood.
 def bayes_log_posterior(log_prior: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
     """log P(D=j | context) from log P(D=j) [k] and log P(context | D=j) [..., k]; normalised in log space."""
     return torch.log_softmax(log_prior + loglik, dim=-1)
@@ -36,7 +36,7 @@ def bayes_posterior(log_prior: torch.Tensor, loglik: torch.Tensor) -> torch.Tens
     return bayes_log_posterior(log_prior, loglik).exp()
 
 
-# Reference code (DEMix/BTM `sequence_scorer.py`, spec §2.2): w_t ∝ π · P(x_{t-1}) — previous token only.
+# Reference code (DEMix/BTM `sequence_scorer.py`, spec §2.2): w_t ∝ π · P(x_{t-1}), previous token only.
 def reference_posterior(log_prior: torch.Tensor, prev_token_loglik: torch.Tensor) -> torch.Tensor:
     """One-step Bayes update that restarts from the prior: prior_j · p_j(previous token), normalised.
 
@@ -74,7 +74,8 @@ def sequence_log_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor
 
 
 # Spec §2.1/§2.2 per position; the weights with which each scored token is predicted.
-def sequence_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor, mode: str = "paper") -> torch.Tensor:
+def sequence_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor, mode: str = "paper"
+                        ) -> torch.Tensor:
     """Mixture weights [..., T, k] for a sequence scored from its start (see `sequence_log_posteriors`)."""
     return sequence_log_posteriors(log_prior, target_loglik, mode).exp()
 
@@ -87,7 +88,8 @@ def mix_log_weights(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) ->
 
 # BTM paper §2 (spec §2.1): mixture Σ_j P(D=j | x_<t) · p_j(x_t | x_<t), returned as log-probabilities.
 def mix_logprobs(expert_logprobs: torch.Tensor, posterior: torch.Tensor) -> torch.Tensor:
-    """expert_logprobs [..., k, V] (log-probs), posterior [..., k] (probabilities) -> log Σ_j w_j p_j [..., V]."""
+    """expert_logprobs [..., k, V] (log-probs), posterior [..., k] (probabilities)
+    -> log Σ_j w_j p_j [..., V]."""
     return mix_log_weights(expert_logprobs, torch.log(posterior.to(expert_logprobs.dtype)))
 
 

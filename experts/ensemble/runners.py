@@ -60,6 +60,8 @@ _SAME = ("n_layer", "n_embd", "n_head", "vocab_size", "activation_function", "la
 
 def stacked_unsupported(models: list[Any]) -> str | None:
     """Why `StackedGPT2Runner` cannot run these models (None when it can)."""
+    if not all(type(m).__name__ == "GPT2LMHeadModel" for m in models):  # before importing transformers
+        return "not all experts are plain GPT2LMHeadModel"
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:  # pragma: no cover
@@ -126,10 +128,13 @@ class StackedGPT2Runner:
             if c.scale_attn_by_inverse_layer_idx:
                 scale /= float(i + 1)
             self.layers.append(dict(
-                ln1_w=lst(lambda x: x.ln_1.weight).unsqueeze(1), ln1_b=lst(lambda x: x.ln_1.bias).unsqueeze(1),
-                qkv_w=lst(lambda x: x.attn.c_attn.weight), qkv_b=lst(lambda x: x.attn.c_attn.bias).unsqueeze(1),
+                ln1_w=lst(lambda x: x.ln_1.weight).unsqueeze(1),
+                ln1_b=lst(lambda x: x.ln_1.bias).unsqueeze(1),
+                qkv_w=lst(lambda x: x.attn.c_attn.weight),
+                qkv_b=lst(lambda x: x.attn.c_attn.bias).unsqueeze(1),
                 o_w=lst(lambda x: x.attn.c_proj.weight), o_b=lst(lambda x: x.attn.c_proj.bias).unsqueeze(1),
-                ln2_w=lst(lambda x: x.ln_2.weight).unsqueeze(1), ln2_b=lst(lambda x: x.ln_2.bias).unsqueeze(1),
+                ln2_w=lst(lambda x: x.ln_2.weight).unsqueeze(1),
+                ln2_b=lst(lambda x: x.ln_2.bias).unsqueeze(1),
                 fc_w=lst(lambda x: x.mlp.c_fc.weight), fc_b=lst(lambda x: x.mlp.c_fc.bias).unsqueeze(1),
                 pr_w=lst(lambda x: x.mlp.c_proj.weight), pr_b=lst(lambda x: x.mlp.c_proj.bias).unsqueeze(1),
                 scale=scale,
@@ -263,9 +268,11 @@ class VmapRunner:
         if not use_cache:
             return out.logits
         layers = getattr(out, self.arg).layers
-        return (out.logits, torch.stack([la.keys for la in layers]), torch.stack([la.values for la in layers]))
+        keys, values = torch.stack([la.keys for la in layers]), torch.stack([la.values for la in layers])
+        return out.logits, keys, values
 
-    def __call__(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None, use_cache: bool):
+    def __call__(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
+                 use_cache: bool) -> tuple[torch.Tensor, Any]:
         from torch.func import vmap
 
         pk, pv = state if state is not None else (None, None)

@@ -1,0 +1,82 @@
+"""`mergegate btm ...`: Branch-Train-Merge operations on a data dir, in-process (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from app.settings import Settings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("btm", help="Branch-Train-Merge from the command line: pipeline, branch, train (in-process)")
+    ops = p.add_subparsers(dest="op", required=True, metavar="OP")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-dir", type=Path, help="data directory (default ./data; env MERGEGATE_DATA_DIR)")
+
+    def budget(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--tokens", type=int, help="token budget")
+        q.add_argument("--seconds", type=float, help="time budget")
+        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--seq-len", type=int, default=128)
+        q.add_argument("--seed", type=int, default=0)
+
+    q = ops.add_parser("pipeline", help="seed -> branch -> train for every domain -> forest (+ average)")
+    common(q), budget(q)
+    q.add_argument("--prefix", required=True)
+    q.add_argument("--domains", required=True, help="comma-separated corpus names")
+    q.add_argument("--seed-fraction", type=float, default=0.5)
+    q.add_argument("--layers", type=int, default=4)
+    q.add_argument("--embd", type=int, default=256)
+    q.add_argument("--vocab", type=int, default=4096)
+    q = ops.add_parser("train", help="continue training an expert on one domain")
+    common(q), budget(q)
+    q.add_argument("--id", required=True)
+    q.add_argument("--source", required=True)
+    q.add_argument("--domain", required=True)
+    q = ops.add_parser("branch", help="a new expert from a weighted average of experts")
+    common(q)
+    q.add_argument("--id", required=True)
+    q.add_argument("--parents", required=True, help="comma-separated expert ids")
+    q.add_argument("--domain", help="new domain (default weights: the parents' posterior on it)")
+    q.add_argument("--weights", help="comma-separated explicit weights")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from experts.btm import BTM, Budget, ModelSize
+    from experts.btm_pipeline import run_pipeline
+    from experts.registry import Registry
+    from experts.repository import ExpertRepository
+    from experts.store import ArtifactStore
+
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    repo = ExpertRepository(Registry(settings.db_url), ArtifactStore(settings.data_dir), max_loaded_models=8,
+                            max_loaded_bytes=settings.max_loaded_bytes)
+    repo.open()
+    btm = BTM(repo, settings.data_dir, settings.corpus_bytes)
+
+    def show(f: float, msg: str) -> None:
+        print(f"  {f * 100:5.1f}% {msg}", flush=True)
+
+    try:
+        if args.op == "branch":
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+            out = btm.branch(args.id, args.parents.split(","), args.domain, weights).to_dict()
+        else:
+            if args.tokens is None and args.seconds is None:
+                raise SystemExit("give --tokens or --seconds")
+            budget = Budget(args.tokens, args.seconds, args.batch_size, args.seq_len, seed=args.seed)
+            if args.op == "train":
+                out = btm.train(args.id, args.source, args.domain, budget, progress=show).to_dict()
+            else:
+                size = ModelSize(args.layers, args.embd, max(1, args.embd // 64), 256, args.vocab)
+                out = run_pipeline(btm, args.prefix, args.domains.split(","), budget, size=size,
+                                   seed_fraction=args.seed_fraction, progress=show)
+        print(json.dumps(out, indent=2, default=str))
+    finally:
+        repo.close()
