@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from app.services.admin import AdminService
 from app.services.completions import CompletionService
+from app.services.remote_admin import RemoteAdminService
 
 
 def _completions(request: Request) -> CompletionService:
@@ -16,6 +17,10 @@ def _completions(request: Request) -> CompletionService:
 
 def _admin(request: Request) -> AdminService:
     return request.app.state.admin
+
+
+def _remote_admin(request: Request) -> RemoteAdminService:
+    return request.app.state.remote_admin
 
 
 def require_client(request: Request) -> None:
@@ -28,3 +33,4 @@ def require_admin(request: Request) -> None:
 
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 AdminDep = Annotated[AdminService, Depends(_admin)]
+RemoteAdminDep = Annotated[RemoteAdminService, Depends(_remote_admin)]

@@ -6,6 +6,7 @@ Domain exceptions (experts.errors, merging.errors) are mapped here; routers neve
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,12 +43,24 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(409, str(exc), code=type(exc).__name__.removesuffix("Error").lower())
     if isinstance(exc, xe.GenerationInputError):
         return ApiError(400, str(exc), code=exc.code, param=exc.param)
+    if isinstance(exc, xe.UpstreamError):
+        return _upstream_error(exc)
     if isinstance(exc, xe.ExpertUnavailableError):
         return ApiError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, ValueError) and _is_domain(exc):  # InvalidExpertError, merging errors, corpus errors
         return ApiError(400, str(exc), code=type(exc).__name__)
     log.exception("unhandled error", exc_info=exc)
     return ApiError(500, "internal server error; see the gateway log", type="server_error")
+
+
+def _upstream_error(exc: xe.UpstreamError) -> ApiError:
+    """The upstream's 4xx keeps its status; failures are 502/503/504. After the gateway's own retries,
+    `x-should-retry: false` stops the openai client from multiplying them; 429 and an open breaker
+    say when to come back."""
+    headers = {"x-should-retry": "false"} if exc.status in (502, 504) else {}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+    return ApiError(exc.status, str(exc), type=exc.type, code=exc.code, param=exc.param, headers=headers or None)
 
 
 DOMAIN_ERRORS: list[type[Exception]] = [xe.ExpertError, ValueError]

@@ -12,21 +12,30 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 from fastapi import FastAPI
 
 from app.auth import Authenticator
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
-from app.routers import admin_experts, admin_jobs, admin_merges, completions, health, model_list
+from app.routers import (admin_btm, admin_experts, admin_jobs, admin_merges, admin_remote, completions, health,
+                         model_list)
 from app.services.admin import AdminService
 from app.services.completions import CompletionService
+from app.services.btm import BTMService
 from app.services.merges import MergeService
+from app.services.proxy import ProxyService
+from app.services.remote_admin import RemoteAdminService
 from app.settings import Settings, resolve_admin_key
+from experts.breaker import STATE_CODES
+from experts.btm import BTM
 from experts.jobs import JobService
 from experts.registry import Registry
 from experts.repository import ExpertRepository
+from experts.secret_store import SecretStore
 from experts.store import ArtifactStore
+from experts.upstream import RemoteRuntime
 
 log = logging.getLogger("mergegate")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub at run time
@@ -74,6 +83,23 @@ def build_state(app: FastAPI, settings: Settings) -> None:
     app.state.completions = CompletionService(repo, metrics, workers=settings.generation_workers, max_n=settings.max_n)
     app.state.admin = AdminService(repo, jobs, metrics, max_upload_bytes=settings.max_upload_bytes)
     app.state.merges = MergeService(app.state.admin)
+    app.state.btm = BTMService(app.state.admin, BTM(repo, settings.data_dir, settings.corpus_bytes))
+
+
+def build_remote(app: FastAPI, settings: Settings, http: httpx.AsyncClient) -> None:
+    """Remote experts: one pooled client for all upstreams, keys in <data_dir>/secrets."""
+    runtime = RemoteRuntime(http, SecretStore(settings.data_dir / "secrets"))
+    app.state.remote_admin = RemoteAdminService(app.state.repo, runtime)
+    app.state.remote_admin.install()
+    app.state.completions.proxy = ProxyService(app.state.repo, app.state.metrics)
+    metrics: Metrics = app.state.metrics
+
+    def refresh() -> None:
+        metrics.remote_breaker.clear()  # deleted experts drop out
+        for expert_id, state in runtime.breaker_states().items():
+            metrics.remote_breaker.labels(expert_id).set(STATE_CODES[state])
+
+    metrics.add_refresher(refresh)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -82,10 +108,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         build_state(app, settings)
+        limits = httpx.Limits(max_connections=settings.remote_max_connections,
+                              max_keepalive_connections=settings.remote_max_keepalive)
+        http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0, connect=5.0), follow_redirects=False)
+        build_remote(app, settings, http)
         log.info("MergeGate ready: data dir %s, registry %s", settings.data_dir, settings.db_url.split("://")[0])
         try:
             yield
         finally:
+            await http.aclose()
             app.state.jobs.shutdown()
             app.state.repo.close()
 
@@ -93,7 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
-              admin_merges.router):
+              admin_merges.router, admin_remote.router, admin_btm.router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)

@@ -58,3 +58,37 @@ class JobCancelledError(ExpertError):
 
 class JobStateError(ExpertError):
     """The requested transition is not possible in the job's current state."""
+
+
+class UpstreamError(ExpertError):
+    """A remote expert's upstream failed, timed out or refused.
+
+    `status` is the HTTP status the gateway answers with: the upstream's own 4xx (relayed), 429 when
+    rate limited, 502 for a bad response or 5xx, 503 when the upstream is unavailable (breaker open,
+    connection refused), 504 on a timeout. `kind` classifies the failure for metrics. Messages name
+    the expert and never contain its API key.
+    """
+
+    def __init__(self, expert_id: str, status: int, kind: str, message: str, *, code: str | None = None,
+                 type: str | None = None, param: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(f"expert {expert_id!r}: {message}")
+        self.expert_id = expert_id
+        self.status = status
+        self.kind = kind
+        self.code = code or f"upstream_{kind}"
+        self.type = type
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt at the same upstream: connection failures, 429 and 5xx."""
+        return self.kind in RETRYABLE_KINDS
+
+    @property
+    def fallback_ok(self) -> bool:
+        """Worth trying another expert: anything but a 4xx that says the request itself is wrong."""
+        return self.status >= 500 or self.status == 429
+
+
+RETRYABLE_KINDS = frozenset({"connect", "connect_timeout", "pool", "connection", "status_5xx", "rate_limited"})

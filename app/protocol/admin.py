@@ -24,6 +24,7 @@ class ExpertView(BaseModel):
     size_bytes: int | None = None
     pinned: bool = False
     loaded: bool = False
+    remote: dict[str, Any] | None = Field(None, description="Remote experts: breaker state, concurrency, counters")
     created_at: float
     updated_at: float
 

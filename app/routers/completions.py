@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import CompletionsDep, require_client
 from app.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from app.protocol.common import error_responses
 from app.protocol.completions import CompletionRequest, CompletionResponse
+from app.services.proxy import ProxyResult, ProxyStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_client)])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse(result):  # noqa: ANN001, ANN202 - proxied streams carry their own headers
+    if isinstance(result, ProxyStream):
+        return StreamingResponse(result.chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})
+    return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _json(result):  # noqa: ANN001, ANN202 - proxied answers are relayed as the upstream sent them
+    return JSONResponse(result.body, headers=result.headers) if isinstance(result, ProxyResult) else result
 
 
 @router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=False,
@@ -22,9 +33,8 @@ async def create_completion(body: CompletionRequest, service: CompletionsDep):  
     """Text completion with sampling, stop sequences, seeds, logprobs and echo; `stream=true` sends SSE
     chunks ending with `data: [DONE]`."""
     if body.stream:
-        return StreamingResponse(await service.stream_completion(body), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    return await service.complete(body)
+        return _sse(await service.stream_completion(body))
+    return _json(await service.complete(body))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
@@ -35,5 +45,5 @@ async def create_chat_completion(body: ChatCompletionRequest, service: Completio
     """Chat completion; the prompt is built with the tokenizer's chat template, or the default
     template documented in docs/api.md."""
     if body.stream:
-        return StreamingResponse(await service.stream_chat(body), media_type="text/event-stream", headers=SSE_HEADERS)
-    return await service.chat(body)
+        return _sse(await service.stream_chat(body))
+    return _json(await service.chat(body))

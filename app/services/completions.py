@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.to_thread import run_sync
@@ -21,7 +21,11 @@ from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import Choice, Expert, GenerationParams, StreamDelta, StreamEnd, TokenLogprob
+from experts.remote import RemoteExpert
 from experts.repository import ExpertRepository
+
+if TYPE_CHECKING:
+    from app.services.proxy import ProxyResult, ProxyService, ProxyStream
 
 FINGERPRINT = "mergegate-0.1"
 _DONE = object()
@@ -49,11 +53,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 class CompletionService:
-    def __init__(self, repo: ExpertRepository, metrics: Metrics, *, workers: int, max_n: int) -> None:
+    def __init__(self, repo: ExpertRepository, metrics: Metrics, *, workers: int, max_n: int,
+                 proxy: ProxyService | None = None) -> None:
         self.repo = repo
         self.metrics = metrics
         self.limiter = anyio.CapacityLimiter(workers)
         self.max_n = max_n
+        self.proxy = proxy  # remote experts are forwarded through it instead of generating locally
 
     # -- shared -------------------------------------------------------------------------------
     def _expert(self, model: str) -> Expert:
@@ -100,9 +106,14 @@ class CompletionService:
                                 temperature=req.temperature, top_p=req.top_p, n=req.n, stop=tuple(req.stop),
                                 seed=req.seed, logprobs=req.logprobs, echo=req.echo)
 
-    async def complete(self, req: CompletionRequest) -> dict[str, Any]:
+    async def complete(self, req: CompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+            return await self.proxy.complete("/completions", req, expert, self._complete_local)
+        return await self._complete_local(req, expert)
+
+    async def _complete_local(self, req: CompletionRequest, expert: Expert) -> dict[str, Any]:
         params = self._params(req)
         prompts = await self._prompts(expert, req.prompt)
         choices, n_prompt, n_completion = [], 0, 0
@@ -124,9 +135,14 @@ class CompletionService:
             logprobs = _legacy_logprobs((c.prompt_tokens or []) + (c.tokens or []))
         return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
-    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str]:
+    async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+            return await self.proxy.stream("/completions", req, expert, self._stream_completion_local)
+        return await self._stream_completion_local(req, expert)
+
+    async def _stream_completion_local(self, req: CompletionRequest, expert: Expert) -> AsyncIterator[str]:
         params = self._params(req)
         prompts = await self._prompts(expert, req.prompt)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -169,9 +185,14 @@ class CompletionService:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         return await self._call(expert.render_chat, messages)
 
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+            return await self.proxy.complete("/chat/completions", req, expert, self._chat_local)
+        return await self._chat_local(req, expert)
+
+    async def _chat_local(self, req: ChatCompletionRequest, expert: Expert) -> dict[str, Any]:
         prompt = await self._chat_prompt(expert, req)
         params = await self._fit_chat_params(expert, req, prompt)
         result = await self._call(expert.generate, prompt, params)
@@ -193,9 +214,14 @@ class CompletionService:
         room = max(1, min(256, ctx - max(used, 1)))
         return GenerationParams(**{**{f: getattr(params, f) for f in params.__slots__}, "max_tokens": room})
 
-    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+            return await self.proxy.stream("/chat/completions", req, expert, self._stream_chat_local)
+        return await self._stream_chat_local(req, expert)
+
+    async def _stream_chat_local(self, req: ChatCompletionRequest, expert: Expert) -> AsyncIterator[str]:
         prompt = await self._chat_prompt(expert, req)
         params = await self._fit_chat_params(expert, req, prompt)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
