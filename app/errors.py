@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts import errors as xe
+from experts import merge_sessions as xs
 
 log = logging.getLogger("mergegate.errors")
 
@@ -45,6 +46,14 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code=exc.code, param=exc.param)
     if isinstance(exc, xe.UpstreamError):
         return _upstream_error(exc)
+    if isinstance(exc, xs.SessionNotFoundError):
+        return ApiError(404, str(exc), code="session_not_found")
+    if isinstance(exc, xs.BudgetExhaustedError):
+        return ApiError(429, str(exc), code="query_budget_exhausted")
+    if isinstance(exc, xs.SessionLimitError):
+        return ApiError(429, str(exc), code="session_limit_reached")
+    if isinstance(exc, xs.InvalidCandidateError):
+        return ApiError(400, str(exc), code="invalid_candidate", param=exc.param)
     if isinstance(exc, xe.ExpertUnavailableError):
         return ApiError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, ValueError) and _is_domain(exc):  # InvalidExpertError, merging errors, corpus errors

@@ -21,16 +21,19 @@ from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
 from app.routers import (admin_btm, admin_experts, admin_jobs, admin_merges, admin_remote, completions, health,
                          model_list)
+from app.routers import merge_sessions
 from app.services.admin import AdminService
 from app.services.completions import CompletionService
 from app.services.btm import BTMService
 from app.services.merges import MergeService
+from app.services.merge_sessions import MergeSessionService
 from app.services.proxy import ProxyService
 from app.services.remote_admin import RemoteAdminService
 from app.settings import Settings, resolve_admin_key
 from experts.breaker import STATE_CODES
 from experts.btm import BTM
 from experts.jobs import JobService
+from experts.merge_sessions import MergeSessionManager
 from experts.registry import Registry
 from experts.repository import ExpertRepository
 from experts.secret_store import SecretStore
@@ -81,9 +84,12 @@ def build_state(app: FastAPI, settings: Settings) -> None:
     app.state.jobs = jobs
     app.state.auth = Authenticator(admin_key, [k.get_secret_value() for k in settings.api_keys])
     app.state.completions = CompletionService(repo, metrics, workers=settings.generation_workers, max_n=settings.max_n)
-    app.state.admin = AdminService(repo, jobs, metrics, max_upload_bytes=settings.max_upload_bytes)
+    app.state.admin = AdminService(repo, jobs, metrics, max_upload_bytes=settings.max_upload_bytes,
+                                   torch_executor=app.state.completions.executor)
     app.state.merges = MergeService(app.state.admin)
     app.state.btm = BTMService(app.state.admin, BTM(repo, settings.data_dir, settings.corpus_bytes))
+    app.state.merge_sessions = MergeSessionService(app.state.admin, MergeSessionManager(
+        repo, btm=app.state.btm.btm, max_sessions=getattr(settings, "max_merge_sessions", 8)))
 
 
 def build_remote(app: FastAPI, settings: Settings, http: httpx.AsyncClient) -> None:
@@ -118,13 +124,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await http.aclose()
             app.state.jobs.shutdown()
+            app.state.completions.close()
             app.state.repo.close()
 
     app = FastAPI(title="MergeGate", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
-              admin_merges.router, admin_remote.router, admin_btm.router):
+              admin_merges.router, admin_remote.router, admin_btm.router, merge_sessions.router,
+              merge_sessions.admin_router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)

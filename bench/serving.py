@@ -109,8 +109,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mg-bench-"))
     model_dir = build_model(tmp / "model", args.layers, args.embd)
     port = free_port()
-    env = {**os.environ, "MERGEGATE_ADMIN_KEY": "bench", "MERGEGATE_LOG_LEVEL": "warning",
-           "MERGEGATE_GENERATION_WORKERS": "1"}
+    env = {**os.environ, "MERGEGATE_ADMIN_KEY": "bench", "MERGEGATE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
                              str(tmp / "data")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

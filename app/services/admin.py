@@ -31,11 +31,13 @@ SYNC_WAIT_S = 600.0
 
 
 class AdminService:
-    def __init__(self, repo: ExpertRepository, jobs: JobService, metrics: Metrics, *, max_upload_bytes: int) -> None:
+    def __init__(self, repo: ExpertRepository, jobs: JobService, metrics: Metrics, *, max_upload_bytes: int,
+                 torch_executor: Any = None) -> None:
         self.repo = repo
         self.jobs = jobs
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
+        self.torch_executor = torch_executor  # the generation thread pool (None: a generic thread)
 
     def describe(self, expert_id: str) -> dict[str, Any]:
         return self.repo.describe(expert_id)
@@ -141,8 +143,14 @@ class AdminService:
     async def delete(self, expert_id: str) -> None:
         await run_sync(self.repo.delete, expert_id)
 
+    async def _torch(self, fn: Any, *args: Any) -> Any:
+        """Model loading runs on the generation threads (see CompletionService), not a generic pool."""
+        if self.torch_executor is None:
+            return await run_sync(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.torch_executor, fn, *args)
+
     async def load(self, expert_id: str) -> dict[str, Any]:
-        await run_sync(self.repo.load, expert_id)
+        await self._torch(self.repo.load, expert_id)
         return self._loaded_view(expert_id)
 
     async def unload(self, expert_id: str) -> dict[str, Any]:
@@ -150,7 +158,7 @@ class AdminService:
         return self._loaded_view(expert_id)
 
     async def pin(self, expert_id: str, pinned: bool) -> dict[str, Any]:
-        await run_sync(self.repo.pin, expert_id, pinned)
+        await self._torch(self.repo.pin, expert_id, pinned)
         return self._loaded_view(expert_id)
 
     def _loaded_view(self, expert_id: str) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Completions and chat completions: wire request -> expert call -> wire response or SSE chunks.
 
-Generation is blocking torch code; it runs in worker threads bounded by a capacity limiter, so
+Generation is blocking torch code; it runs on a small dedicated thread pool (the same threads
+every time: torch's OpenMP pools are per calling thread, so hopping across a large generic pool
+would multiply spinning OpenMP teams), so
 the event loop keeps serving (health checks, other requests) during a long generation. Streams
 advance one token per thread hop, so a client that disconnects stops its generation at once.
 """
@@ -12,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-import anyio
-from anyio.to_thread import run_sync
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from app.errors import ApiError
 from app.metrics import Metrics
@@ -57,7 +59,7 @@ class CompletionService:
                  proxy: ProxyService | None = None) -> None:
         self.repo = repo
         self.metrics = metrics
-        self.limiter = anyio.CapacityLimiter(workers)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-gen")
         self.max_n = max_n
         self.proxy = proxy  # remote experts are forwarded through it instead of generating locally
 
@@ -70,7 +72,10 @@ class CompletionService:
             raise ApiError(400, f"n must be at most {self.max_n}", param="n")
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await run_sync(fn, *args, limiter=self.limiter)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def _prompts(self, expert: Expert, prompt: Any) -> list[str]:
         if isinstance(prompt, str):

@@ -1,0 +1,100 @@
+"""Merge-session and LoRA-training use-cases. Checks run before any work, so bad input is a 4xx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anyio.to_thread import run_sync
+
+from app.protocol.merge_sessions import LoraTrainRequest, SessionCreateRequest
+from app.services.admin import AdminService
+from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.jobs import JobContext
+from experts.lora_training import LoraBudget, LoraData, LoraSpec, train_lora
+from experts.merge_sessions import LossOptions, MergeSessionManager, ValidationSpec
+from experts.store import check_expert_id
+from experts.tasks import TASKS
+
+
+class MergeSessionService:
+    def __init__(self, admin: AdminService, manager: MergeSessionManager) -> None:
+        self.admin = admin
+        self.manager = manager
+        self.repo = admin.repo
+
+    # -- sessions -----------------------------------------------------------------------------
+    async def create(self, req: SessionCreateRequest) -> dict[str, Any]:
+        v = req.validation
+        default_max = None if v.examples is not None else 32
+        spec = ValidationSpec(
+            examples=tuple(e.model_dump(exclude_none=True) for e in v.examples) if v.examples is not None else None,
+            corpus=v.corpus, task=v.task, split=v.split,
+            max_examples=v.max_examples if v.max_examples is not None else default_max)
+        loss = LossOptions(max_examples=req.loss.max_examples, max_tokens_per_example=req.loss.max_tokens_per_example,
+                           append_eos=req.loss.append_eos)
+        pool = req.pool.model_dump() if not isinstance(req.pool, list) else req.pool
+        session = await run_sync(lambda: self.manager.create(req.base, pool, spec, loss=loss, budget=req.budget))
+        return session.view()
+
+    def get(self, session_id: str) -> dict[str, Any]:
+        return self.manager.get(session_id).view()
+
+    def delete(self, session_id: str) -> dict[str, Any]:
+        self.manager.delete(session_id)
+        return {"id": session_id, "object": "merge.session", "deleted": True}
+
+    async def evaluate(self, session_id: str, alpha: list[float], beta: list[float]) -> dict[str, Any]:
+        s = self.manager.get(session_id)
+        s.check_vectors(alpha, beta)  # 400 without a worker thread
+        loss = await run_sync(s.evaluate, alpha, beta)
+        return {"loss": loss, "queries_used": s.used, "queries_left": s.remaining}
+
+    async def evaluate_batch(self, session_id: str, candidates: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
+        s = self.manager.get(session_id)
+        losses = await run_sync(s.evaluate_many, candidates)
+        return {"losses": losses, "queries_used": s.used, "queries_left": s.remaining}
+
+    async def materialize(self, session_id: str, alpha: list[float], beta: list[float], name: str,
+                          tags: list[str], domain: str | None) -> dict[str, Any]:
+        s = self.manager.get(session_id)
+        s.check_vectors(alpha, beta)
+        check_expert_id(name)
+        if self.repo.registry.has_expert(name):
+            raise ExpertExistsError(name)
+        record = await run_sync(lambda: self.manager.materialize(session_id, alpha, beta, name, tags=tags,
+                                                                 domain=domain))
+        return self.admin.describe(record.id)
+
+    # -- LoRA training ------------------------------------------------------------------------
+    async def train_lora(self, req: LoraTrainRequest, background: bool) -> tuple[int, dict[str, Any]]:
+        check_expert_id(req.id)
+        if self.repo.registry.has_expert(req.id):
+            raise ExpertExistsError(req.id)
+        base = self.repo.record(req.base)  # 404 before the job
+        if base.kind != "local":
+            raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {req.base!r} is {base.kind}")
+        d = req.data
+        data = LoraData(corpus=d.corpus, part=tuple(d.part) if d.part else None, task=d.task,
+                        examples=tuple(e.model_dump(exclude_none=True) for e in d.examples) if d.examples else None,
+                        validation=tuple(e.model_dump(exclude_none=True) for e in d.validation) if d.validation else None)
+        data.check()
+        btm = self.manager.btm
+        if d.corpus is not None:
+            await run_sync(btm.ensure_corpus, d.corpus)  # unknown / unavailable corpus -> 400 now
+        if d.task is not None:
+            await run_sync(btm.ensure_corpus, TASKS[d.task].domain)
+        lora = LoraSpec(req.lora.r, req.lora.lora_alpha, tuple(req.lora.target_modules) if req.lora.target_modules else None)
+        b = req.budget
+        budget = LoraBudget(max_tokens=b.max_tokens, max_seconds=b.max_seconds, batch_size=b.batch_size,
+                            seq_len=b.seq_len, lr=b.lr, seed=b.seed)
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            r = train_lora(self.repo, req.id, req.base, data, lora=lora, budget=budget, btm=btm, tags=req.tags,
+                           domain=req.domain, progress=ctx.progress, should_stop=lambda: ctx.cancelled)
+            t = r.lineage["train"]
+            return {"expert": r.id, "initial_val_loss": t["initial_val_loss"], "final_val_loss": t["final_val_loss"]}
+
+        params = req.model_dump(exclude={"data"})
+        params["data"] = data.describe()
+        job = self.admin.submit("lora.train", params, run)
+        return await self.admin.finish(job, background)
