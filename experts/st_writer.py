@@ -44,7 +44,8 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned "
                              f"{exp_name} {tuple(shape)} {dtype}")
         data = tensor.detach().contiguous().cpu()
-        self._f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # no bytes copy
         self._next += 1
 
     def close(self) -> None:

@@ -60,9 +60,14 @@ def _linear(
 ) -> Tensor:
     """theta = sum_i w_i theta_i [/ sum_i w_i if normalize]. The base, if any, is not used."""
     # Wortsman et al. 2022 (model soups) / Li et al. 2022 (BTM parameter averaging)
-    w = _weights(per_expert, "weight", tensors[0])
-    res = ops.weighted_sum(torch.stack(list(tensors)), w)  # (N, *S) -> S
-    return _safe_divide(res, float(w.sum())) if params["normalize"] else res
+    ws = [float(p["weight"]) for p in per_expert]
+    total = sum(ws)
+    scale = 1.0 / total if params["normalize"] and abs(total) >= 1e-8 else 1.0  # mergekit's safe divide
+    # Accumulate in place: no (N, *S) stack, one float32 output (this is the hot path of BTM averaging).
+    out = tensors[0].to(torch.float32) * (ws[0] * scale)
+    for t, w in zip(tensors[1:], ws[1:], strict=True):
+        out.add_(t.to(device=out.device), alpha=w * scale)
+    return out
 
 
 def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consensus: bool) -> MergeFn:

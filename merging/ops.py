@@ -206,8 +206,9 @@ def weighted_sum(deltas: Tensor, weights: Tensor) -> Tensor:
     Returns:
         Tensor of shape S, in the promoted dtype of the inputs.
     """
-    w = weights.reshape(weights.shape + (1,) * (deltas.dim() - 1))  # (N, 1, ..., 1)
-    return (deltas * w).sum(dim=0)
+    # A GEMV over the expert axis: no (N, *S) temporary.
+    flat = deltas.reshape(deltas.shape[0], -1)
+    return (weights.to(flat.dtype) @ flat).reshape(deltas.shape[1:])
 
 
 def sign_consensus_mask(deltas: Tensor, method: Literal["sum", "count"] = "sum") -> Tensor:
