@@ -88,29 +88,50 @@ def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consens
         """
         # Ilharco et al. 2023 (arXiv 2212.04089) Sec. 2: theta = theta_pre + lambda sum_t tau_t
         assert base is not None
-        deltas = ops.task_vectors(base, tensors)  # (N, *S) float32
+        deltas = ops.task_vectors(base, tensors)  # (N, *S) float32, modified in place below
         for i, (d, p) in enumerate(zip(deltas, per_expert, strict=True)):
             if sparsify == "magnitude":  # TIES step 1 "trim"
-                deltas[i] = d * ops.magnitude_mask(d, p["density"])
+                d.mul_(ops.magnitude_mask(d, p["density"]))
             elif sparsify == "breadcrumbs":  # Davari & Belilovsky 2023, Sec. 3: mask both tails
-                deltas[i] = d * ops.breadcrumbs_mask(d, p["density"], p["gamma"])
+                d.mul_(ops.breadcrumbs_mask(d, p["density"], p["gamma"]))
             elif sparsify == "random":  # Yu et al. 2024 (DARE) Sec. 3: drop w.p. 1 - density, rescale
                 dens = p["density"]
-                kept = d * ops.random_mask(d, dens, generator=generator)
-                deltas[i] = kept / dens if params["rescale"] and 0.0 < dens < 1.0 else kept
-        w = _weights(per_expert, "weight", deltas)
+                d.masked_fill_(~ops.random_mask(d, dens, generator=generator), 0.0)
+                if params["rescale"] and 0.0 < dens < 1.0:
+                    d.div_(dens)
+        ws = [float(p["weight"]) for p in per_expert]
+        w = torch.tensor(ws, dtype=torch.float32, device=deltas.device)
         if consensus:
-            # elect sign on the weighted deltas (mergekit get_mask(method="sum"))
-            mask = ops.sign_consensus_mask(deltas * w.reshape(-1, *([1] * (deltas.dim() - 1))))
-            mixed = ops.disjoint_merge(deltas, w, mask, normalize=params["normalize"])
+            mixed = _disjoint_in_place(deltas, ws, w, normalize=params["normalize"])
         else:
             mixed = ops.weighted_sum(deltas, w)
             if params["normalize"]:
-                mixed = _safe_divide(mixed, float(w.sum()))
-        out: Tensor = base + params["lambda"] * mixed
-        return out
+                mixed = _safe_divide(mixed, sum(ws))
+        return base.to(torch.float32, copy=True).add_(mixed, alpha=params["lambda"])
 
     return fn
+
+
+def _disjoint_in_place(deltas: Tensor, ws: list[float], w: Tensor, *, normalize: bool) -> Tensor:
+    """TIES elect + disjoint merge (== ops.sign_consensus_mask on the weighted deltas followed by
+    ops.disjoint_merge), one expert at a time so no further (N, *S) temporaries are made.
+
+    The elected sign is sgn(sum_i w_i tau_i) (zero elects +); expert i agrees where
+    sgn(w_i tau_i) equals it, so zero entries never agree."""
+    # Yadav et al. 2023, Sec. 3 steps 2-3 (elect, disjoint merge), mergekit's weighted form
+    positive = ops.weighted_sum(deltas, w) >= 0
+    divisor = torch.zeros(deltas.shape[1:], dtype=torch.float32, device=deltas.device) if normalize else None
+    for d, wi in zip(deltas, ws, strict=True):
+        up, down = (d > 0, d < 0) if wi >= 0 else (d < 0, d > 0)
+        agree = torch.where(positive, up, down)
+        d.masked_fill_(~agree, 0.0)
+        if divisor is not None and wi != 0.0:
+            divisor.add_(agree, alpha=wi)
+    mixed = ops.weighted_sum(deltas, w)
+    if divisor is None:
+        return mixed
+    divisor.masked_fill_(divisor == 0, 1.0)
+    return mixed.div_(divisor)
 
 
 def _slerp(

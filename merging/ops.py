@@ -193,7 +193,10 @@ def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         Tensor of shape (N, *S), float32, on ``base.device``.
     """
     base32 = base.float()
-    return torch.stack([t.to(device=base.device, dtype=torch.float32) - base32 for t in tensors])
+    out = torch.empty((len(tensors), *base.shape), dtype=torch.float32, device=base.device)
+    for i, t in enumerate(tensors):  # written in place: no per-expert temporaries, no stack copy
+        torch.sub(t.to(device=base.device, dtype=torch.float32), base32, out=out[i])
+    return out
 
 
 def weighted_sum(deltas: Tensor, weights: Tensor) -> Tensor:

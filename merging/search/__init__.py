@@ -1,0 +1,30 @@
+"""Black-box merge search: the optimiser side of Evo-Merging (and the LoraHub baseline).
+
+The search only ever sees an :class:`Evaluator` (a loss per (alpha, beta) candidate): the
+in-process provider or :class:`experts.search_client.HttpEvaluator` to any MergeGate-style
+provider. No weights, no I/O here.
+
+Modules: :mod:`~merging.search.result` (Evaluator, Trial, SearchResult),
+:mod:`~merging.search.optimizers` (the nevergrad parametrisations, and why),
+:mod:`~merging.search.runner` (ask/evaluate/tell, budgets, stopping, incumbent),
+:mod:`~merging.search.algorithms` (:func:`evo_merging`, :func:`lorahub`).
+
+Example::
+
+    result = evo_merging(evaluator, n=20, budget_stage1=400, budget_stage2=800, seed=42)
+    result.alpha, result.beta, result.loss, result.queries
+"""
+
+from merging.search.algorithms import SearchSettingsError, evo_merging, lorahub
+from merging.search.result import Evaluator, HistoryPoint, SearchResult, StageResult, Trial
+
+__all__ = [
+    "Evaluator",
+    "HistoryPoint",
+    "SearchResult",
+    "SearchSettingsError",
+    "StageResult",
+    "Trial",
+    "evo_merging",
+    "lorahub",
+]

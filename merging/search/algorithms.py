@@ -1,0 +1,230 @@
+"""Evo-Merging's two-stage search and the LoraHub baseline, as released by their authors.
+
+Evo-Merging (Chen et al. 2025, code ``Chansl-Lucky/Black-Box-Merging``), spec
+``evo-merging.md`` sections 4-7:
+
+1. *denoise*: CMA-ES over alpha in [0, 1]^N with beta = 1/N, from alpha = 1, objective
+   ``loss + l1 * mean(alpha)``;
+2. *scale*: CMA-ES over beta in [-1.5, 1.5]^N with alpha fixed at stage 1's best, from
+   beta = 1/N, objective ``loss + l1 * mean(|beta|)``;
+
+popsize 20, sigma0 0.05 in value units, budgets 400 and 800 evaluations, seed 42 for both
+stages. Ablations: ``denoise=False`` (alpha = 1, stage 2 only), ``scale=False`` (beta = 1/N,
+stage 1 only), ``negative=False`` (beta in [0, 1.5]). White-box recipes (uniform average,
+task arithmetic, TIES, DARE) need no search and are evaluated by the caller.
+
+LoraHub (Huang et al. 2023, ``sail-sg/lorahub``, spec section 11.1): one weight per adapter
+(beta; alpha = 1), ``ng.p.Array(init=0, lower=-1.5, upper=1.5)``, ``NGOpt``, budget 40,
+objective ``loss + 0.05 * mean(|beta|)``. LoraHub returns nevergrad's recommendation; we return
+the best evaluated candidate, which needs no extra query and is what its recommendation is for
+a deterministic loss.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib.metadata import version
+from collections.abc import Callable
+from typing import Any, Literal
+
+import nevergrad as ng
+import numpy as np
+
+from merging.errors import MergeError
+from merging.search.optimizers import FloatArray, make_cma, make_ngopt
+from merging.search.result import Evaluator, SearchResult, StageResult, Trial
+from merging.search.runner import SearchRunner, StageSpec
+
+__all__ = ["SearchSettingsError", "evo_merging", "lorahub"]
+
+Selection = Literal["shared", "last_stage"]
+
+
+class SearchSettingsError(MergeError):
+    """Search arguments that cannot work (bad budget, popsize, bounds, N mismatch, ...)."""
+
+
+def evo_merging(
+    evaluator: Evaluator,
+    n: int,
+    *,
+    budget_stage1: int = 400,
+    budget_stage2: int = 800,
+    popsize: int = 20,
+    sigma0: float = 0.05,
+    l1: float = 0.05,
+    seed: int | None = 42,
+    early_stop: int | None = None,
+    early_stop_min_delta: float = 0.0,
+    on_trial: Callable[[Trial], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    workers: int = 1,
+    denoise: bool = True,
+    scale: bool = True,
+    negative: bool = True,
+    beta_bound: float = 1.5,
+    selection: Selection = "shared",
+) -> SearchResult:
+    """Two-stage Evo-Merging search (CMA-ES via nevergrad ask/tell).
+
+    Args:
+        evaluator: the black-box provider (loss per (alpha, beta)).
+        n: number of adapters N.
+        budget_stage1, budget_stage2: evaluations per stage (paper: 400, 800; a skipped stage
+            spends nothing, so give an ablation the whole budget through the stage it keeps).
+        popsize: CMA population; a generation is evaluated as one population.
+        sigma0: CMA initial step in value units (see :mod:`merging.search.optimizers`).
+        l1: weight of ``mean(|x|)`` of the stage's vector in the objective.
+        seed: seeds each stage's CMA (the authors use 42 for both); same seed, same result.
+        early_stop: end a stage after this many generations without improvement of its best
+            objective by more than ``early_stop_min_delta`` (None: budgets only).
+        on_trial: called after each evaluation with a :class:`Trial`.
+        should_stop: polled between evaluations (see :mod:`merging.search.runner`); True ends
+            the search with what it has (``SearchResult.stopped``).
+        workers: concurrent ``evaluate`` calls when the evaluator has no ``evaluate_many``.
+        denoise: run stage 1 (False: alpha = 1).
+        scale: run stage 2 (False: beta = 1/N).
+        negative: allow beta < 0 (False: beta in [0, beta_bound]).
+        beta_bound: beta's box is [-beta_bound, beta_bound].
+        selection: ``"shared"`` (the authors' code): one best-ever candidate by objective
+            across both stages, so a stage-2 candidate replaces stage 1's best only if its
+            objective is lower, else beta stays 1/N; ``"last_stage"``: the result is the best of
+            the last stage that ran, unconditionally.
+
+    Returns:
+        A :class:`SearchResult` with stages ``"denoise"`` and/or ``"scale"``.
+    """
+    _check(evaluator, n, popsize=popsize, sigma0=sigma0, l1=l1, workers=workers, early_stop=early_stop)
+    if budget_stage1 < 0 or budget_stage2 < 0:
+        raise SearchSettingsError("budgets must be >= 0")
+    if not (denoise or scale):
+        raise SearchSettingsError("nothing to search: denoise and scale are both off")
+    if not (math.isfinite(beta_bound) and beta_bound > 0):
+        raise SearchSettingsError("beta_bound must be a positive number")
+    runner = SearchRunner(evaluator, on_trial=on_trial, should_stop=should_stop, workers=workers,
+                          early_stop=early_stop, early_stop_min_delta=early_stop_min_delta)
+    ones, uniform = np.ones(n), np.full(n, 1.0 / n)
+    alpha, stages, described = ones, [], {}
+    if denoise:
+        spec = StageSpec("denoise", "alpha", uniform, budget_stage1, l1)
+        opt = make_cma(ones, np.zeros(n), ones, budget=max(budget_stage1, 1), popsize=popsize, sigma0=sigma0,
+                       seed=seed)
+        described["denoise"] = opt.describe
+        stages.append(runner.run_stage(spec, opt, ones))
+        alpha = np.asarray(stages[-1].alpha, dtype=np.float64)
+    if scale and not runner.stopped:
+        if selection == "last_stage" and budget_stage2 > 0:
+            runner.reset_incumbent()
+        lower = np.full(n, -beta_bound if negative else 0.0)
+        upper = np.full(n, beta_bound)
+        spec = StageSpec("scale", "beta", alpha, budget_stage2, l1)
+        opt = make_cma(uniform, lower, upper, budget=max(budget_stage2, 1), popsize=popsize, sigma0=sigma0,
+                       seed=seed)
+        described["scale"] = opt.describe
+        stages.append(runner.run_stage(spec, opt, uniform))
+    settings = {
+        "method": "evo_merging", "n": n, "budget_stage1": budget_stage1, "budget_stage2": budget_stage2,
+        "popsize": popsize, "sigma0": sigma0, "l1": l1, "seed": seed, "early_stop": early_stop,
+        "early_stop_min_delta": early_stop_min_delta, "denoise": denoise, "scale": scale,
+        "negative": negative, "beta_bound": beta_bound, "selection": selection, "stages": described,
+        **_versions(),
+    }
+    return _result("evo_merging", runner, stages, (alpha, uniform), settings)
+
+
+def lorahub(
+    evaluator: Evaluator,
+    n: int,
+    *,
+    budget: int = 40,
+    l1: float = 0.05,
+    bound: float = 1.5,
+    optimizer: str = "NGOpt",
+    seed: int | None = 42,
+    early_stop: int | None = None,
+    early_stop_min_delta: float = 0.0,
+    on_trial: Callable[[Trial], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SearchResult:
+    """LoraHub's search: beta in [-bound, bound]^N from 0, alpha = 1, one candidate at a time.
+
+    Args:
+        evaluator, n: as in :func:`evo_merging`.
+        budget: evaluations (LoraHub: 40).
+        l1: weight of ``mean(|beta|)`` (LoraHub: 0.05).
+        bound: the box (LoraHub: 1.5).
+        optimizer: a nevergrad registry name (LoraHub: ``"NGOpt"``), run on LoraHub's bounded
+            Array with one worker.
+        seed: seeds nevergrad's RandomState.
+        early_stop: plateau patience, in evaluations here (one candidate per step).
+        on_trial, should_stop: as in :func:`evo_merging`.
+
+    Returns:
+        A :class:`SearchResult` with one stage, ``"lorahub"``.
+    """
+    _check(evaluator, n, popsize=2, sigma0=1.0, l1=l1, workers=1, early_stop=early_stop)
+    if budget < 0:
+        raise SearchSettingsError("budget must be >= 0")
+    if optimizer not in ng.optimizers.registry:
+        raise SearchSettingsError(f"unknown nevergrad optimizer {optimizer!r}")
+    if not (math.isfinite(bound) and bound > 0):
+        raise SearchSettingsError("bound must be a positive number")
+    runner = SearchRunner(evaluator, on_trial=on_trial, should_stop=should_stop,
+                          early_stop=early_stop, early_stop_min_delta=early_stop_min_delta)
+    zeros, ones = np.zeros(n), np.ones(n)
+    opt = make_ngopt(zeros, np.full(n, -bound), np.full(n, bound), budget=max(budget, 1), seed=seed,
+                     name=optimizer)
+    stage = runner.run_stage(StageSpec("lorahub", "beta", ones, budget, l1), opt, zeros)
+    settings = {
+        "method": "lorahub", "n": n, "budget": budget, "l1": l1, "bound": bound, "optimizer": optimizer,
+        "seed": seed, "early_stop": early_stop, "early_stop_min_delta": early_stop_min_delta,
+        "stages": {"lorahub": opt.describe}, **_versions(),
+    }
+    return _result("lorahub", runner, [stage], (ones, zeros), settings)
+
+
+def _check(
+    evaluator: Evaluator,
+    n: int,
+    *,
+    popsize: int,
+    sigma0: float,
+    l1: float,
+    workers: int,
+    early_stop: int | None,
+) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise SearchSettingsError(f"n must be a positive integer, got {n!r}")
+    declared = getattr(evaluator, "n", None)
+    if declared is not None and declared != n:
+        raise SearchSettingsError(f"the evaluator has n={declared} adapters but n={n} was given")
+    if popsize < 2:
+        raise SearchSettingsError("popsize must be >= 2")
+    if not (math.isfinite(sigma0) and sigma0 > 0):
+        raise SearchSettingsError("sigma0 must be a positive number")
+    if not (math.isfinite(l1) and l1 >= 0):
+        raise SearchSettingsError("l1 must be >= 0")
+    if workers < 1:
+        raise SearchSettingsError("workers must be >= 1")
+    if early_stop is not None and early_stop < 1:
+        raise SearchSettingsError("early_stop must be >= 1 (generations) or None")
+
+
+def _versions() -> dict[str, Any]:
+    return {"versions": {name: version(name) for name in ("nevergrad", "cma", "numpy")}}
+
+
+def _result(
+    method: str,
+    runner: SearchRunner,
+    stages: list[StageResult],
+    start: tuple[FloatArray, FloatArray],
+    settings: dict[str, Any],
+) -> SearchResult:
+    inc = runner.incumbent
+    if inc is None:  # nothing evaluated (stopped at once, or zero budgets)
+        alpha, beta, loss, objective = tuple(start[0].tolist()), tuple(start[1].tolist()), math.nan, math.inf
+    else:
+        alpha, beta, loss, objective = inc.alpha, inc.beta, inc.loss, inc.objective
+    return SearchResult(method, alpha, beta, loss, objective, runner.queries, tuple(stages),
+                        tuple(runner.history), runner.stopped, settings)
