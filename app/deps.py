@@ -1,4 +1,6 @@
-"""Dependencies: everything long-lived lives on app.state (created in the lifespan) and is reached here."""
+"""Dependencies: everything long-lived lives on app.state (created in the lifespan) and is reached here.
+
+All are `async def`: they do no I/O, and a sync dependency would cost a thread-pool hop per request."""
 
 from __future__ import annotations
 
@@ -11,23 +13,23 @@ from app.services.completions import CompletionService
 from app.services.remote_admin import RemoteAdminService
 
 
-def _completions(request: Request) -> CompletionService:
+async def _completions(request: Request) -> CompletionService:
     return request.app.state.completions
 
 
-def _admin(request: Request) -> AdminService:
+async def _admin(request: Request) -> AdminService:
     return request.app.state.admin
 
 
-def _remote_admin(request: Request) -> RemoteAdminService:
+async def _remote_admin(request: Request) -> RemoteAdminService:
     return request.app.state.remote_admin
 
 
-def require_client(request: Request) -> None:
+async def require_client(request: Request) -> None:
     request.app.state.auth.require_client(request)
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     request.app.state.auth.require_admin(request)
 
 

@@ -49,7 +49,7 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, xs.SessionNotFoundError):
         return ApiError(404, str(exc), code="session_not_found")
     if isinstance(exc, xs.BudgetExhaustedError):
-        return ApiError(429, str(exc), code="query_budget_exhausted")
+        return ApiError(429, str(exc), code="query_budget_exhausted", headers={"x-should-retry": "false"})
     if isinstance(exc, xs.SessionLimitError):
         return ApiError(429, str(exc), code="session_limit_reached")
     if isinstance(exc, xs.InvalidCandidateError):

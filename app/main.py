@@ -22,7 +22,9 @@ from app.middleware import GatewayMiddleware
 from app.routers import (admin_btm, admin_experts, admin_jobs, admin_merges, admin_remote, completions, health,
                          model_list)
 from app.routers import merge_sessions
+from app.routers import admin_blackbox
 from app.services.admin import AdminService
+from app.services.blackbox import BlackBoxService
 from app.services.completions import CompletionService
 from app.services.btm import BTMService
 from app.services.merges import MergeService
@@ -108,6 +110,13 @@ def build_remote(app: FastAPI, settings: Settings, http: httpx.AsyncClient) -> N
     metrics.add_refresher(refresh)
 
 
+def build_blackbox(app: FastAPI) -> None:
+    """Black-box ensembles (`ensemble` records with a `mode`): local and remote members together."""
+    app.state.blackbox = BlackBoxService(app.state.repo, app.state.completions, app.state.metrics)
+    app.state.blackbox.install()
+    app.state.completions.blackbox = app.state.blackbox
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -118,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               max_keepalive_connections=settings.remote_max_keepalive)
         http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0, connect=5.0), follow_redirects=False)
         build_remote(app, settings, http)
+        build_blackbox(app)
         log.info("MergeGate ready: data dir %s, registry %s", settings.data_dir, settings.db_url.split("://")[0])
         try:
             yield
@@ -134,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               admin_merges.router, admin_remote.router, admin_btm.router, merge_sessions.router,
               merge_sessions.admin_router):
         app.include_router(r)
+    app.include_router(admin_blackbox.router)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)
     return app

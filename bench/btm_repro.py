@@ -64,8 +64,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, help="total training tokens T per model family")
     ap.add_argument("--eval-tokens", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small", action="store_true", help="2 layers x 128, vocab 2048, T = 300k (about 10 min)")
     args = ap.parse_args()
-    if args.quick:
+    if args.small:
+        size, T, eval_tokens, corpus_bytes, seq = ModelSize(2, 128, 2, 128, 2048), 300_000, 8192, 1_000_000, 128
+    elif args.quick:
         size, T, eval_tokens, corpus_bytes, seq = ModelSize(2, 64, 2, 128, 512), 8 * 64 * 240, 2048, 300_000, 64
     else:
         size, T, eval_tokens, corpus_bytes, seq = ModelSize(4, 256, 4, 256, 4096), 2_400_000, 16384, 2_000_000, 128

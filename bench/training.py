@@ -6,7 +6,9 @@ both, lr 2e-3, betas 0.9/0.95, wd 0.1, clip 1.0, warm-up then linear decay), bf1
 (`TrainingArguments(bf16=True, use_cpu=True)`), no evaluation, no saving, no logging. Tokens/s is the steady
 state of a run: time stamps at the end of every step (a TrainerCallback for the Trainer, the checkpoint hook for
 ours), the first steps left out. The machine this runs on has noisy neighbours (slow spells of several times), so
-the loops run interleaved for a few rounds, fresh model each run, and the best and the median rate are printed.
+the loops run interleaved for a few rounds, fresh model each run, and two robust figures are printed: the
+fastest run's rate and the rate implied by the 25th-percentile step time over all runs. `load` is the 1-minute load
+average when a size finished: figures taken above about 1 are not trustworthy.
 
 The Trainer runs twice: on the model as constructed (transformers' default attention, "sdpa") and with the
 "eager" attention our loop switches to while training, so the ratio can be split into kernel choice and loop
@@ -65,19 +67,19 @@ def build_tokenizer(text: str):
 WARM = 3  # steps excluded from the timing (one-time costs: kernel selection, lazy imports, allocator)
 
 
-def _rate(stamps: list[float]) -> float:
-    """Steady-state tokens/s from the wall-clock time stamps taken at the end of each step."""
+def _durations(stamps: list[float]) -> list[float]:
+    """Step durations (s) from the wall-clock time stamps taken at the end of each step, warm-up left out."""
     timed = stamps[WARM - 1 :]
-    return (len(timed) - 1) * BATCH * SEQ / (timed[-1] - timed[0])
+    return [b - a for a, b in zip(timed, timed[1:])]
 
 
-def ours(model, ids: torch.Tensor, steps: int) -> float:
+def ours(model, ids: torch.Tensor, steps: int) -> list[float]:
     config = TrainConfig(max_tokens=steps * BATCH * SEQ, batch_size=BATCH, seq_len=SEQ, warmup_steps=20)
     stamps: list[float] = []
     # the checkpoint hook, called after every step, is only used as a clock here
     train_causal_lm(model, ids, None, config, checkpoint=lambda m, s: stamps.append(time.perf_counter()),
                     checkpoint_every=1)
-    return _rate(stamps)
+    return _durations(stamps)
 
 
 class Windows(torch.utils.data.Dataset):
@@ -95,7 +97,7 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def trainer(model, ids: torch.Tensor, steps: int, workdir: str) -> float:
+def trainer(model, ids: torch.Tensor, steps: int, workdir: str) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     stamps: list[float] = []
@@ -127,7 +129,7 @@ def trainer(model, ids: torch.Tensor, steps: int, workdir: str) -> float:
     )
     tr = Trainer(model=model, args=args, train_dataset=Windows(ids, steps * BATCH), callbacks=[Clock()])
     tr.train()
-    return _rate(stamps)
+    return _durations(stamps)
 
 
 def main() -> None:
@@ -163,21 +165,26 @@ def main() -> None:
                 f"trainer ({default_attn})": lambda: trainer(fresh(), ids, steps, workdir),
                 "trainer (eager)": lambda: trainer(fresh("eager"), ids, steps, workdir),
             }
-            rates: dict[str, list[float]] = {name: [] for name in loops}
+            runs: dict[str, list[list[float]]] = {name: [] for name in loops}
             for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every loop alike
                 for name, run in loops.items():
-                    rates[name].append(run())
-            best = {name: max(r) for name, r in rates.items()}
-            median = {name: statistics.median(r) for name, r in rates.items()}
+                    runs[name].append(run())
+            tps = BATCH * SEQ
+            # best: the fastest run's mean rate; p25: from the 25th-percentile step time over all runs (robust to
+            # a busy machine: slow spells only lengthen some steps)
+            best = {name: max(len(d) * tps / sum(d) for d in r) for name, r in runs.items()}
+            p25 = {name: tps / statistics.quantiles([x for d in r for x in d], n=4)[0] for name, r in runs.items()}
             base = f"trainer ({default_attn})"
             print(f"\n{n_layer} layers x {n_embd}, vocab {len(tok)}, batch {BATCH}x{SEQ}, bf16, "
-                  f"{args.rounds} rounds of {steps} steps (tokens/s, steady state):")
-            print(f"  {'loop':<18} {'best':>9} {'median':>9}   best / plain Trainer")
+                  f"{args.rounds} rounds of {steps} steps (tokens/s, steady state; load {os.getloadavg()[0]:.1f}):")
+            print(f"  {'loop':<18} {'best run':>9} {'p25 step':>9}   vs plain Trainer (best, p25)")
             for name in loops:
-                print(f"  {name:<18} {best[name]:>9,.0f} {median[name]:>9,.0f}   {best[name] / best[base]:.2f}x")
-            print(f"  ratio ours / trainer ({default_attn}): {best['ours'] / best[base]:.2f} (best), "
-                  f"{median['ours'] / median[base]:.2f} (median); "
-                  f"ours / trainer (eager): {best['ours'] / best['trainer (eager)']:.2f} (best)", flush=True)
+                print(f"  {name:<18} {best[name]:>9,.0f} {p25[name]:>9,.0f}   "
+                      f"{best[name] / best[base]:.2f}x {p25[name] / p25[base]:.2f}x")
+            print(f"  ratio ours / trainer ({default_attn}): {best['ours'] / best[base]:.2f} (best run), "
+                  f"{p25['ours'] / p25[base]:.2f} (p25 step); ours / trainer (eager): "
+                  f"{best['ours'] / best['trainer (eager)']:.2f}, {p25['ours'] / p25['trainer (eager)']:.2f}",
+                  flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -135,8 +135,8 @@ class TrainProgress:
     train_loss: float  # mean training loss (nats/token) over the steps since the previous report
     val_loss: float | None  # latest validation loss (None before the first evaluation or without val_ids)
     lr: float  # learning rate of the latest step
-    fraction: float  # 0..1 of the budget (the larger of the token and time fractions)
-    eta_s: float | None  # estimated seconds left (None before the first step)
+    fraction: float  # 0..1 of the budget (the larger of the token and time fractions); 1.0 in the final report
+    eta_s: float | None  # estimated seconds left (None before the first step); 0.0 in the final report
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,7 @@ def train_causal_lm(
             f = max(f, (now - t_start) / max_seconds)
         return min(f, 1.0)
 
-    def report(now: float, force_val: float | None = None) -> None:
+    def report(now: float, force_val: float | None = None, done: bool = False) -> None:
         nonlocal last_report, recent_losses, reported
         if on_progress is None:
             recent_losses = []
@@ -385,9 +385,9 @@ def train_causal_lm(
         else:
             train_loss = float("nan")
         recent_losses = []
-        frac = fraction_now(now)
-        eta = None
-        if step > 0:
+        frac = 1.0 if done else fraction_now(now)
+        eta = 0.0 if done else None
+        if step > 0 and not done:
             etas = []
             if total_steps is not None:
                 etas.append(max(0.0, elapsed * (total_steps - step) / step))
@@ -481,8 +481,9 @@ def train_causal_lm(
 
         if not cancelled and val_ids is not None and step > 0 and (not val_history or val_history[-1][0] != step):
             run_eval()
-        if reported != (step, len(val_history)):  # the final report, unless the latest one already said it all
-            report(time.perf_counter())
+        finished = not cancelled
+        if reported != (step, len(val_history)) or (finished and max_seconds is not None):
+            report(time.perf_counter(), done=finished)  # the final report, unless the latest one said it all
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()

@@ -21,7 +21,8 @@ class RegisterEnsembleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"id": "duo", "mode": "score_select", "members": ["gpt-mini", "demo-code"], "weights": [0.5, 0.5]},
-        {"id": "mix", "mode": "token_mix", "members": [{"id": "vllm-a", "weight": 2}, {"id": "demo-code", "weight": 1}]},
+        {"id": "mix", "mode": "token_mix",
+         "members": [{"id": "vllm-a", "weight": 2}, {"id": "demo-code", "weight": 1}]},
     ]})
 
     id: str = Field(..., examples=["duo"])

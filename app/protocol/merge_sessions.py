@@ -51,7 +51,8 @@ class ValidationIn(BaseModel):
 class LossIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens_per_example: int = Field(128, ge=2, le=8192, description="Truncation (capped at the base's context)")
+    max_tokens_per_example: int = Field(128, ge=2, le=8192,
+                                        description="Truncation (capped at the base's context)")
     max_examples: int | None = Field(None, ge=1, le=10_000)
     append_eos: bool = Field(False, description="Score an end-of-text token after each completion")
 

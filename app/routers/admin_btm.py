@@ -21,7 +21,7 @@ BACKGROUND = Query(True, description="false: wait for the job and answer with it
 JOB = {**ERRS, 202: {"description": "Job accepted; follow it at /admin/jobs/{id}/events"}}
 
 
-def _svc(request: Request) -> BTMService:
+async def _svc(request: Request) -> BTMService:
     return request.app.state.btm
 
 

@@ -16,7 +16,7 @@ from app.services.merges import MergeService
 router = APIRouter(prefix="/admin/merges", tags=["admin: merges"], dependencies=[Depends(require_admin)])
 
 
-def _service(request: Request) -> MergeService:
+async def _service(request: Request) -> MergeService:
     return request.app.state.merges
 
 

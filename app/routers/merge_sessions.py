@@ -1,4 +1,4 @@
-"""/v1/merge/sessions: black-box merge sessions (client key); /admin/loras/train: LoRA training jobs (admin)."""
+"""/v1/merge/sessions: black-box merge sessions (client key); /admin/loras/train: LoRA training (admin)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ from fastapi.responses import JSONResponse
 from app.deps import require_admin, require_client
 from app.protocol.admin import ExpertView
 from app.protocol.common import error_responses
-from app.protocol.merge_sessions import (BatchIn, BatchView, CandidateIn, EvaluateView, LoraTrainRequest, MaterializeIn,
-                                         SessionCreateRequest, SessionDeletedView, SessionView)
+from app.protocol.merge_sessions import (BatchIn, BatchView, CandidateIn, EvaluateView, LoraTrainRequest,
+                                         MaterializeIn, SessionCreateRequest, SessionDeletedView, SessionView)
 from app.services.merge_sessions import MergeSessionService
 
-router = APIRouter(prefix="/v1/merge/sessions", tags=["merge sessions"], dependencies=[Depends(require_client)])
+router = APIRouter(prefix="/v1/merge/sessions", tags=["merge sessions"],
+                   dependencies=[Depends(require_client)])
 admin_router = APIRouter(tags=["admin: lora"], dependencies=[Depends(require_admin)])
 QUERY_ERRS = error_responses(400, 401, 404, 429)
 
 
-def _svc(request: Request) -> MergeSessionService:
+async def _svc(request: Request) -> MergeSessionService:
     return request.app.state.merge_sessions
 
 
@@ -71,7 +72,7 @@ async def delete_session(session_id: str, svc: MergeSessionService = Depends(_sv
                               201: {"model": ExpertView, "description": "Trained (background=false)"}},
                    summary="Train a LoRA adapter on a base (a job) and register it as a lora expert")
 async def train_lora(body: LoraTrainRequest, svc: MergeSessionService = Depends(_svc),
-                     background: bool = Query(True, description="false: wait and answer 201 with the expert")):
+                     background: bool = Query(True, description="false: wait, answer 201 with the expert")):
     """Data: a corpus (optionally part [k, K] of its train split), a task (prompt/completion pairs made from
     the corpora; loss on completion tokens), or inline examples. Lineage: op `lora.train`, the base as parent,
     the recipe and the validation loss before and after training."""

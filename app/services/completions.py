@@ -27,6 +27,7 @@ from experts.remote import RemoteExpert
 from experts.repository import ExpertRepository
 
 if TYPE_CHECKING:
+    from app.services.blackbox import BlackBoxService
     from app.services.proxy import ProxyResult, ProxyService, ProxyStream
 
 FINGERPRINT = "mergegate-0.1"
@@ -62,6 +63,7 @@ class CompletionService:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-gen")
         self.max_n = max_n
         self.proxy = proxy  # remote experts are forwarded through it instead of generating locally
+        self.blackbox: BlackBoxService | None = None  # black-box ensembles (local + remote members) answer there
 
     # -- shared -------------------------------------------------------------------------------
     def _expert(self, model: str) -> Expert:
@@ -114,6 +116,8 @@ class CompletionService:
     async def complete(self, req: CompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if self.blackbox is not None and self.blackbox.serves(expert):
+            return await self.blackbox.complete(req, expert)
         if isinstance(expert, RemoteExpert) and self.proxy is not None:
             return await self.proxy.complete("/completions", req, expert, self._complete_local)
         return await self._complete_local(req, expert)
@@ -143,6 +147,8 @@ class CompletionService:
     async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if self.blackbox is not None and self.blackbox.serves(expert):
+            return await self.blackbox.stream_completion(req, expert)
         if isinstance(expert, RemoteExpert) and self.proxy is not None:
             return await self.proxy.stream("/completions", req, expert, self._stream_completion_local)
         return await self._stream_completion_local(req, expert)
@@ -193,6 +199,8 @@ class CompletionService:
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if self.blackbox is not None and self.blackbox.serves(expert):
+            return await self.blackbox.chat(req, expert)
         if isinstance(expert, RemoteExpert) and self.proxy is not None:
             return await self.proxy.complete("/chat/completions", req, expert, self._chat_local)
         return await self._chat_local(req, expert)
@@ -222,6 +230,8 @@ class CompletionService:
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
+        if self.blackbox is not None and self.blackbox.serves(expert):
+            return await self.blackbox.stream_chat(req, expert)
         if isinstance(expert, RemoteExpert) and self.proxy is not None:
             return await self.proxy.stream("/chat/completions", req, expert, self._stream_chat_local)
         return await self._stream_chat_local(req, expert)

@@ -16,6 +16,10 @@ from experts.store import check_expert_id
 from experts.tasks import TASKS
 
 
+def _examples(examples: list[Any] | None) -> tuple[dict[str, Any], ...] | None:
+    return None if examples is None else tuple(e.model_dump(exclude_none=True) for e in examples)
+
+
 class MergeSessionService:
     def __init__(self, admin: AdminService, manager: MergeSessionManager) -> None:
         self.admin = admin
@@ -25,15 +29,13 @@ class MergeSessionService:
     # -- sessions -----------------------------------------------------------------------------
     async def create(self, req: SessionCreateRequest) -> dict[str, Any]:
         v = req.validation
-        default_max = None if v.examples is not None else 32
-        spec = ValidationSpec(
-            examples=tuple(e.model_dump(exclude_none=True) for e in v.examples) if v.examples is not None else None,
-            corpus=v.corpus, task=v.task, split=v.split,
-            max_examples=v.max_examples if v.max_examples is not None else default_max)
-        loss = LossOptions(max_examples=req.loss.max_examples, max_tokens_per_example=req.loss.max_tokens_per_example,
-                           append_eos=req.loss.append_eos)
+        spec = ValidationSpec(examples=_examples(v.examples), corpus=v.corpus, task=v.task, split=v.split,
+                              max_examples=v.max_examples)
+        loss = LossOptions(max_examples=req.loss.max_examples,
+                           max_tokens_per_example=req.loss.max_tokens_per_example, append_eos=req.loss.append_eos)
         pool = req.pool.model_dump() if not isinstance(req.pool, list) else req.pool
-        session = await run_sync(lambda: self.manager.create(req.base, pool, spec, loss=loss, budget=req.budget))
+        session = await run_sync(lambda: self.manager.create(req.base, pool, spec, loss=loss,
+                                                             budget=req.budget))
         return session.view()
 
     def get(self, session_id: str) -> dict[str, Any]:
@@ -49,7 +51,8 @@ class MergeSessionService:
         loss = await run_sync(s.evaluate, alpha, beta)
         return {"loss": loss, "queries_used": s.used, "queries_left": s.remaining}
 
-    async def evaluate_batch(self, session_id: str, candidates: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
+    async def evaluate_batch(self, session_id: str,
+                             candidates: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
         s = self.manager.get(session_id)
         losses = await run_sync(s.evaluate_many, candidates)
         return {"losses": losses, "queries_used": s.used, "queries_left": s.remaining}
@@ -72,27 +75,30 @@ class MergeSessionService:
             raise ExpertExistsError(req.id)
         base = self.repo.record(req.base)  # 404 before the job
         if base.kind != "local":
-            raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {req.base!r} is {base.kind}")
+            raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {req.base!r} is "
+                                     f"{base.kind}")
         d = req.data
         data = LoraData(corpus=d.corpus, part=tuple(d.part) if d.part else None, task=d.task,
-                        examples=tuple(e.model_dump(exclude_none=True) for e in d.examples) if d.examples else None,
-                        validation=tuple(e.model_dump(exclude_none=True) for e in d.validation) if d.validation else None)
+                        examples=_examples(d.examples), validation=_examples(d.validation))
         data.check()
         btm = self.manager.btm
         if d.corpus is not None:
             await run_sync(btm.ensure_corpus, d.corpus)  # unknown / unavailable corpus -> 400 now
         if d.task is not None:
             await run_sync(btm.ensure_corpus, TASKS[d.task].domain)
-        lora = LoraSpec(req.lora.r, req.lora.lora_alpha, tuple(req.lora.target_modules) if req.lora.target_modules else None)
+        targets = tuple(req.lora.target_modules) if req.lora.target_modules else None
+        lora = LoraSpec(req.lora.r, req.lora.lora_alpha, targets)
         b = req.budget
         budget = LoraBudget(max_tokens=b.max_tokens, max_seconds=b.max_seconds, batch_size=b.batch_size,
                             seq_len=b.seq_len, lr=b.lr, seed=b.seed)
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            r = train_lora(self.repo, req.id, req.base, data, lora=lora, budget=budget, btm=btm, tags=req.tags,
-                           domain=req.domain, progress=ctx.progress, should_stop=lambda: ctx.cancelled)
+            r = train_lora(self.repo, req.id, req.base, data, lora=lora, budget=budget, btm=btm,
+                           tags=req.tags, domain=req.domain, progress=ctx.progress,
+                           should_stop=lambda: ctx.cancelled)
             t = r.lineage["train"]
-            return {"expert": r.id, "initial_val_loss": t["initial_val_loss"], "final_val_loss": t["final_val_loss"]}
+            return {"expert": r.id, "initial_val_loss": t["initial_val_loss"],
+                    "final_val_loss": t["final_val_loss"]}
 
         params = req.model_dump(exclude={"data"})
         params["data"] = data.describe()

@@ -233,6 +233,8 @@ def test_progress_values_are_sane(tokenizer, splits):
 
 def test_time_budget_is_respected(tokenizer, splits):
     train, val = splits
+    # one-time costs of a process's first step (lazy initialisation, kernel selection) cannot be predicted
+    train_causal_lm(tiny_model(tokenizer), train, val, cfg(max_tokens=1, eval_tokens=64))
     seen: list[TrainProgress] = []
     t0 = time.perf_counter()
     result = train_causal_lm(tiny_model(tokenizer), train, val, cfg(max_seconds=2.0, eval_every=25),
@@ -244,7 +246,8 @@ def test_time_budget_is_respected(tokenizer, splits):
     assert wall < 2.0 + 2.0, wall
     assert result.elapsed_s > 0.5  # it used the budget rather than stopping at once
     assert result.final_val_loss is not None and result.val_history[-1][0] == result.steps
-    assert seen[-1].fraction > 0.25
+    assert seen[-1].fraction == 1.0 and seen[-1].eta_s == 0.0 and seen[-1].step == result.steps
+    assert all(p.fraction < 1.0 for p in seen[:-1])
     # progress is rate limited: far fewer reports than steps
     assert len(seen) <= result.steps // 25 + 2.0 / 0.5 + 3
 
