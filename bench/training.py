@@ -1,14 +1,14 @@
 """Training throughput: `experts.training.train_causal_lm` vs a plain transformers `Trainer` loop.
 
 Same freshly initialised GPT-2 (new_gpt2, same seed), same token stream (the stdlib's Python source, tokenised
-with a byte-level BPE of 4096 tokens trained here), same batch (8 x 128), same optimiser settings (AdamW, fused in
-both, lr 2e-3, betas 0.9/0.95, wd 0.1, clip 1.0, warm-up then linear decay), bf16 autocast in both
+with a byte-level BPE of 4096 tokens trained here), same batch (8 x 128), same optimiser settings (AdamW,
+fused in both, lr 2e-3, betas 0.9/0.95, wd 0.1, clip 1.0, warm-up then linear decay), bf16 autocast in both
 (`TrainingArguments(bf16=True, use_cpu=True)`), no evaluation, no saving, no logging. Tokens/s is the steady
-state of a run: time stamps at the end of every step (a TrainerCallback for the Trainer, the checkpoint hook for
-ours), the first steps left out. The machine this runs on has noisy neighbours (slow spells of several times), so
-the loops run interleaved for a few rounds, fresh model each run, and two robust figures are printed: the
-fastest run's rate and the rate implied by the 25th-percentile step time over all runs. `load` is the 1-minute load
-average when a size finished: figures taken above about 1 are not trustworthy.
+state of a run: time stamps at the end of every step (a TrainerCallback for the Trainer, the checkpoint hook
+for ours), the first steps left out. The machine this runs on has noisy neighbours (slow spells of several
+times), so the loops run interleaved for a few rounds, fresh model each run, and two robust figures are
+printed: the fastest run's rate and the rate implied by the 25th-percentile step time over all runs. `load` is
+the 1-minute load average when a size finished: figures taken above about 1 are not trustworthy.
 
 The Trainer runs twice: on the model as constructed (transformers' default attention, "sdpa") and with the
 "eager" attention our loop switches to while training, so the ratio can be split into kernel choice and loop
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import logging
 import os
 import statistics
@@ -35,9 +36,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from experts.training import TrainConfig, new_gpt2, tokenize_text, train_causal_lm  # noqa: E402
+from experts.training import TrainConfig, new_gpt2, tokenize_text, train_causal_lm
 
 BATCH, SEQ = 8, 128
 
@@ -59,8 +60,9 @@ def build_tokenizer(text: str):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=4096, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        [text], vocab_size=4096, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
@@ -70,15 +72,21 @@ WARM = 3  # steps excluded from the timing (one-time costs: kernel selection, la
 def _durations(stamps: list[float]) -> list[float]:
     """Step durations (s) from the wall-clock time stamps taken at the end of each step, warm-up left out."""
     timed = stamps[WARM - 1 :]
-    return [b - a for a, b in zip(timed, timed[1:])]
+    return [b - a for a, b in itertools.pairwise(timed)]
 
 
 def ours(model, ids: torch.Tensor, steps: int) -> list[float]:
     config = TrainConfig(max_tokens=steps * BATCH * SEQ, batch_size=BATCH, seq_len=SEQ, warmup_steps=20)
     stamps: list[float] = []
     # the checkpoint hook, called after every step, is only used as a clock here
-    train_causal_lm(model, ids, None, config, checkpoint=lambda m, s: stamps.append(time.perf_counter()),
-                    checkpoint_every=1)
+    train_causal_lm(
+        model,
+        ids,
+        None,
+        config,
+        checkpoint=lambda m, s: stamps.append(time.perf_counter()),
+        checkpoint_every=1,
+    )
     return _durations(stamps)
 
 
@@ -144,47 +152,68 @@ def main() -> None:
     text = corpus()
     tok = build_tokenizer(text)
     ids = tokenize_text(tok, text)
-    print(f"corpus: {len(text) / 1e6:.1f} MB stdlib source -> {ids.numel():,} tokens (BPE {len(tok)}), "
-          f"{torch.get_num_threads()} threads, setup {time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"corpus: {len(text) / 1e6:.1f} MB stdlib source -> {ids.numel():,} tokens (BPE {len(tok)}), "
+        f"{torch.get_num_threads()} threads, setup {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
     sizes = [(2, 128, 40), (4, 256, 25)]
     with tempfile.TemporaryDirectory() as workdir:
         for n_layer, n_embd, default_steps in sizes:
             steps = args.steps or default_steps
 
-            def fresh(attn: str | None = None):
-                m = new_gpt2(len(tok), n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=256,
-                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, seed=0)
+            def fresh(attn: str | None = None, n_layer: int = n_layer, n_embd: int = n_embd):
+                m = new_gpt2(
+                    len(tok),
+                    n_layer=n_layer,
+                    n_embd=n_embd,
+                    n_head=4,
+                    n_positions=256,
+                    bos_token_id=tok.eos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    seed=0,
+                )
                 if attn is not None:
                     m.set_attn_implementation(attn)
                 return m
 
             default_attn = fresh().config._attn_implementation
             loops = {
-                "ours": lambda: ours(fresh(), ids, steps),
-                f"trainer ({default_attn})": lambda: trainer(fresh(), ids, steps, workdir),
-                "trainer (eager)": lambda: trainer(fresh("eager"), ids, steps, workdir),
+                "ours": lambda steps=steps: ours(fresh(), ids, steps),
+                f"trainer ({default_attn})": lambda steps=steps: trainer(fresh(), ids, steps, workdir),
+                "trainer (eager)": lambda steps=steps: trainer(fresh("eager"), ids, steps, workdir),
             }
             runs: dict[str, list[list[float]]] = {name: [] for name in loops}
             for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every loop alike
                 for name, run in loops.items():
                     runs[name].append(run())
             tps = BATCH * SEQ
-            # best: the fastest run's mean rate; p25: from the 25th-percentile step time over all runs (robust to
-            # a busy machine: slow spells only lengthen some steps)
+            # best: the fastest run's mean rate; p25: from the 25th-percentile step time over all runs
+            # (robust to a busy machine: slow spells only lengthen some steps)
             best = {name: max(len(d) * tps / sum(d) for d in r) for name, r in runs.items()}
-            p25 = {name: tps / statistics.quantiles([x for d in r for x in d], n=4)[0] for name, r in runs.items()}
+            p25 = {
+                name: tps / statistics.quantiles([x for d in r for x in d], n=4)[0]
+                for name, r in runs.items()
+            }
             base = f"trainer ({default_attn})"
-            print(f"\n{n_layer} layers x {n_embd}, vocab {len(tok)}, batch {BATCH}x{SEQ}, bf16, "
-                  f"{args.rounds} rounds of {steps} steps (tokens/s, steady state; load {os.getloadavg()[0]:.1f}):")
+            print(
+                f"\n{n_layer} layers x {n_embd}, vocab {len(tok)}, batch {BATCH}x{SEQ}, bf16, "
+                f"{args.rounds} rounds of {steps} steps "
+                f"(tokens/s, steady state; load {os.getloadavg()[0]:.1f}):"
+            )
             print(f"  {'loop':<18} {'best run':>9} {'p25 step':>9}   vs plain Trainer (best, p25)")
             for name in loops:
-                print(f"  {name:<18} {best[name]:>9,.0f} {p25[name]:>9,.0f}   "
-                      f"{best[name] / best[base]:.2f}x {p25[name] / p25[base]:.2f}x")
-            print(f"  ratio ours / trainer ({default_attn}): {best['ours'] / best[base]:.2f} (best run), "
-                  f"{p25['ours'] / p25[base]:.2f} (p25 step); ours / trainer (eager): "
-                  f"{best['ours'] / best['trainer (eager)']:.2f}, {p25['ours'] / p25['trainer (eager)']:.2f}",
-                  flush=True)
+                print(
+                    f"  {name:<18} {best[name]:>9,.0f} {p25[name]:>9,.0f}   "
+                    f"{best[name] / best[base]:.2f}x {p25[name] / p25[base]:.2f}x"
+                )
+            print(
+                f"  ratio ours / trainer ({default_attn}): {best['ours'] / best[base]:.2f} (best run), "
+                f"{p25['ours'] / p25[base]:.2f} (p25 step); ours / trainer (eager): "
+                f"{best['ours'] / best['trainer (eager)']:.2f}, {p25['ours'] / p25['trainer (eager)']:.2f}",
+                flush=True,
+            )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

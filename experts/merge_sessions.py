@@ -22,7 +22,8 @@ query then writes the candidate's factors with ``EvoPlan.apply`` (no disk, no al
 and runs one forward pass per batch with the output head applied only at the scored positions.
 A query's loss is a pure function of (alpha, beta): the plan does not cache masks across calls, batches
 have a fixed order, so concurrent and sequential queries give identical numbers. Each session has a
-lock: concurrent evaluations serialise.
+lock: concurrent evaluations serialise. Queries are counted when accepted (`reserve`, after every vector
+was checked and only if the whole batch fits the budget) and refunded if they are not evaluated.
 """
 
 from __future__ import annotations
@@ -351,26 +352,50 @@ class MergeSession:
         """Mean token cross-entropy of the merged model for (alpha, beta); counts one query."""
         return self.evaluate_many([(alpha, beta)])[0]
 
-    def evaluate_many(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]]) -> list[float]:
-        """Evaluate a population in one call: every vector is checked and the budget must cover all of
-        them before anything is evaluated; one query per candidate."""
+    def check_candidates(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]]
+                         ) -> list[tuple[list[float], list[float]]]:
+        """Validate a population (at least 1, at most MAX_BATCH_CANDIDATES candidates)."""
         if not candidates:
             raise InvalidCandidateError("no candidates", param="candidates")
         if len(candidates) > MAX_BATCH_CANDIDATES:
             raise InvalidCandidateError(f"at most {MAX_BATCH_CANDIDATES} candidates per call",
                                         param="candidates")
         many = len(candidates) > 1
-        checked = [self.check_vectors(a, b, f"candidates[{i}]." if many else "")
-                   for i, (a, b) in enumerate(candidates)]
+        return [self.check_vectors(a, b, f"candidates[{i}]." if many else "")
+                for i, (a, b) in enumerate(candidates)]
+
+    def reserve(self, k: int) -> None:
+        """Count k queries now, or raise BudgetExhaustedError (nothing counted) if they do not fit."""
         with self._lock:
-            if self.used + len(checked) > self.budget:
-                raise BudgetExhaustedError(self.id, self.budget, self.used, len(checked))
-            losses = []
-            for a, b in checked:
-                self._apply(a, b)
-                losses.append(self._loss())
-                self.used += 1
+            if self.used + k > self.budget:
+                raise BudgetExhaustedError(self.id, self.budget, self.used, k)
+            self.used += k
             self.last_used_at = time.time()
+
+    def refund(self, k: int) -> None:
+        """Give back reserved queries that were not evaluated (a failure or a cancelled request)."""
+        with self._lock:
+            self.used = max(0, self.used - k)
+
+    def loss_of(self, alpha: list[float], beta: list[float]) -> float:
+        """The loss of one checked, already counted candidate (holds the session lock while it runs)."""
+        with self._lock:
+            self._apply(alpha, beta)
+            loss = self._loss()
+            self.last_used_at = time.time()
+            return loss
+
+    def evaluate_many(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]]) -> list[float]:
+        """Evaluate a population in one call: every vector is checked and the budget must cover all of
+        them before anything is evaluated; one query per candidate (refunded if not evaluated)."""
+        checked = self.check_candidates(candidates)
+        self.reserve(len(checked))
+        losses: list[float] = []
+        try:
+            for a, b in checked:
+                losses.append(self.loss_of(a, b))
+        finally:
+            self.refund(len(checked) - len(losses))
         return losses
 
     def view(self) -> dict[str, Any]:

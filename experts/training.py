@@ -2,20 +2,22 @@
 
 `train_causal_lm` trains any transformers causal LM (GPT-2 from `new_gpt2` in practice) on random windows of a
 token stream, with AdamW, warm-up then linear (or cosine) decay, gradient clipping, a token and/or wall-clock
-budget, periodic validation loss, progress callbacks, cooperative cancellation and periodic checkpoint callbacks.
-`evaluate_loss` is the matching deterministic validation loss, `tokenize_text` turns large texts into a token
-stream quickly, `save_model_atomic` writes a model directory so readers never see a half-written one.
+budget, periodic validation loss, progress callbacks, cooperative cancellation and periodic checkpoint
+callbacks. `evaluate_loss` is the matching deterministic validation loss, `tokenize_text` turns large texts
+into a token stream quickly, `save_model_atomic` writes a model directory so readers never see a half-written
+one.
 
 Speed notes (2 CPU cores, measured; see `bench/training.py`): bf16 autocast is a real 1.6x on CPUs with
 avx512_bf16; the "eager" attention kernel is about 10% faster than "sdpa" for these small models on CPU, and
-fused AdamW about 5-10% faster than the foreach one, so the loop uses both (the model's attention implementation is
-restored afterwards). The loss is computed from the logits with `F.cross_entropy` against the next tokens of each
-window of `seq_len + 1` tokens (all `seq_len` positions are trained; passing `labels=` would drop the last one
-and cost the same).
+fused AdamW about 5-10% faster than the foreach one, so the loop uses both (the model's attention
+implementation is restored afterwards). The loss is computed from the logits with `F.cross_entropy` against
+the next tokens of each window of `seq_len + 1` tokens (all `seq_len` positions are trained; passing `labels=`
+would drop the last one and cost the same).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -45,7 +47,10 @@ __all__ = [
     "train_causal_lm",
 ]
 
-PROGRESS_INTERVAL_S = 0.5  # on_progress is called at most this often (plus at every evaluation and at the end)
+logger = logging.getLogger(__name__)
+
+# on_progress is called at most this often (plus after every evaluation and at the end)
+PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -54,21 +59,22 @@ class TrainConfig:
     reached first.
 
     - `max_tokens`: token budget; tokens consumed = steps * batch_size * seq_len. Training runs
-      `ceil(max_tokens / (batch_size * seq_len))` steps (it stops once the budget is reached, so it may overshoot
-      by less than one batch).
+      `ceil(max_tokens / (batch_size * seq_len))` steps (it stops once the budget is reached, so it may
+      overshoot by less than one batch).
     - `max_seconds`: wall-clock budget for the whole call, periodic evaluations, checkpoints and the final
-      evaluation included. A step is not started when it (plus the final evaluation) is predicted to end past the
-      budget, except the first: at least one step is always taken. With a time budget the learning-rate schedule
-      progresses by the elapsed fraction of the budget, so results are not bit-reproducible.
+      evaluation included. A step is not started when it (plus the final evaluation) is predicted to end past
+      the budget, except the first: at least one step is always taken. With a time budget the learning-rate
+      schedule progresses by the elapsed fraction of the budget, so results are not bit-reproducible.
     - Learning rate: linear warm-up over the first `warmup_steps` steps multiplied by a decay from `lr` to
       `lr * min_lr_ratio` over the whole budget (`schedule`: "linear" or "cosine" in the budget fraction). The
       warm-up is not clipped to the budget: with very small budgets the peak rate is simply not reached.
     - AdamW (`betas`, `weight_decay` on matrices and embeddings only, not on biases and LayerNorm weights),
       gradient-norm clipping at `grad_clip` (0 disables).
-    - Validation (when `val_ids` is given): every `eval_every` steps and at the end, on the first `eval_tokens`
-      tokens of the validation stream (`evaluate_loss`, so the numbers are comparable between evaluations).
-    - `bf16`: `torch.autocast(dtype=torch.bfloat16)` for the training forward pass and the evaluations when the
-      device supports bf16 natively (on CPU: avx512_bf16 or AMX); silently fp32 otherwise.
+    - Validation (when `val_ids` is given): every `eval_every` steps and at the end, on the first
+      `eval_tokens` tokens of the validation stream (`evaluate_loss`, so the numbers are comparable between
+      evaluations).
+    - `bf16`: `torch.autocast(dtype=torch.bfloat16)` for the training forward pass and the evaluations when
+      the device supports bf16 natively (on CPU: avx512_bf16 or AMX); silently fp32 otherwise.
     - `attn_implementation`: attention kernel used while training ("eager" is the fastest on CPU for small
       models); the model's own implementation is restored afterwards. None keeps the model's.
     - `seed`: seeds the batch sampler (a private `torch.Generator`) and `torch.manual_seed` (dropout). With a
@@ -135,7 +141,9 @@ class TrainProgress:
     train_loss: float  # mean training loss (nats/token) over the steps since the previous report
     val_loss: float | None  # latest validation loss (None before the first evaluation or without val_ids)
     lr: float  # learning rate of the latest step
-    fraction: float  # 0..1 of the budget (the larger of the token and time fractions); 1.0 in the final report
+    fraction: (
+        float  # 0..1 of the budget (the larger of the token and time fractions); 1.0 in the final report
+    )
     eta_s: float | None  # estimated seconds left (None before the first step); 0.0 in the final report
 
 
@@ -153,11 +161,12 @@ class TrainResult:
 class TrainingCancelled(Exception):
     """For callers (job runners) that want to turn a cancelled `TrainResult` into an exception.
 
-    `train_causal_lm` itself never raises it: it returns with `cancelled=True` so the caller decides what to keep.
+    `train_causal_lm` itself never raises it: it returns with `cancelled=True` so the caller decides what to
+    keep.
     """
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -204,7 +213,8 @@ def _token_ce(model: Any, x: torch.Tensor, y: torch.Tensor, reduction: str = "me
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():  # shared (tied) parameters are listed once
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -214,16 +224,16 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=1e-8)
+    betas = (float(config.betas[0]), float(config.betas[1]))
     if _model_device(model).type in ("cpu", "cuda"):
         try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
+            return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8, fused=True)
         except (RuntimeError, TypeError, ValueError):  # fused unsupported for these parameters
             pass
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -240,10 +250,10 @@ def evaluate_loss(
     """Mean next-token cross-entropy (nats/token) of `model` on the token stream `ids`.
 
     The stream is cut into consecutive windows of `seq_len` predicted tokens (window k feeds
-    `ids[k*seq_len : (k+1)*seq_len]` and predicts `ids[k*seq_len+1 : (k+1)*seq_len+1]`), so every predicted token
-    is counted once, each with between 0 and seq_len-1 tokens of context; a last shorter window takes the rest.
-    `max_tokens` limits the number of predicted tokens (the first ones of the stream). Deterministic (no
-    sampling), no gradients, fp32 unless `bf16`; the model's train/eval mode is restored afterwards.
+    `ids[k*seq_len : (k+1)*seq_len]` and predicts `ids[k*seq_len+1 : (k+1)*seq_len+1]`), so every predicted
+    token is counted once, each with between 0 and seq_len-1 tokens of context; a last shorter window takes
+    the rest. `max_tokens` limits the number of predicted tokens (the first ones of the stream). Deterministic
+    (no sampling), no gradients, fp32 unless `bf16`; the model's train/eval mode is restored afterwards.
     """
     ids = _check_stream(ids, "ids")
     if seq_len <= 0 or batch_size <= 0:
@@ -270,7 +280,9 @@ def evaluate_loss(
                 x_all = windows[:-1].view(n_full, seq_len)
                 y_all = windows[1:].view(n_full, seq_len)
                 for i in range(0, n_full, batch_size):
-                    total += _token_ce(model, x_all[i : i + batch_size], y_all[i : i + batch_size], "sum").double()
+                    total += _token_ce(
+                        model, x_all[i : i + batch_size], y_all[i : i + batch_size], "sum"
+                    ).double()
             if rest:
                 start = n_full * seq_len
                 x = ids[start : start + rest].unsqueeze(0)
@@ -281,7 +293,7 @@ def evaluate_loss(
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # training
 
 
@@ -303,8 +315,9 @@ def train_causal_lm(
     - `should_stop()` is checked before every step; when it returns True the call returns promptly with
       `cancelled=True` (no final evaluation; `final_val_loss` is the latest periodic one).
     - `on_progress(TrainProgress)` is called at most every 0.5 s, after every evaluation and once at the end.
-    - `checkpoint(model, step)` is called every `checkpoint_every` steps (0: never) with the model in train mode
-      (it is put back in train mode afterwards); the final model is not checkpointed: the caller saves it.
+    - `checkpoint(model, step)` is called every `checkpoint_every` steps (0: never) with the model in train
+      mode (it is put back in train mode afterwards); the final model is not checkpointed: the caller saves
+      it.
     - The model is left in eval mode, also when a callback raises (the exception propagates).
     """
     if not isinstance(config, TrainConfig):
@@ -337,7 +350,7 @@ def train_causal_lm(
     offsets = torch.arange(T + 1, device=device)
 
     old_attn = None
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     if config.attn_implementation and getattr(cfg, "_attn_implementation", None) not in (
         None,
         config.attn_implementation,
@@ -413,6 +426,7 @@ def train_causal_lm(
 
     def run_eval() -> float:
         nonlocal eval_time
+        assert val_ids is not None
         t0 = time.perf_counter()
         loss = evaluate_loss(model, val_ids, seq_len=T, max_tokens=eval_tokens, batch_size=B, bf16=use_bf16)
         eval_time = time.perf_counter() - t0
@@ -468,7 +482,7 @@ def train_causal_lm(
             now = time.perf_counter()
             dt = now - t_step
             # EMA of the step time; the second step replaces the first, which carries one-time costs
-            step_time = dt if step <= 2 else 0.8 * step_time + 0.2 * dt
+            step_time = dt if step <= 2 or step_time is None else 0.8 * step_time + 0.2 * dt
 
             if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
                 checkpoint(model, step)
@@ -479,7 +493,12 @@ def train_causal_lm(
             elif now - last_report >= PROGRESS_INTERVAL_S:
                 report(now)
 
-        if not cancelled and val_ids is not None and step > 0 and (not val_history or val_history[-1][0] != step):
+        if (
+            not cancelled
+            and val_ids is not None
+            and step > 0
+            and (not val_history or val_history[-1][0] != step)
+        ):
             run_eval()
         finished = not cancelled
         if reported != (step, len(val_history)) or (finished and max_seconds is not None):
@@ -490,8 +509,8 @@ def train_causal_lm(
         if old_attn is not None:
             try:
                 model.set_attn_implementation(old_attn)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception:
+                logger.warning("could not restore attention implementation %r", old_attn, exc_info=True)
 
     elapsed = time.perf_counter() - t_start
     final_train = float(torch.stack(tail_losses).float().mean().item()) if tail_losses else float("nan")
@@ -506,7 +525,7 @@ def train_causal_lm(
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # data and models
 
 
@@ -543,10 +562,10 @@ def tokenize_text(tokenizer: Any, text: str, *, chunk_chars: int = 20_000) -> to
     """Encode `text` into a 1-D LongTensor of token ids, without special tokens.
 
     One huge string is slow to encode (5 MB take 7.5 s); the text is cut into pieces of about `chunk_chars`
-    characters at word boundaries that keep a byte-level BPE's tokenisation identical to encoding the whole string,
-    and encoded through the tokenizer's batch call. No end-of-text tokens are inserted: to separate documents,
-    encode them separately and concatenate with `tokenizer.eos_token_id` between them.
-    `tokenizer` is a transformers tokenizer or a raw `tokenizers.Tokenizer`.
+    characters at word boundaries that keep a byte-level BPE's tokenisation identical to encoding the whole
+    string, and encoded through the tokenizer's batch call. No end-of-text tokens are inserted: to separate
+    documents, encode them separately and concatenate with `tokenizer.eos_token_id` between them. `tokenizer`
+    is a transformers tokenizer or a raw `tokenizers.Tokenizer`.
     """
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
@@ -578,9 +597,9 @@ def new_gpt2(
     seed: int = 0,
     dropout: float = 0.0,
 ) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 (tied embeddings), deterministic for a given seed; the global RNG is left as
-    it was. Dropout defaults to 0: every run here is token-starved (far less than one epoch), where dropout only
-    slows learning."""
+    """A freshly initialised GPT-2 (tied embeddings), deterministic for a given seed; the global RNG is left
+    as it was. Dropout defaults to 0: every run here is token-starved (far less than one epoch), where dropout
+    only slows learning."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if vocab_size <= 0:

@@ -1,4 +1,9 @@
-"""Merge-session and LoRA-training use-cases. Checks run before any work, so bad input is a 4xx."""
+"""Merge-session and LoRA-training use-cases. Checks run before any work, so bad input is a 4xx.
+
+Session work is torch work: it runs on the gateway's torch thread(s) (`AdminService._torch`, the
+generation executor), one hop per candidate, so a long population does not hold completions back
+for more than one evaluation, and no second OpenMP team fights the first.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from app.services.admin import AdminService
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.jobs import JobContext
 from experts.lora_training import LoraBudget, LoraData, LoraSpec, train_lora
-from experts.merge_sessions import LossOptions, MergeSessionManager, ValidationSpec
+from experts.merge_sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
 from experts.store import check_expert_id
 from experts.tasks import TASKS
 
@@ -34,8 +39,8 @@ class MergeSessionService:
         loss = LossOptions(max_examples=req.loss.max_examples,
                            max_tokens_per_example=req.loss.max_tokens_per_example, append_eos=req.loss.append_eos)
         pool = req.pool.model_dump() if not isinstance(req.pool, list) else req.pool
-        session = await run_sync(lambda: self.manager.create(req.base, pool, spec, loss=loss,
-                                                             budget=req.budget))
+        session = await self.admin._torch(lambda: self.manager.create(req.base, pool, spec, loss=loss,
+                                                                      budget=req.budget))
         return session.view()
 
     def get(self, session_id: str) -> dict[str, Any]:
@@ -45,16 +50,28 @@ class MergeSessionService:
         self.manager.delete(session_id)
         return {"id": session_id, "object": "merge.session", "deleted": True}
 
-    async def evaluate(self, session_id: str, alpha: list[float], beta: list[float]) -> dict[str, Any]:
+    async def _losses(self, session_id: str,
+                      candidates: list[tuple[list[float], list[float]]]) -> tuple[MergeSession, list[float]]:
+        """Check every vector, count the queries (429 if they do not all fit), evaluate one per torch hop;
+        queries not evaluated (an error, a client gone) are refunded."""
         s = self.manager.get(session_id)
-        s.check_vectors(alpha, beta)  # 400 without a worker thread
-        loss = await run_sync(s.evaluate, alpha, beta)
-        return {"loss": loss, "queries_used": s.used, "queries_left": s.remaining}
+        checked = s.check_candidates(candidates)
+        s.reserve(len(checked))
+        losses: list[float] = []
+        try:
+            for a, b in checked:
+                losses.append(await self.admin._torch(s.loss_of, a, b))
+        finally:
+            s.refund(len(checked) - len(losses))
+        return s, losses
+
+    async def evaluate(self, session_id: str, alpha: list[float], beta: list[float]) -> dict[str, Any]:
+        s, losses = await self._losses(session_id, [(alpha, beta)])
+        return {"loss": losses[0], "queries_used": s.used, "queries_left": s.remaining}
 
     async def evaluate_batch(self, session_id: str,
                              candidates: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
-        s = self.manager.get(session_id)
-        losses = await run_sync(s.evaluate_many, candidates)
+        s, losses = await self._losses(session_id, candidates)
         return {"losses": losses, "queries_used": s.used, "queries_left": s.remaining}
 
     async def materialize(self, session_id: str, alpha: list[float], beta: list[float], name: str,
@@ -64,8 +81,8 @@ class MergeSessionService:
         check_expert_id(name)
         if self.repo.registry.has_expert(name):
             raise ExpertExistsError(name)
-        record = await run_sync(lambda: self.manager.materialize(session_id, alpha, beta, name, tags=tags,
-                                                                 domain=domain))
+        record = await self.admin._torch(lambda: self.manager.materialize(session_id, alpha, beta, name,
+                                                                          tags=tags, domain=domain))
         return self.admin.describe(record.id)
 
     # -- LoRA training ------------------------------------------------------------------------

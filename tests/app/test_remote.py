@@ -237,7 +237,7 @@ def test_5xx_retried_until_success(front, fake):
 
 
 def test_breaker_opens_fails_fast_and_closes(front, fake):
-    add_remote(front, "brk", fake.base, max_retries=1, breaker={"threshold": 2, "cooldown_s": 0.5}, **FAST)
+    add_remote(front, "brk", fake.base, max_retries=1, breaker={"threshold": 2, "cooldown_s": 3.0}, **FAST)
     fake.reset("fail_then_ok", fail_times=1000)
     r = complete(front, "brk")
     err = envelope(r, 502)
@@ -247,11 +247,11 @@ def test_breaker_opens_fails_fast_and_closes(front, fake):
     r = complete(front, "brk", stream=True)  # open: fails fast, before any byte, for streams too
     assert envelope(r, 503)["code"] == "upstream_breaker_open" and int(r.headers["retry-after"]) >= 1
     assert fake.attempts == 2
-    time.sleep(0.6)
+    time.sleep(3.2)  # the cool-down is long enough that a loaded CI machine cannot outlast it mid-test
     assert remote(front, "brk")["breaker"]["state"] == "half_open"
     r = complete(front, "brk")  # the probe fails: open again, one attempt only
     assert r.status_code == 502 and fake.attempts == 3 and remote(front, "brk")["breaker"]["state"] == "open"
-    time.sleep(0.6)
+    time.sleep(3.2)
     fake.reset()
     assert complete(front, "brk").status_code == 200 and fake.attempts == 1
     st = remote(front, "brk")
@@ -295,11 +295,10 @@ def test_malformed_json_is_502(front, fake):
 
 
 def test_slow_first_byte_times_out_without_retry(front, fake):
-    add_remote(front, "slow", fake.base, max_retries=2, timeouts={"read": 0.3}, **FAST)
-    fake.reset("slow", delay=1.0)
-    t0 = time.monotonic()
+    add_remote(front, "slow", fake.base, max_retries=2, timeouts={"read": 1.0}, **FAST)
+    fake.reset("slow", delay=2.5)
     err = envelope(complete(front, "slow"), 504)
-    assert err["code"] == "upstream_timeout" and fake.attempts == 1 and time.monotonic() - t0 < 1.0
+    assert err["code"] == "upstream_timeout" and fake.attempts == 1  # a read timeout is not retried
     assert envelope(complete(front, "slow", stream=True), 504)["code"] == "upstream_timeout"  # a status, not an event
     fake.reset("slow", delay=0.05)
     assert complete(front, "slow").status_code == 200

@@ -81,7 +81,6 @@ def test_domain_builds_at_least_1mb_with_valid_files(built, name):
     assert meta["name"] == name and meta["bytes"] == info.split_bytes and meta["sha256"] == info.sha256
     assert meta["source"] == DOMAINS[name].source and meta["created_at"]
     assert not list((root / name).glob("*.tmp")) and not list((root / name).glob(".*"))
-    assert seconds[name] < 10
 
 
 @pytest.mark.parametrize("name", REQUIRED)

@@ -32,6 +32,15 @@ A = [1.0, 0.6, 0.3, 0.9]
 B = [0.4, -0.3, 0.8, 0.2]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not stall when other processes load the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir, tokenizer):
     root = tmp_path_factory.mktemp("msess")
@@ -227,3 +236,20 @@ def test_pool_plan_covers_pool_tasks_and_slices_but_no_held_out_task():
     parts = [(p[1].corpus, p[1].part) for p in plan if p[1].corpus]
     assert len(parts) == 15 and len(set(parts)) == 15 and all(c != "jargon" for c, _ in parts)
     assert len(pool_plan(23)) == 23
+
+
+def test_queries_not_evaluated_are_refunded(env, monkeypatch):
+    _, _, mgr = env
+    s = mgr.create("tiny", ["ad0", "ad1"], ValidationSpec(examples=EXAMPLES), budget=10)
+    real, calls = s._loss, []
+
+    def flaky() -> float:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real()
+
+    monkeypatch.setattr(s, "_loss", flaky)
+    with pytest.raises(RuntimeError):
+        s.evaluate_many([([1.0, 1.0], [0.5, 0.5])] * 4)
+    assert s.used == 1  # the first was evaluated; the failed one and the two never run are given back

@@ -1,7 +1,8 @@
-"""Tests of the causal-LM training loop (experts/training.py) on a tiny GPT-2 and a byte-level BPE trained here."""
+"""Tests of the causal-LM training loop (experts/training.py): a tiny GPT-2, a byte-level BPE trained here."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -10,19 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from experts.training import (  # noqa: E402
+from experts.training import (
     TrainConfig,
+    TrainingCancelled,
     TrainProgress,
     TrainResult,
-    TrainingCancelled,
     evaluate_loss,
     new_gpt2,
     save_model_atomic,
     tokenize_text,
     train_causal_lm,
 )
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SEQ = 32
 BATCH = 8
@@ -41,8 +42,9 @@ def tokenizer(text):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([text], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        [text], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
@@ -54,12 +56,20 @@ def splits(tokenizer, text) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_model(tokenizer, seed: int = 0):
-    return new_gpt2(len(tokenizer), n_layer=2, n_embd=64, n_head=2, n_positions=64,
-                    bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, seed=seed)
+    return new_gpt2(
+        len(tokenizer),
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=seed,
+    )
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(batch_size=BATCH, seq_len=SEQ, eval_every=20, eval_tokens=2048, warmup_steps=5)
+    base = {"batch_size": BATCH, "seq_len": SEQ, "eval_every": 20, "eval_tokens": 2048, "warmup_steps": 5}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -108,7 +118,7 @@ def test_lr_schedule_warms_up_then_decays():
     assert c.lr_at(50, 0.5) == pytest.approx(0.55)
     assert c.lr_at(100, 1.0) == pytest.approx(0.1)
     lrs = [c.lr_at(s, s / 100) for s in range(10, 100)]
-    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+    assert all(x >= y for x, y in itertools.pairwise(lrs))
     cos = TrainConfig(max_tokens=1000, lr=1.0, warmup_steps=0, min_lr_ratio=0.0, schedule="cosine")
     assert cos.lr_at(0, 0.0) == pytest.approx(1.0)
     assert cos.lr_at(5, 0.5) == pytest.approx(0.5)
@@ -130,7 +140,7 @@ def test_bad_data_is_rejected(tokenizer, splits):
         train_causal_lm(model, train, None, {"max_tokens": 100})
 
 
-# ---------------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------------- trainin
 
 
 def test_training_lowers_validation_loss(tokenizer, splits):
@@ -166,7 +176,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tokenizer, 
         model = tiny_model(tokenizer)
         res = train_causal_lm(model, train, val, cfg(max_tokens=12 * BATCH * SEQ, eval_every=5, seed=seed))
         runs.append((model, res))
-    (m0, r0), (m1, r1), (m2, r2) = runs
+    (m0, r0), (m1, r1), (m2, _) = runs
     assert same_weights(m0, m1)
     assert r0.val_history == r1.val_history and r0.final_train_loss == r1.final_train_loss
     assert not same_weights(m0, m2)
@@ -199,8 +209,9 @@ def test_cancel_before_the_first_step(tokenizer, splits):
     train, val = splits
     model = tiny_model(tokenizer)
     seen: list[TrainProgress] = []
-    result = train_causal_lm(model, train, val, cfg(max_seconds=60), should_stop=lambda: True,
-                             on_progress=seen.append)
+    result = train_causal_lm(
+        model, train, val, cfg(max_seconds=60), should_stop=lambda: True, on_progress=seen.append
+    )
     assert result.cancelled and result.steps == 0 and result.tokens == 0
     assert math.isnan(result.final_train_loss) and result.final_val_loss is None
     assert same_weights(model, tiny_model(tokenizer))
@@ -237,8 +248,9 @@ def test_time_budget_is_respected(tokenizer, splits):
     train_causal_lm(tiny_model(tokenizer), train, val, cfg(max_tokens=1, eval_tokens=64))
     seen: list[TrainProgress] = []
     t0 = time.perf_counter()
-    result = train_causal_lm(tiny_model(tokenizer), train, val, cfg(max_seconds=2.0, eval_every=25),
-                             on_progress=seen.append)
+    result = train_causal_lm(
+        tiny_model(tokenizer), train, val, cfg(max_seconds=2.0, eval_every=25), on_progress=seen.append
+    )
     wall = time.perf_counter() - t0
     assert not result.cancelled
     assert result.steps >= 1
@@ -261,8 +273,14 @@ def test_checkpoint_callback(tokenizer, splits):
         model.eval()  # the loop puts it back in train mode
 
     model = tiny_model(tokenizer)
-    result = train_causal_lm(model, train, None, cfg(max_tokens=12 * BATCH * SEQ, eval_every=5), checkpoint=ckpt,
-                             checkpoint_every=5)
+    result = train_causal_lm(
+        model,
+        train,
+        None,
+        cfg(max_tokens=12 * BATCH * SEQ, eval_every=5),
+        checkpoint=ckpt,
+        checkpoint_every=5,
+    )
     assert calls == [(5, True), (10, True)]
     assert result.steps == 12
     # with dropout 0, eval/train mode does not change the maths: the run equals one without checkpoints
@@ -293,7 +311,7 @@ def test_attention_implementation_is_restored(tokenizer, splits):
     assert model.config._attn_implementation == before
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------------------------------- evaluat
 
 
 def test_evaluate_loss_matches_the_models_own_loss(tokenizer, splits):
@@ -309,7 +327,10 @@ def test_evaluate_loss_matches_the_models_own_loss(tokenizer, splits):
     assert model.training  # mode restored
     # two full windows and a short tail, weighted by token count
     ids = val[: 2 * SEQ + 10 + 1]
-    parts = [evaluate_loss(model, ids[a : b + 1], seq_len=SEQ) for a, b in ((0, SEQ), (SEQ, 2 * SEQ), (2 * SEQ, 2 * SEQ + 10))]
+    parts = [
+        evaluate_loss(model, ids[a : b + 1], seq_len=SEQ)
+        for a, b in ((0, SEQ), (SEQ, 2 * SEQ), (2 * SEQ, 2 * SEQ + 10))
+    ]
     expected = (parts[0] * SEQ + parts[1] * SEQ + parts[2] * 10) / (2 * SEQ + 10)
     assert evaluate_loss(model, ids, seq_len=SEQ, batch_size=1) == pytest.approx(expected, rel=1e-5)
     assert evaluate_loss(model, ids, seq_len=SEQ, max_tokens=SEQ) == pytest.approx(parts[0], rel=1e-6)
@@ -329,7 +350,7 @@ def test_evaluate_loss_is_deterministic_and_validates(tokenizer, splits):
         evaluate_loss(model, val, seq_len=0)
 
 
-# ---------------------------------------------------------------------------------------------------- data, models, saving
+# ---------------------------------------------------------------------------------------------------- data, m
 
 
 def test_tokenize_text_matches_whole_string_encoding(tokenizer, text):
