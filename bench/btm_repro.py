@@ -135,7 +135,7 @@ def main() -> None:
         log(f"evaluated {d}")
     cols = TRAIN + HELD_OUT
     print(f"\nTest bits per byte (lower is better); T = {T:,} tokens per family, seed {args.seed}, "
-          f"{'quick' if args.quick else 'full'} mode, {time.time() - t_start:.0f}s\n")
+          f"{'quick' if args.quick else 'small' if args.small else 'full'} mode, {time.time() - t_start:.0f}s\n")
     print("| model | " + " | ".join(cols) + " | in-domain mean | out-of-domain mean |")
     print("|---" * (len(cols) + 3) + "|")
     for name, r in rows.items():
