@@ -55,7 +55,7 @@ class ArtifactStore:
         """Atomically move a staged directory into the store; returns its path relative to the data dir."""
         final = self.experts_dir / f"{expert_id.replace(':', '_')}-{uuid.uuid4().hex[:8]}"
         os.rename(staging, final)
-        _fsync_dir(self.experts_dir)
+        fsync_dir(self.experts_dir)
         return str(final.relative_to(self.root))
 
     def resolve(self, rel_path: str) -> Path:
@@ -76,13 +76,16 @@ class ArtifactStore:
         return [p for p in self.experts_dir.iterdir() if str(p.relative_to(self.root)) not in known]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: some filesystems refuse to fsync a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

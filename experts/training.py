@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
 import torch.nn.functional as F
+
+from experts.store import fsync_dir as _fsync_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GPT2LMHeadModel, PreTrainedModel
@@ -628,6 +631,7 @@ def new_gpt2(
     return model
 
 
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
@@ -639,17 +643,6 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_model_atomic(model: PreTrainedModel, tokenizer: Any, out_dir: Path) -> None:
