@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-
 import torch.nn.functional as F
 
 from experts.store import fsync_dir as _fsync_dir
