@@ -1,4 +1,5 @@
-"""`mergegate` command line: serve the gateway, or build the demo repository and serve it."""
+"""`mergegate` command line: serve the gateway, build the demo repository and serve it, run BTM operations
+(`btm`) or a black-box merge search against a provider (`search`)."""
 
 from __future__ import annotations
 
@@ -74,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     common(p)
     p.add_argument("--quick", action="store_true", help="tiny models, a few seconds of training (for tests)")
     p.set_defaults(fn=cmd_demo)
-    from app import cli_btm
+    from app import cli_btm, cli_search
 
     cli_btm.add_parser(sub)
+    cli_search.add_parser(sub)
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -22,12 +22,13 @@ from app.middleware import GatewayMiddleware
 from app.routers import (admin_btm, admin_experts, admin_jobs, admin_merges, admin_remote, completions, health,
                          model_list)
 from app.routers import merge_sessions
-from app.routers import admin_blackbox
+from app.routers import admin_blackbox, admin_searches
 from app.services.admin import AdminService
 from app.services.blackbox import BlackBoxService
 from app.services.completions import CompletionService
 from app.services.btm import BTMService
 from app.services.merges import MergeService
+from app.services.searches import SearchService
 from app.services.merge_sessions import MergeSessionService
 from app.services.proxy import ProxyService
 from app.services.remote_admin import RemoteAdminService
@@ -99,6 +100,7 @@ def build_remote(app: FastAPI, settings: Settings, http: httpx.AsyncClient) -> N
     runtime = RemoteRuntime(http, SecretStore(settings.data_dir / "secrets"))
     app.state.remote_admin = RemoteAdminService(app.state.repo, runtime)
     app.state.remote_admin.install()
+    app.state.searches = SearchService(app.state.admin, app.state.merge_sessions.manager, app.state.remote_admin)
     app.state.completions.proxy = ProxyService(app.state.repo, app.state.metrics)
     metrics: Metrics = app.state.metrics
 
@@ -145,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               merge_sessions.admin_router):
         app.include_router(r)
     app.include_router(admin_blackbox.router)
+    app.include_router(admin_searches.router)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)
     return app

@@ -44,8 +44,10 @@ class JobContext:
         if self._cancel.is_set():
             raise JobCancelledError(f"job {self.job_id} was cancelled")
 
-    def progress(self, fraction: float, message: str | None = None, *, force: bool = False) -> None:
-        """Record progress (throttled writes); raises JobCancelledError if the job was cancelled."""
+    def progress(self, fraction: float, message: str | None = None, *, force: bool = False,
+                 detail: dict[str, Any] | None = None) -> None:
+        """Record progress (throttled writes) and, optionally, the job's live `detail` (JSON);
+        raises JobCancelledError if the job was cancelled."""
         self.check_cancelled()
         now = time.monotonic()
         if force or now - self._last_write >= PROGRESS_WRITE_INTERVAL_S:
@@ -53,6 +55,8 @@ class JobContext:
             values: dict[str, Any] = {"progress": min(max(float(fraction), 0.0), 1.0)}
             if message is not None:
                 values["message"] = message
+            if detail is not None:
+                values["detail"] = detail
             self._service.registry.update_job(self.job_id, only_if_status=["running"], **values)
 
 

@@ -555,8 +555,10 @@ class MergeSessionManager:
 
     # -- materialize --------------------------------------------------------------------------
     def materialize(self, session_id: str, alpha: Sequence[float], beta: Sequence[float], name: str, *,
-                    tags: Sequence[str] = (), domain: str | None = None) -> ExpertRecord:
-        """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe (no query counted)."""
+                    tags: Sequence[str] = (), domain: str | None = None,
+                    extra_lineage: Mapping[str, Any] | None = None) -> ExpertRecord:
+        """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe (no query counted);
+        its lineage (recipe, session, `extra_lineage`) is written with the record, in one step."""
         from experts.merges import MergeRunner
         from merging.recipe import load_recipe
 
@@ -564,7 +566,6 @@ class MergeSessionManager:
         a, b = s.check_vectors(alpha, beta)
         experts = [{"id": e, "alpha": x, "beta": y} for e, x, y in zip(s.experts, a, b, strict=True)]
         recipe = load_recipe({"method": "evo", "base": s.base, "experts": experts})
-        record = MergeRunner(self.repo).run(recipe, name, tags=list(tags), domain=domain)
-        lineage = {**(record.lineage or {}),
-                   "session": {"id": s.id, "queries_used": s.used, "validation": s.validation.describe()}}
-        return self.repo.registry.update_expert(name, lineage=lineage)
+        extra = {"session": {"id": s.id, "queries_used": s.used, "validation": s.validation.describe()},
+                 **(extra_lineage or {})}
+        return MergeRunner(self.repo).run(recipe, name, tags=list(tags), domain=domain, extra_lineage=extra)

@@ -82,12 +82,15 @@ class MergeRunner:
         return next(iter(bases))
 
     def run(self, recipe: MergeRecipe, output_id: str, *, tags: list[str] | None = None,
-            domain: str | None = None, progress: Progress | None = None) -> ExpertRecord:
+            domain: str | None = None, progress: Progress | None = None,
+            extra_lineage: dict[str, Any] | None = None) -> ExpertRecord:
+        """Merge and register `output_id`; its lineage is the recipe plus `extra_lineage` (one write)."""
         self.preflight(recipe, output_id)
         records, sources = self._resolve(recipe)
         lora_base = self._check_lora_bases({i: records[i] for i in recipe.expert_ids})
         if lora_base is not None:
-            return self._run_lora(recipe, output_id, records, sources, lora_base, tags, domain, progress)
+            return self._run_lora(recipe, output_id, records, sources, lora_base, tags, domain, progress,
+                                  extra_lineage or {})
         ref_id = recipe.base if recipe.base is not None and recipe.merge_method.uses_base(recipe.base) \
             else recipe.expert_ids[0]
         staging = self.repo.store.new_staging()
@@ -99,7 +102,7 @@ class MergeRunner:
             raise
         weights = {e.id: p.get("weight", p.get("beta")) for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
         lineage = {"op": "merge", "parents": [{"id": i, "weight": weights.get(i)} for i in recipe.expert_ids],
-                   "base": recipe.base, "recipe": recipe.model_dump(mode="json")}
+                   "base": recipe.base, "recipe": recipe.model_dump(mode="json"), **(extra_lineage or {})}
         if progress:
             progress(0.99, "registering")
         return self.repo.register_staged(output_id, staging, tags=tags, domain=domain, lineage=lineage,
@@ -107,7 +110,7 @@ class MergeRunner:
 
     def _run_lora(self, recipe: MergeRecipe, output_id: str, records: dict[str, ExpertRecord],
                   sources: dict[str, TensorSource], base: str, tags: list[str] | None, domain: str | None,
-                  progress: Progress | None) -> ExpertRecord:
+                  progress: Progress | None, extra_lineage: dict[str, Any]) -> ExpertRecord:
         """Adapters are small: merge module by module in memory, write one adapter file."""
         first = self.repo.artifact_dir(records[recipe.expert_ids[0]])
         staging = self.repo.store.new_staging()
@@ -129,7 +132,7 @@ class MergeRunner:
             raise
         lineage = {"op": "merge", "parents": [{"id": e.id, "weight": p.get("weight", p.get("beta"))}
                                               for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)],
-                   "base": base, "recipe": recipe.model_dump(mode="json")}
+                   "base": base, "recipe": recipe.model_dump(mode="json"), **extra_lineage}
         return self.repo.register_adapter(output_id, staging, base=base, tags=tags, domain=domain, lineage=lineage)
 
     @staticmethod

@@ -60,6 +60,7 @@ jobs_table = sa.Table(
     sa.Column("started_at", sa.Float),
     sa.Column("finished_at", sa.Float),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("detail", sa.JSON),  # live, kind-specific progress (a search's best so far, its loss series)
 )
 
 
@@ -67,7 +68,13 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[experts_table, jobs_table])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+def _v2(conn: Connection) -> None:
+    """jobs.detail (a v1 database created by an older gateway lacks it; a new one has it from _v1)."""
+    if "detail" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN detail JSON"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -110,6 +117,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float = 0.0
+    detail: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

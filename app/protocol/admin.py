@@ -72,6 +72,9 @@ class JobView(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float
+    detail: dict[str, Any] | None = Field(None, description="Live progress details of some job kinds (a "
+                                          "search: queries used, stage, best loss and coefficients so far, "
+                                          "the loss-vs-queries series)")
 
 
 class JobList(BaseModel):

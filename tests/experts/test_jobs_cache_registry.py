@@ -128,3 +128,26 @@ def test_registry_schema_version_wal_and_migration_idempotent(registry, tmp_path
     again = Registry(registry.url)
     assert again.get_expert("e1").tags == ["a"] and again.get_expert("e1").spec == {"url": "x"}
     again.close()
+
+
+def test_a_v1_database_is_migrated_to_jobs_with_detail(tmp_path):
+    """A registry written by a v1 gateway (no jobs.detail) keeps its rows and gains the column."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.execute(sa.text("CREATE TABLE schema_info (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"))
+        c.execute(sa.text("INSERT INTO schema_info VALUES (1, 1)"))
+        c.execute(sa.text("CREATE TABLE jobs (id VARCHAR(64) PRIMARY KEY, kind VARCHAR(64) NOT NULL, params JSON "
+                          "NOT NULL, status VARCHAR(16) NOT NULL, progress FLOAT NOT NULL, message TEXT, result JSON, "
+                          "error TEXT, owner VARCHAR(64), created_at FLOAT NOT NULL, started_at FLOAT, finished_at "
+                          "FLOAT, updated_at FLOAT NOT NULL)"))
+        c.execute(sa.text("INSERT INTO jobs (id, kind, params, status, progress, created_at, updated_at) "
+                          "VALUES ('j1', 'merge', '{}', 'succeeded', 1.0, 1.0, 1.0)"))
+    engine.dispose()
+    reg = Registry(url)
+    assert reg.migrate() == 1
+    assert reg.get_job("j1").detail is None and reg.get_job("j1").status == "succeeded"
+    assert reg.update_job("j1", detail={"queries_used": 3})
+    assert reg.get_job("j1").detail == {"queries_used": 3}
+    assert reg.migrate() == SCHEMA_VERSION
+    reg.close()

@@ -1,0 +1,120 @@
+"""`mergegate search ...`: an Evo-Merging (or LoraHub) search against a merge-session provider by URL.
+
+The client side only: coefficients go out, losses come back, no weights are held here. Arguments are
+checked by the same model as `POST /admin/searches`. Progress goes to stderr, the result (JSON) to
+stdout or `--out`. With `--name` the provider registers the winner (its `materialize`).
+
+    MERGEGATE_PROVIDER_KEY=... mergegate search --url http://127.0.0.1:8000 --base pool-base \\
+        --pool-tag pool --task dictionary_word --seed 42 --name evo-dictionary-word
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run an Evo-Merging search against a merge-session provider (URL)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", required=True, help="the provider's root URL (without /v1)")
+    p.add_argument("--api-key-env", default="MERGEGATE_PROVIDER_KEY",
+                   help="environment variable holding the provider's client key (default MERGEGATE_PROVIDER_KEY)")
+    p.add_argument("--base", required=True, help="the base expert on the provider")
+    pool = p.add_mutually_exclusive_group(required=True)
+    pool.add_argument("--pool", help="comma-separated adapter ids, in order")
+    pool.add_argument("--pool-tag", action="append", help="select every adapter on the base with this tag")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--task", help="a task made from the provider's corpora, e.g. dictionary_word")
+    data.add_argument("--corpus", help="a corpus registered on the provider")
+    data.add_argument("--examples", type=Path, help="a JSONL file of {prompt, completion} or {text} lines")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--max-tokens-per-example", type=int, default=128)
+    p.add_argument("--method", default="evo_merging", choices=["evo_merging", "lorahub"])
+    p.add_argument("--seed", type=int, default=42)
+    for name, default in (("budget-stage1", 400), ("budget-stage2", 800), ("budget", 40), ("popsize", 20),
+                          ("early-stop", None)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default in (("sigma0", 0.05), ("l1", 0.05)):
+        p.add_argument(f"--{name}", type=float, default=default)
+    for flag in ("denoise", "scale", "negative"):
+        p.add_argument(f"--no-{flag}", dest=flag, action="store_false", help=f"ablation: {flag} off")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP exchange")
+    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--name", help="register the winner on the provider under this id")
+    p.add_argument("--tags", default="", help="comma-separated tags of the registered winner")
+    p.add_argument("--out", type=Path, help="write the result JSON here (default: stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(fn=cmd_search)
+
+
+def _request(args: argparse.Namespace) -> Any:
+    from app.protocol.searches import SearchRequest
+
+    if args.examples is not None:
+        lines = args.examples.read_text(encoding="utf-8").splitlines()
+        validation: dict[str, Any] = {"examples": [json.loads(x) for x in lines if x.strip()]}
+    else:
+        validation = {"task": args.task} if args.task else {"corpus": args.corpus}
+        validation["split"] = args.split
+    if args.max_examples is not None:
+        validation["max_examples"] = args.max_examples
+    body = {"provider": {"url": args.url, "timeout_s": args.timeout, "retries": args.retries},
+            "base": args.base, "pool": args.pool.split(",") if args.pool else {"tags": args.pool_tag},
+            "validation": validation, "loss": {"max_tokens_per_example": args.max_tokens_per_example},
+            "method": args.method, "seed": args.seed, "budget_stage1": args.budget_stage1,
+            "budget_stage2": args.budget_stage2, "budget": args.budget, "popsize": args.popsize,
+            "sigma0": args.sigma0, "l1": args.l1, "early_stop": args.early_stop, "denoise": args.denoise,
+            "scale": args.scale, "negative": args.negative, "name": args.name,
+            "tags": [t for t in args.tags.split(",") if t]}
+    return SearchRequest.model_validate(body)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from app.services.searches import SPEC_FIELDS
+    from experts.search_client import EvaluationError
+    from experts.search_jobs import HttpProvider, Progress, SearchSpec, run_search
+
+    try:
+        req = _request(args)
+    except (ValidationError, ValueError, OSError) as e:
+        sys.exit(f"mergegate search: {e}")
+    key = os.environ.get(args.api_key_env) or None
+    provider = HttpProvider(str(req.provider.url), key, timeout=req.provider.timeout_s, retries=req.provider.retries)
+    spec = SearchSpec(session=req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True),
+                      **{k: getattr(req, k) for k in SPEC_FIELDS})
+    shown = [0.0]
+
+    def report(p: Progress, force: bool) -> None:
+        now = time.monotonic()
+        if not args.quiet and (force or now - shown[0] >= 2.0 or p.queries == p.total):
+            shown[0] = now
+            print(p.message(), file=sys.stderr, flush=True)
+
+    try:
+        result, view = run_search(provider, spec, on_progress=report)
+        try:
+            out: dict[str, Any] = {"search": {**result.to_dict(), "provider": provider.url,
+                                              "session": {"id": view.get("id"), "experts": view.get("experts")}}}
+            out["search"].pop("history")
+            if req.name:
+                made = provider.materialize(str(view["id"]), result.alpha, result.beta, req.name, tags=req.tags,
+                                            domain=req.domain)
+                out["expert"] = made.get("id", req.name)
+        finally:
+            provider.close(str(view.get("id")))
+    except EvaluationError as e:
+        sys.exit(f"mergegate search: {e}")
+    text = json.dumps(out, indent=2)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)

@@ -1,0 +1,40 @@
+"""/admin/searches: black-box merge searches (Evo-Merging, LoraHub) as jobs."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from app.deps import require_admin
+from app.protocol.admin import ExpertView, JobView
+from app.protocol.common import error_responses
+from app.protocol.searches import SearchRequest
+from app.services.searches import SearchService
+
+router = APIRouter(prefix="/admin/searches", tags=["admin: searches"], dependencies=[Depends(require_admin)])
+
+
+async def _svc(request: Request) -> SearchService:
+    return request.app.state.searches
+
+
+@router.post("", status_code=202,
+             responses={**error_responses(400, 401, 403, 404, 409),
+                        202: {"model": JobView, "description": "The search job (background=true)"},
+                        201: {"model": ExpertView, "description": "The registered winner (background=false, "
+                              "with a name)"}},
+             summary="Run an Evo-Merging (or LoraHub) search as a job; register the winner")
+async def start_search(body: SearchRequest, svc: SearchService = Depends(_svc),
+                       background: bool = Query(True, description="false: wait for the search to finish")):
+    """The provider is this gateway (default) or any server with the merge-sessions contract
+    (`provider.url`, `provider.api_key`): only coefficients go out and only losses come back.
+
+    Follow the job at `GET /admin/jobs/{id}` or `GET /admin/jobs/{id}/events` (SSE): `detail` holds the
+    stage, queries used, best loss and coefficients so far and the loss-vs-queries series. Cancel with
+    `POST /admin/jobs/{id}/cancel` (nothing is registered). The result holds alpha, beta, the loss, the
+    queries and the settings; with `name` the winner is registered (its lineage holds all of it). The same
+    request and seed give the same result."""
+    status, payload = await svc.start(body, background)
+    return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
