@@ -7,7 +7,8 @@ provider. No weights, no I/O here.
 Modules: :mod:`~merging.search.result` (Evaluator, Trial, SearchResult),
 :mod:`~merging.search.optimizers` (the nevergrad parametrisations, and why),
 :mod:`~merging.search.runner` (ask/evaluate/tell, budgets, stopping, incumbent),
-:mod:`~merging.search.algorithms` (:func:`evo_merging`, :func:`lorahub`).
+:mod:`~merging.search.algorithms` (:func:`evo_merging`, :func:`lorahub`),
+:mod:`~merging.search.weights` (:func:`weight_search`: ensemble weights in [0, 1]^N).
 
 Example::
 
@@ -17,6 +18,7 @@ Example::
 
 from merging.search.algorithms import SearchSettingsError, evo_merging, lorahub
 from merging.search.result import Evaluator, HistoryPoint, SearchResult, StageResult, Trial
+from merging.search.weights import weight_search
 
 __all__ = [
     "Evaluator",
@@ -27,4 +29,5 @@ __all__ = [
     "Trial",
     "evo_merging",
     "lorahub",
+    "weight_search",
 ]

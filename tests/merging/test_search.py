@@ -84,6 +84,16 @@ def test_lorahub_ngopt_finds_a_per_adapter_quadratic_optimum() -> None:
     assert isinstance(r.settings["stages"]["lorahub"]["selected"], str)  # NGOpt's pick (1.0.12: Cobyla)
 
 
+def test_lorahub_at_a_large_budget_runs_where_ngopt_picks_a_metamodel() -> None:
+    """NGOpt picks a MetaModel at these budgets; with numpy >= 2.4 nevergrad 1.0.12 crashes there
+    (float() of a 1-element array), hence the numpy pin in pyproject.toml."""
+    b_star = np.array([0.5, -0.4, 0.2, 0.8, -0.6])
+    q = Quadratic(a_star=np.ones(5), b_star=b_star)
+    r = lorahub(q, 5, budget=400, seed=0)
+    assert r.queries == 400 and "MetaModel" in r.settings["stages"]["lorahub"]["selected"]
+    np.testing.assert_allclose(r.beta, soft(b_star, L1 / 10), atol=0.05)
+
+
 def test_first_generation_has_the_intended_spread() -> None:
     """sigma0 = 0.05 in value units: full spread from the interior start of stage 2, and pycma's
     own fold at the bound for stage 1 (x0 = 1 on alpha's upper bound)."""
