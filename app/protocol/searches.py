@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator, model_validator
 
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
 
@@ -83,11 +83,54 @@ class SearchRequest(BaseModel):
         return self
 
 
-class SearchView(BaseModel):
-    """The job created for a search (follow it at /admin/jobs/{id} or /admin/jobs/{id}/events)."""
+class EnsembleSearchRequest(BaseModel):
+    """Search the weights of a black-box ensemble (`mode` score_select or token_mix) through API calls only.
 
-    id: str
-    object: str = "job"
-    kind: str
-    status: str
-    params: dict
+    Every member is called once per validation example (token_mix: the reference's log-probabilities;
+    score_select: each candidate member generates an answer, every member scores every answer and the
+    reference); then a nevergrad search over weights in [0, 1]^N (normalised to sum 1) minimises the
+    objective with no further calls. token_mix objective `loss`: per-token cross-entropy of the
+    mixture. score_select: `accuracy` (1 - exact match of the selected answer), `f1` (1 - token F1) or
+    `loss` (cross-entropy of picking the reference among the answers, with the ensemble's scores).
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "method": "ensemble_weights", "ensemble": "duo",
+        "validation": {"task": "dictionary_define", "max_examples": 16}, "objective": "f1", "budget": 100}]})
+
+    method: Literal["ensemble_weights"]
+    ensemble: str = Field(..., description="A black-box ensemble expert (POST /admin/ensembles)")
+    validation: ValidationIn = Field(..., description="Inline examples ({prompt, completion}; {text} for "
+                                     "token_mix) or a task; corpora are not supported here")
+    objective: Literal["loss", "accuracy", "f1"] | None = Field(
+        None, description="Default: loss for token_mix, accuracy for score_select")
+    optimizer: str = Field("CMA", description="CMA (CMA-ES) or a nevergrad optimizer name, e.g. NGOpt")
+    budget: int = Field(100, ge=1, le=MAX_QUERIES, description="Objective evaluations (no API calls)")
+    popsize: int = Field(10, ge=2, le=1000)
+    sigma0: float = Field(0.1, gt=0, le=1)
+    l1: float = Field(0.0, ge=0, le=100)
+    seed: int | None = 42
+    start: Literal["uniform", "current"] = "uniform"
+    early_stop: int | None = Field(None, ge=1)
+    max_tokens: int = Field(32, ge=1, le=4096, description="score_select: length of each member's answer")
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    apply: Literal["if_better", "always", "never"] = Field(
+        "if_better", description="Save the weights found on the ensemble: only if they beat its current "
+        "weights on the objective (default), always, or never")
+
+    @model_validator(mode="after")
+    def _no_corpus(self) -> EnsembleSearchRequest:
+        if self.validation.corpus is not None:
+            raise ValueError("ensemble searches take inline examples or a task, not a corpus")
+        return self
+
+
+def _search_kind(v: Any) -> str:
+    method = v.get("method") if isinstance(v, dict) else getattr(v, "method", None)
+    return "ensemble" if method == "ensemble_weights" else "merge"
+
+
+AnySearchRequest = Annotated[
+    Annotated[SearchRequest, Tag("merge")] | Annotated[EnsembleSearchRequest, Tag("ensemble")],
+    Discriminator(_search_kind),
+]

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from app.deps import require_admin
 from app.protocol.admin import ExpertView, JobView
 from app.protocol.common import error_responses
-from app.protocol.searches import SearchRequest
+from app.protocol.searches import AnySearchRequest
 from app.services.searches import SearchService
 
 router = APIRouter(prefix="/admin/searches", tags=["admin: searches"], dependencies=[Depends(require_admin)])
@@ -25,8 +25,8 @@ async def _svc(request: Request) -> SearchService:
                         202: {"model": JobView, "description": "The search job (background=true)"},
                         201: {"model": ExpertView, "description": "The registered winner (background=false, "
                               "with a name)"}},
-             summary="Run an Evo-Merging (or LoraHub) search as a job; register the winner")
-async def start_search(body: SearchRequest, svc: SearchService = Depends(_svc),
+             summary="Run a search as a job: Evo-Merging / LoraHub merge coefficients, or ensemble weights")
+async def start_search(body: AnySearchRequest, svc: SearchService = Depends(_svc),
                        background: bool = Query(True, description="false: wait for the search to finish")):
     """The provider is this gateway (default) or any server with the merge-sessions contract
     (`provider.url`, `provider.api_key`): only coefficients go out and only losses come back.
@@ -35,6 +35,10 @@ async def start_search(body: SearchRequest, svc: SearchService = Depends(_svc),
     stage, queries used, best loss and coefficients so far and the loss-vs-queries series. Cancel with
     `POST /admin/jobs/{id}/cancel` (nothing is registered). The result holds alpha, beta, the loss, the
     queries and the settings; with `name` the winner is registered (its lineage holds all of it). The same
-    request and seed give the same result."""
+    request and seed give the same result.
+
+    `"method": "ensemble_weights"` searches the weights of a black-box ensemble instead: every member is
+    called once per validation example, then the weights are searched on those numbers alone and saved on
+    the ensemble if they beat its current ones (`apply`)."""
     status, payload = await svc.start(body, background)
     return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)

@@ -14,11 +14,12 @@ registered rolls the local registration back; the job ends `cancelled`, nothing 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from anyio.to_thread import run_sync
 
-from app.protocol.searches import SearchRequest
+from app.protocol.searches import EnsembleSearchRequest, SearchRequest
 from app.services.admin import AdminService
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.jobs import JobContext
@@ -63,7 +64,11 @@ class SearchService:
         key = p.api_key.get_secret_value() if p.api_key is not None else None
         return HttpProvider(p.url, key, timeout=p.timeout_s, retries=p.retries)
 
-    async def start(self, req: SearchRequest, background: bool) -> tuple[int, dict[str, Any]]:
+    async def start(self, req: SearchRequest | EnsembleSearchRequest, background: bool) -> tuple[int, dict[str, Any]]:
+        if isinstance(req, EnsembleSearchRequest):
+            from app.services.ensemble_search import start_ensemble_search
+
+            return await start_ensemble_search(self, req, asyncio.get_running_loop(), background)
         await run_sync(self._precheck, req)
         session_body = req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True)
         spec = SearchSpec(session=session_body, **{k: getattr(req, k) for k in SPEC_FIELDS})

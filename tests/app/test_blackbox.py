@@ -378,3 +378,60 @@ def test_a_member_that_is_down(gateway, ensembles, client):
     assert "bb-dead" in envelope(r, 503)["message"]
     for i in ("bb-dead-select", "bb-dead-mix", "bb-dead"):
         assert admin(gateway, "DELETE", f"/admin/experts/{i}").status_code == 200
+
+
+# -- weight searches (POST /admin/searches, method ensemble_weights) -------------------------------------------
+WS_EXAMPLES = [{"prompt": "The quick brown", "completion": " fox jumps"},
+               {"prompt": "def add(a, b):", "completion": " return a + b"},
+               {"text": "Lists are mutable sequences."}]
+
+
+def _search(gateway: Gateway, body: dict) -> dict:
+    r = admin(gateway, "POST", "/admin/searches", json={"method": "ensemble_weights", **body})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    for _ in range(1200):
+        job = admin(gateway, "GET", f"/admin/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        import time
+        time.sleep(0.1)
+    raise AssertionError("search did not finish")
+
+
+def test_weight_search_through_api_calls_only(gateway, ensembles):
+    ensemble(gateway, {"id": "bb-ws-mix", "mode": "token_mix", "members": ["bb-up", "tiny"], "weights": [0.9, 0.1]})
+    body = {"ensemble": "bb-ws-mix", "validation": {"examples": WS_EXAMPLES}, "budget": 30, "seed": 3}
+    never = _search(gateway, {**body, "apply": "never"})
+    assert never["status"] == "succeeded", never
+    res = never["result"]
+    assert res["calls"] == 2 * len(WS_EXAMPLES)  # one echo call per member and example, nothing after
+    assert res["objective"] == "loss" and set(res["weights"]) == {"bb-up", "tiny"}
+    assert sum(res["weights"].values()) == pytest.approx(1.0)
+    assert res["improved"] == (res["loss"] < res["baseline_loss"]["current"]) and not res["applied"]
+    assert never["detail"]["queries_used"] == 30 and len(never["detail"]["series"]["loss"]) == 30
+    spec = admin(gateway, "GET", "/admin/experts/bb-ws-mix").json()["spec"]
+    assert [m["weight"] for m in spec["members"]] == pytest.approx([0.9, 0.1])  # apply=never: unchanged
+    again = _search(gateway, body)  # if_better (default): same seed, same weights; saved when better
+    assert again["result"]["weights"] == res["weights"] and again["result"]["loss"] == res["loss"]
+    assert again["result"]["applied"] == again["result"]["improved"]
+    spec = admin(gateway, "GET", "/admin/experts/bb-ws-mix").json()["spec"]
+    saved = [m["weight"] for m in spec["members"]]
+    expected = [res["weights"]["bb-up"], res["weights"]["tiny"]] if again["result"]["applied"] else [0.9, 0.1]
+    assert saved == pytest.approx(expected, abs=1e-9)
+
+
+def test_weight_search_score_select_and_refusals(gateway, ensembles):
+    job = _search(gateway, {"ensemble": "bb-select", "validation": {"examples": WS_EXAMPLES[:2]}, "objective": "f1",
+                            "budget": 12, "max_tokens": 4, "apply": "never"})
+    assert job["status"] == "succeeded", job
+    assert job["result"]["objective"] == "f1" and 0 <= job["result"]["loss"] <= 1
+    before = len(admin(gateway, "GET", "/admin/jobs", params={"limit": 1000}).json()["data"])
+    for body, status in (({"ensemble": "nope"}, 404), ({"ensemble": "tiny"}, 400),
+                         ({"ensemble": "bb-mix-half", "objective": "accuracy"}, 400),
+                         ({"ensemble": "bb-mix-half", "validation": {"corpus": "code"}}, 400),
+                         ({"ensemble": "bb-mix-half", "budget": 0}, 400)):
+        full = {"method": "ensemble_weights", "validation": {"examples": WS_EXAMPLES}, **body}
+        r = admin(gateway, "POST", "/admin/searches", json=full)
+        assert r.status_code == status, (body, r.text)
+    assert len(admin(gateway, "GET", "/admin/jobs", params={"limit": 1000}).json()["data"]) == before
