@@ -18,7 +18,7 @@ the same run (the larger of memcpy read+write and a read-only sum/GEMV). Times a
 (and best) over the candidates; ratios use medians. On a shared machine, ``--threads 1``
 gives steadier numbers (OpenMP regions stall when another process holds the other core).
 
-    .venv/bin/python bench/merge.py [--quick] [--threads T] [--candidates K]
+    .venv/bin/python bench/merge.py [--quick] [--threads T] [--candidates K] [--case all|full|lora]
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller models and fewer candidates")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--candidates", type=int, default=None, help="candidates timed per path")
+    ap.add_argument("--case", choices=("all", "full", "lora"), default="all", help="which case(s) to run")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,7 +212,8 @@ def main() -> None:
         f"{copy_bw / 1e9:.1f} GB/s (read+write), read {read_bw / 1e9:.1f} GB/s; "
         f"floor uses {bw / 1e9:.1f} GB/s"
     )
-    rows = [full_case(args.quick, k, rng), lora_case(args.quick, k, rng)]
+    cases = {"full": full_case, "lora": lora_case}
+    rows = [fn(args.quick, k, rng) for name, fn in cases.items() if args.case in ("all", name)]
     head = (
         f"{'case':<50} {'path':<28} {'ms/cand':>9} {'best ms':>8} {'cand/s':>8} {'vs re-merge':>12} "
         f"{'x floor':>8}"

@@ -3,7 +3,10 @@
 A :class:`Block` lays the tensors ("segments") of N experts side by side: ``values`` (N, P)
 float32, an optional ``base`` (P,), per-expert magnitudes sorted ascending per segment
 (``sorted_mags``, same layout) so that the S_k threshold is a lookup, and precomputed chunk
-views so that a candidate does no per-call slicing of the stacks.
+views so that a candidate does no per-call slicing of the stacks. A "packed" block of small
+tensors is ordered by size and carries a :class:`merging.evo_sorted.SortedLayout` instead.
+:func:`gemv_runs` packs runs of small segments for the plain GEMV paths (one long stream
+instead of many short ones).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from merging.errors import IncompatibleExpertsError
+from merging.evo_sorted import SortedLayout, build_sorted
 
 __all__ = [
     "Block",
@@ -29,7 +33,10 @@ __all__ = [
     "shrink_lambdas",
     "shrink_rows",
     "sorted_abs",
+    "write_back",
 ]
+
+_PACK = 1 << 16  # segments smaller than this share GEMV runs (see Block.runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +65,24 @@ class Block:
     masked_chunks: list[list[list[Tensor]]] = field(default_factory=list)
     numels: Tensor | None = None  # (T,) float64 segment sizes
     offsets: Tensor | None = None  # (T,) int64 segment offsets
+    packed: SortedLayout | None = None  # small tensors sorted by size (EvoPlan._packed_block)
+    group_out: list[Tensor] = field(default_factory=list)  # packed: out view per size group
+    short: list[tuple[Segment, Tensor]] = field(default_factory=list)  # in packed GEMV runs, + out view
+    views: list[tuple[Segment, Tensor]] = field(default_factory=list)  # every segment + its out view
+    runs: list[tuple[int, int, int | None]] = field(default_factory=list)  # GEMV runs (lo, hi, segment)
 
     def build_views(self, chunk: int) -> None:
-        """Precompute chunk views once, so a candidate does no per-call slicing of the stacks."""
+        """Precompute views once, so a candidate does no per-call slicing of the stacks."""
         n = self.values.shape[0]
         self.chunks = []
+        self.runs = gemv_runs(self.segments)
+        self.views = [(s, self.out[s.off : s.off + s.numel].view(s.shape)) for s in self.segments]
+        self.short = [(s, v) for s, v in self.views if s.numel < _PACK]
+        self.numels = torch.tensor([s.numel for s in self.segments], dtype=torch.float64)
+        self.offsets = torch.tensor([s.off for s in self.segments], dtype=torch.int64)
+        if self.packed is not None:
+            self.group_out = [self.out[off : off + k * m] for k, m, off in self.packed.groups]
+            return
         for seg in self.segments:
             spans = [(lo, min(seg.numel, lo + chunk)) for lo in range(0, seg.numel, chunk)]
             self.chunks.append(
@@ -76,8 +96,6 @@ class Block:
                     for lo, hi in spans
                 ]
             )
-        self.numels = torch.tensor([s.numel for s in self.segments], dtype=torch.float64)
-        self.offsets = torch.tensor([s.off for s in self.segments], dtype=torch.int64)
 
     def ensure_masked(self) -> list[list[list[Tensor]]]:
         """Allocate the cached masked stack (and its chunk views) on first use."""
@@ -86,9 +104,24 @@ class Block:
             n = self.values.shape[0]
             self.masked_chunks = [
                 [[self.masked[i, seg.off + lo : seg.off + hi] for i in range(n)] for lo, hi, _, _ in chunks]
-                for seg, chunks in zip(self.segments, self.chunks, strict=True)
+                for seg, chunks in zip(self.segments, self.chunks, strict=False)  # no chunks if packed
             ]
         return self.masked_chunks
+
+
+def gemv_runs(segments: Sequence[Segment]) -> list[tuple[int, int, int | None]]:
+    """GEMV runs over the P axis: (lo, hi, j) for a segment j of >= _PACK entries (written
+    straight into its target), (lo, hi, None) for a run of consecutive smaller ones (one GEMV
+    into the plan's buffer, then copied: a long stream instead of many short ones)."""
+    runs: list[tuple[int, int, int | None]] = []
+    for j, seg in enumerate(segments):
+        if seg.numel >= _PACK:
+            runs.append((seg.off, seg.off + seg.numel, j))
+        elif runs and runs[-1][2] is None and runs[-1][1] == seg.off:
+            runs[-1] = (runs[-1][0], seg.off + seg.numel, None)
+        else:
+            runs.append((seg.off, seg.off + seg.numel, None))
+    return runs
 
 
 def hardshrink(src: Tensor, lam: float | None, out: Tensor) -> Tensor:
@@ -98,7 +131,7 @@ def hardshrink(src: Tensor, lam: float | None, out: Tensor) -> Tensor:
     """
     if lam is None:
         return src
-    result: Tensor = torch.ops.aten.hardshrink.out(src, lam, out=out)
+    result: Tensor = torch.hardshrink(src, lam, out=out)
     return result
 
 
@@ -163,6 +196,21 @@ def finish(seg: Segment, dest: Tensor, direct: bool, targets: Mapping[str, Tenso
         t.copy_(dest.view(seg.shape))
 
 
+def write_back(segments: Iterable[tuple[Segment, Tensor]], targets: Mapping[str, Tensor]) -> None:
+    """Copy (segment, view of the plan's buffer) pairs into their targets, unless a target is
+    that very view (targets from ``EvoPlan.allocate_targets``)."""
+    for seg, src in segments:
+        t = targets.get(seg.name)
+        if t is None:
+            continue
+        if t.shape != seg.shape:
+            raise IncompatibleExpertsError(
+                f"target {seg.name!r} has shape {list(t.shape)}, expected {list(seg.shape)}"
+            )
+        if not (t.data_ptr() == src.data_ptr() and t.dtype == src.dtype and t.stride() == src.stride()):
+            t.copy_(src)
+
+
 def shrink_lambdas(block: Block, alpha: tuple[float, ...]) -> list[list[float | None]]:
     """Per expert and segment: hardshrink lambda just below S_alpha's threshold (None: keep all).
 
@@ -188,16 +236,26 @@ def shrink_lambdas(block: Block, alpha: tuple[float, ...]) -> list[list[float | 
 
 
 def make_block(
-    entries: Mapping[str, list[Tensor]], bases: Mapping[str, Tensor], *, sparse: bool, device: torch.device
+    entries: Mapping[str, list[Tensor]],
+    bases: Mapping[str, Tensor],
+    *,
+    sparse: bool,
+    device: torch.device,
+    packed: bool = False,
 ) -> Block:
-    """Stack entries (name -> N float32 tensors) side by side; sort magnitudes when ``sparse``."""
+    """Stack entries (name -> N float32 tensors) side by side; sort magnitudes when ``sparse``.
+
+    ``packed``: a block of small sparse tensors, ordered by size (stable), with a
+    :class:`merging.evo_sorted.SortedLayout` instead of per-segment sorted magnitudes.
+    """
     n = len(next(iter(entries.values()))) if entries else 0
+    items = sorted(entries.items(), key=lambda kv: kv[1][0].numel()) if packed else list(entries.items())
     segments, off = [], 0
-    for name, ts in entries.items():
+    for name, ts in items:
         segments.append(Segment(name, ts[0].shape, off, ts[0].numel()))
         off += ts[0].numel()
     values = torch.empty((n, off), dtype=torch.float32, device=device)  # (N, P)
-    mags = torch.empty((n, off), dtype=torch.float32, device=device) if sparse else None
+    mags = torch.empty((n, off), dtype=torch.float32, device=device) if sparse and not packed else None
     base = torch.empty(off, dtype=torch.float32, device=device) if bases else None
     for seg in segments:
         sl = slice(seg.off, seg.off + seg.numel)
@@ -208,7 +266,22 @@ def make_block(
         if base is not None:
             base[sl] = bases[seg.name].reshape(-1)
     out = torch.empty(off, dtype=torch.float32, device=device)
-    return Block(segments, values, base, out, mags)
+    layout = build_sorted(values, _size_groups(segments)) if packed else None
+    return Block(segments, values, base, out, mags, packed=layout)
+
+
+def _size_groups(segments: Sequence[Segment]) -> list[tuple[int, int, int]]:
+    """(K, M, off) for each run of consecutive non-empty segments of the same size K."""
+    groups: list[tuple[int, int, int]] = []
+    for seg in segments:
+        if not seg.numel:
+            continue
+        if groups and groups[-1][0] == seg.numel and groups[-1][2] + groups[-1][0] * groups[-1][1] == seg.off:
+            k, m, off = groups[-1]
+            groups[-1] = (k, m + 1, off)
+        else:
+            groups.append((seg.numel, 1, seg.off))
+    return groups
 
 
 def sorted_abs(t: Tensor) -> Tensor:

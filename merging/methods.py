@@ -95,10 +95,7 @@ def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consens
             elif sparsify == "breadcrumbs":  # Davari & Belilovsky 2023, Sec. 3: mask both tails
                 d.mul_(ops.breadcrumbs_mask(d, p["density"], p["gamma"]))
             elif sparsify == "random":  # Yu et al. 2024 (DARE) Sec. 3: drop w.p. 1 - density, rescale
-                dens = p["density"]
-                d.masked_fill_(~ops.random_mask(d, dens, generator=generator), 0.0)
-                if params["rescale"] and 0.0 < dens < 1.0:
-                    d.div_(dens)
+                ops.dare_drop_(d, p["density"], rescale=bool(params["rescale"]), generator=generator)
         ws = [float(p["weight"]) for p in per_expert]
         w = torch.tensor(ws, dtype=torch.float32, device=deltas.device)
         if consensus:
@@ -112,26 +109,46 @@ def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consens
     return fn
 
 
+# Entries per (N, chunk) op of the disjoint merge. CPU: under torch's GRAIN_SIZE (32768),
+# elementwise ops run on the calling thread (no OpenMP fork/join per chunk, which stalls when
+# another process holds a core) and the chunk's working set stays in L2. Other devices: large
+# chunks, only to bound the temporaries.
+_TIES_WORK = (1 << 15) - 1
+_TIES_WORK_DEVICE = 1 << 24
+
+
 def _disjoint_in_place(deltas: Tensor, ws: list[float], w: Tensor, *, normalize: bool) -> Tensor:
     """TIES elect + disjoint merge (== ops.sign_consensus_mask on the weighted deltas followed by
-    ops.disjoint_merge), one expert at a time so no further (N, *S) temporaries are made.
+    ops.disjoint_merge), in cache-sized column chunks, with no (N, *S) temporaries.
 
     The elected sign is sgn(sum_i w_i tau_i) (zero elects +); expert i agrees where
-    sgn(w_i tau_i) equals it, so zero entries never agree."""
+    sgn(w_i tau_i) equals it, so zero entries never agree. Disagreeing entries of ``deltas``
+    are multiplied by 0 (as mergekit's ``deltas * mask``). Returns the merged delta, shape S."""
     # Yadav et al. 2023, Sec. 3 steps 2-3 (elect, disjoint merge), mergekit's weighted form
-    positive = ops.weighted_sum(deltas, w) >= 0
-    divisor = torch.zeros(deltas.shape[1:], dtype=torch.float32, device=deltas.device) if normalize else None
-    for d, wi in zip(deltas, ws, strict=True):
-        up, down = (d > 0, d < 0) if wi >= 0 else (d < 0, d > 0)
-        agree = torch.where(positive, up, down)
-        d.masked_fill_(~agree, 0.0)
-        if divisor is not None and wi != 0.0:
-            divisor.add_(agree, alpha=wi)
-    mixed = ops.weighted_sum(deltas, w)
-    if divisor is None:
-        return mixed
-    divisor.masked_fill_(divisor == 0, 1.0)
-    return mixed.div_(divisor)
+    n = deltas.shape[0]
+    flat = deltas.view(n, -1)  # (N, P)
+    mixed = torch.empty(flat.shape[1], dtype=torch.float32, device=deltas.device)  # (P,)
+    flip = None  # (N, 1) sign of w_i, only needed when some weight is negative
+    if any(wi < 0 for wi in ws):
+        flip = torch.tensor([[1.0 if wi >= 0 else -1.0] for wi in ws], device=deltas.device)
+    work = _TIES_WORK if deltas.device.type == "cpu" else _TIES_WORK_DEVICE
+    step = max(64, (work // n) // 64 * 64)
+    for lo in range(0, flat.shape[1], step):
+        d, out = flat[:, lo : lo + step], mixed[lo : lo + step]  # (N, c), (c,)
+        torch.mv(d.t(), w, out=out)  # elect: vote = sum_i w_i tau_i
+        agree = d * torch.where(out >= 0, 1.0, -1.0)  # (N, c): > 0 where sgn(tau_i) = elected
+        if flip is not None:
+            agree.mul_(flip)
+        agree = agree > 0
+        d.mul_(agree)
+        torch.mv(d.t(), w, out=out)  # disjoint sum: sum_i w_i m_i tau_i
+        if normalize:
+            divisor = torch.zeros_like(out)
+            for a, wi in zip(agree, ws, strict=True):
+                if wi != 0.0:
+                    divisor.add_(a, alpha=wi)
+            out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed.view(deltas.shape[1:])
 
 
 def _slerp(

@@ -224,3 +224,20 @@ def test_argument_errors() -> None:
         merge_tensor("ties", BASE, [E1], [{"density": 1.5}])
     with pytest.raises(InvalidRecipeError, match="LoRA"):
         merge_tensor("cat", None, [E1], [{}])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_chunked_disjoint_merge_equals_ops_reference(normalize: bool) -> None:
+    from merging import ops
+    from merging.methods import _disjoint_in_place
+
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(3, 70_001, generator=g)  # several column chunks, ragged last chunk
+    deltas[:, ::5] = 0.0  # zeros never agree
+    deltas[1, 1::7] = -deltas[0, 1::7]  # exact cancellations: a zero vote elects +
+    ws = [0.5, -1.0, 2.0]  # a negative weight flips that expert's agreeing sign
+    w = torch.tensor(ws)
+    mask = ops.sign_consensus_mask(deltas * w[:, None])  # elect by weighted mass, as mergekit
+    ref = ops.disjoint_merge(deltas, w, mask, normalize=normalize)
+    got = _disjoint_in_place(deltas.clone(), ws, w, normalize=normalize)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6, rtol=1e-6)

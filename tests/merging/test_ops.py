@@ -148,3 +148,46 @@ def test_slerp_hand_cases_and_mergekit_formula() -> None:
     assert np.allclose(
         ops.slerp(z, torch.ones(3), 0.3).numpy(), _mergekit_slerp(0.3, np.zeros(3), np.ones(3))
     )
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.3, 0.5, 0.9, 0.999])
+def test_random_mask_keep_rate_is_binomial(density: float) -> None:
+    n = 200_000
+    kept = int(ops.random_mask(torch.empty(n), density, generator=torch.Generator().manual_seed(11)).sum())
+    # 5 sigma of Binomial(n, density); the 2^-32 quantisation of the probability is far below it
+    assert abs(kept - n * density) <= 5 * math.sqrt(n * density * (1 - density)) + 1
+
+
+def test_dare_drop_is_mask_times_rescale_on_both_paths() -> None:
+    n = 3 * (1 << 16) + 7  # several chunks, odd length (the last 32-bit word is half used)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    mask = ops.random_mask(x, 0.3, generator=torch.Generator().manual_seed(5))
+    fast = ops.dare_drop_(x.clone(), 0.3, rescale=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fast, torch.where(mask, x / 0.3, 0.0))  # same draws as random_mask, x/p kept
+    # non-contiguous / low-precision tensors take the generic path: same mask
+    wide = torch.stack([x, x], dim=1)[:, 0]
+    generic = ops.dare_drop_(wide, 0.3, rescale=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(generic, torch.where(mask, x, 0.0))
+    half = ops.dare_drop_(x.bfloat16(), 0.3, rescale=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(half != 0, mask & (x.bfloat16() != 0))
+
+
+def test_dare_drop_seeds_per_tensor_and_edges() -> None:
+    from merging.apply import tensor_seed
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+
+    def drop(name: str, seed: int = 3, density: float = 0.5) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+        return ops.dare_drop_(x.clone(), density, rescale=True, generator=gen)
+
+    assert torch.equal(drop("a.weight"), drop("a.weight"))  # same seed and name: same output
+    assert not torch.equal(drop("a.weight") != 0, drop("b.weight") != 0)  # other name: other mask
+    assert not torch.equal(drop("a.weight") != 0, drop("a.weight", seed=4) != 0)
+    g = torch.Generator().manual_seed(9)
+    a, b = ops.random_mask(x, 0.5, generator=g), ops.random_mask(x, 0.5, generator=g)
+    assert not torch.equal(a, b)  # each call consumes the generator: experts get their own masks
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(ops.dare_drop_(x.clone(), 1.0, rescale=True, generator=g), x)
+    assert not ops.dare_drop_(x.clone(), 0.0, rescale=True, generator=g).any()
+    assert torch.equal(ops.random_mask(x, 0.5, generator=g), a)  # density 0/1 drew nothing
