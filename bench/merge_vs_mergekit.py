@@ -132,7 +132,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--methods", default="linear,ties,dare_ties")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="mg-mergebench-"))
+    with tempfile.TemporaryDirectory(prefix="mg-mergebench-") as tmp:  # ~3-5 GB of models and outputs
+        run_all(Path(tmp), args)
+
+
+def run_all(root: Path, args: argparse.Namespace) -> None:
     paths = make_models(root, args.layers, args.embd, args.vocab)
     base, experts = paths[0], paths[1:]
     size = (base / "model.safetensors").stat().st_size
