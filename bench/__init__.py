@@ -1,0 +1,1 @@
+"""Benchmarks and reproductions (scripts; `bench.<name>` is importable for their tests)."""
