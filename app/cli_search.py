@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     p.add_argument("--max-examples", type=int)
     p.add_argument("--max-tokens-per-example", type=int, default=128)
-    p.add_argument("--method", default="evo_merging", choices=["evo_merging", "lorahub"])
+    p.add_argument("--method", default="evo_merging",
+                   choices=["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"])
+    p.add_argument("--lambdas", help="task_arithmetic: comma-separated lambdas (default 0.05,0.1,0.3,0.5,0.7,1)")
     p.add_argument("--seed", type=int, default=42)
     for name, default in (("budget-stage1", 400), ("budget-stage2", 800), ("budget", 40), ("popsize", 20),
                           ("early-stop", None)):
@@ -75,11 +77,13 @@ def _request(args: argparse.Namespace) -> Any:
             "sigma0": args.sigma0, "l1": args.l1, "early_stop": args.early_stop, "denoise": args.denoise,
             "scale": args.scale, "negative": args.negative, "name": args.name,
             "tags": [t for t in args.tags.split(",") if t]}
+    if args.lambdas:
+        body["lambdas"] = [float(x) for x in args.lambdas.split(",")]
     return SearchRequest.model_validate(body)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from app.services.searches import SPEC_FIELDS
+    from app.services.searches import spec_fields
     from experts.search_client import EvaluationError
     from experts.search_jobs import HttpProvider, Progress, SearchSpec, run_search
 
@@ -90,7 +94,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     key = os.environ.get(args.api_key_env) or None
     provider = HttpProvider(str(req.provider.url), key, timeout=req.provider.timeout_s, retries=req.provider.retries)
     spec = SearchSpec(session=req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True),
-                      **{k: getattr(req, k) for k in SPEC_FIELDS})
+                      **spec_fields(req))
     shown = [0.0]
 
     def report(p: Progress, force: bool) -> None:

@@ -25,11 +25,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from merging.search import SearchResult, Trial, evo_merging, lorahub
+from merging.search import SearchResult, Trial, baseline, evo_merging, lorahub
+from merging.search.baselines import DEFAULT_LAMBDAS
 
 __all__ = ["HttpProvider", "LocalProvider", "Provider", "SearchSpec", "run_search", "search_budget"]
 
-Method = Literal["evo_merging", "lorahub"]
+Method = Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"]
+MAX_POOL_QUERIES = 1024  # best_single over a tag selector: one query per adapter, at most a pool's size
 MAX_SERIES = 20_000  # points kept in the loss-vs-queries series (the budgets are capped below this)
 
 
@@ -59,9 +61,12 @@ class SearchSpec:
     beta_bound: float = 1.5
     selection: Literal["shared", "last_stage"] = "shared"
     optimizer: str = "NGOpt"  # lorahub
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # task_arithmetic
 
     def arguments(self) -> dict[str, Any]:
         """Keyword arguments of the search function (everything but the evaluator, n and callbacks)."""
+        if self.method in ("uniform", "task_arithmetic", "best_single"):
+            return {"name": self.method, "lambdas": self.lambdas}
         common = {"seed": self.seed, "l1": self.l1, "early_stop": self.early_stop,
                   "early_stop_min_delta": self.early_stop_min_delta}
         if self.method == "lorahub":
@@ -71,8 +76,15 @@ class SearchSpec:
                 "negative": self.negative, "beta_bound": self.beta_bound, "selection": self.selection}
 
 
-def search_budget(spec: SearchSpec) -> int:
-    """Queries the search may spend (a skipped Evo stage spends nothing)."""
+def search_budget(spec: SearchSpec, n: int | None = None) -> int:
+    """Queries the search may spend (a skipped Evo stage spends nothing); `n`: the pool's size, if known."""
+    if spec.method == "uniform":
+        return 1
+    if spec.method == "task_arithmetic":
+        return len(spec.lambdas)
+    if spec.method == "best_single":
+        pool = spec.session.get("pool")
+        return n or (len(pool) if isinstance(pool, list | tuple) else MAX_POOL_QUERIES)
     if spec.method == "lorahub":
         return spec.budget
     return spec.budget_stage1 * spec.denoise + spec.budget_stage2 * spec.scale
@@ -265,8 +277,9 @@ def run_search(provider: Provider, spec: SearchSpec, *,
             on_progress(progress, stage_changed)
 
     n = int(view.get("n") or len(view.get("experts") or []))
+    progress.total = search_budget(spec, n)
     try:
-        search = lorahub if spec.method == "lorahub" else evo_merging
+        search = {"lorahub": lorahub, "evo_merging": evo_merging}.get(spec.method, baseline)
         result = search(evaluator, n, on_trial=on_trial, should_stop=should_stop, **spec.arguments())
     except BaseException:
         provider.close(str(view.get("id")))

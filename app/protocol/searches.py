@@ -37,6 +37,7 @@ class SearchRequest(BaseModel):
     Evo-Merging (default): stage 1 searches the keep fractions alpha with beta = 1/N, stage 2 the
     signed scales beta with alpha fixed; CMA-ES, objective loss + l1 * mean(|x|). LoraHub: one weight
     per adapter (beta), alpha = 1, nevergrad NGOpt. Ablations: `denoise`, `scale`, `negative` off.
+    Baselines through the same job: `uniform`, `task_arithmetic`, `best_single`.
     """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
@@ -50,7 +51,10 @@ class SearchRequest(BaseModel):
     pool: list[str] | PoolSelector = Field(..., description="Adapter ids in order, or a tag selector")
     validation: ValidationIn
     loss: LossIn = LossIn()
-    method: Literal["evo_merging", "lorahub"] = "evo_merging"
+    method: Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"] = Field(
+        "evo_merging", description="evo_merging or lorahub (searches), or a black-box baseline: uniform "
+        "(beta = 1/N), task_arithmetic (beta = lambda for all, best lambda of `lambdas`), best_single "
+        "(the best adapter alone)")
     seed: int | None = Field(42, description="Seeds the optimisers: same request and seed, same result")
     budget_stage1: int = Field(400, ge=0, le=MAX_QUERIES, description="Evo stage 1 (alpha) evaluations")
     budget_stage2: int = Field(800, ge=0, le=MAX_QUERIES, description="Evo stage 2 (beta) evaluations")
@@ -68,10 +72,19 @@ class SearchRequest(BaseModel):
         "shared", description="shared: best-ever candidate across stages (authors' code); last_stage: the "
         "last stage's best")
     optimizer: str = Field("NGOpt", description="LoraHub's nevergrad optimizer")
+    lambdas: list[float] = Field([0.05, 0.1, 0.3, 0.5, 0.7, 1.0], min_length=1, max_length=100,
+                                 description="task_arithmetic: the lambdas tried (each in [-1.5, 1.5])")
     name: str | None = Field(None, description="Register the winner under this id (omit: search only)",
                              examples=["evo-merged"])
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, v: list[float]) -> list[float]:
+        if not all(-1.5 <= x <= 1.5 for x in v):
+            raise ValueError("every lambda must be in [-1.5, 1.5]")
+        return v
 
     @model_validator(mode="after")
     def _budgets(self) -> SearchRequest:

@@ -8,7 +8,8 @@ Modules: :mod:`~merging.search.result` (Evaluator, Trial, SearchResult),
 :mod:`~merging.search.optimizers` (the nevergrad parametrisations, and why),
 :mod:`~merging.search.runner` (ask/evaluate/tell, budgets, stopping, incumbent),
 :mod:`~merging.search.algorithms` (:func:`evo_merging`, :func:`lorahub`),
-:mod:`~merging.search.weights` (:func:`weight_search`: ensemble weights in [0, 1]^N).
+:mod:`~merging.search.weights` (:func:`weight_search`: ensemble weights in [0, 1]^N),
+:mod:`~merging.search.baselines` (:func:`baseline`: uniform, task arithmetic, best single adapter).
 
 Example::
 
@@ -17,16 +18,19 @@ Example::
 """
 
 from merging.search.algorithms import SearchSettingsError, evo_merging, lorahub
+from merging.search.baselines import BASELINES, baseline
 from merging.search.result import Evaluator, HistoryPoint, SearchResult, StageResult, Trial
 from merging.search.weights import weight_search
 
 __all__ = [
+    "BASELINES",
     "Evaluator",
     "HistoryPoint",
     "SearchResult",
     "SearchSettingsError",
     "StageResult",
     "Trial",
+    "baseline",
     "evo_merging",
     "lorahub",
     "weight_search",

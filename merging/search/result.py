@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = ["Evaluator", "HistoryPoint", "SearchResult", "Stage", "StageResult", "Trial"]
 
-Stage = Literal["denoise", "scale", "lorahub"]
+Stage = Literal["denoise", "scale", "lorahub", "weights", "baseline"]
 Vector = tuple[float, ...]
 
 

@@ -204,3 +204,21 @@ def test_cli_search_against_a_url_matches_the_job(gateway, pool, tmp_path):
     bad = subprocess.run([*args[:4], "--base", "tiny", "--pool", "x", "--task", "t", "--popsize", "1"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "popsize" in bad.stderr
+
+
+def test_baselines_run_as_jobs_through_the_same_runner(gateway, pool):
+    with gateway.admin() as c:
+        u = run(c, body(method="uniform"))
+        assert u["kind"] == "search.uniform" and u["result"]["search"]["queries"] == 1
+        assert u["result"]["search"]["beta"] == [0.25] * 4 and u["result"]["search"]["alpha"] == [1.0] * 4
+        ta = run(c, body(method="task_arithmetic", lambdas=[0.1, 0.5, 1.0]))
+        s, series = ta["result"]["search"], ta["detail"]["series"]["loss"]
+        assert s["queries"] == 3 and len(series) == 3
+        best = min(range(3), key=lambda i: series[i])
+        assert s["loss"] == series[best] and s["beta"] == [[0.1, 0.5, 1.0][best]] * 4
+        bs = run(c, body(method="best_single", name="se-best-single"))
+        s, series = bs["result"]["search"], bs["detail"]["series"]["loss"]
+        i = min(range(4), key=lambda j: series[j])
+        assert s["queries"] == 4 and s["beta"] == [float(j == i) for j in range(4)]
+        assert c.get("/admin/experts/se-best-single").json()["lineage"]["search"]["method"] == "best_single"
+        assert c.post("/admin/searches", json=body(method="task_arithmetic", lambdas=[2.0])).status_code == 400

@@ -263,3 +263,23 @@ def test_edge_cases_and_validation() -> None:
         evo_merging(Quadratic(), 4, popsize=1)
     with pytest.raises(SearchSettingsError):
         lorahub(Quadratic(), 4, optimizer="NoSuchOptimizer")
+
+
+def test_baselines_evaluate_their_fixed_candidates_and_keep_the_best() -> None:
+    from merging.search import baseline
+
+    q = Quadratic(a_star=np.ones(4))  # loss = sum (beta - B_STAR)^2 with alpha = 1
+    r = baseline(q, 4, "uniform")
+    assert r.queries == 1 and q.seen == [((1.0,) * 4, (0.25,) * 4)]
+    assert r.loss == pytest.approx(float(np.sum((0.25 - B_STAR) ** 2)))
+    q = Quadratic(a_star=np.ones(4))
+    r = baseline(q, 4, "task_arithmetic", lambdas=[0.0, 0.3, 1.0])
+    # by hand: sum (lam - B*)^2 over B* = (0.5, -0.4, 0.2, 0.8): lam=0 -> 1.09, 0.3 -> 0.79, 1 -> 2.89
+    assert [b for _, b in q.seen] == [(0.0,) * 4, (0.3,) * 4, (1.0,) * 4]
+    assert r.beta == (0.3,) * 4 and r.loss == pytest.approx(0.79) and r.objective == r.loss
+    q = Quadratic(a_star=np.ones(4))
+    r = baseline(q, 4, "best_single")
+    # e_i: 1.09 - B*_i^2 + (1 - B*_i)^2 -> 1.09, 2.89, 1.69, 0.49: adapter 3 alone
+    assert r.queries == 4 and r.beta == (0.0, 0.0, 0.0, 1.0) and r.loss == pytest.approx(0.49)
+    with pytest.raises(SearchSettingsError):
+        baseline(q, 4, "ties")
