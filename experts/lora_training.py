@@ -43,6 +43,7 @@ from experts.training import (
     _bf16_supported,
     _make_optimizer,
     evaluate_loss,
+    optimizer_step,
     train_causal_lm,
 )
 
@@ -207,17 +208,11 @@ def train_on_examples(
                 cancelled = True
                 break
             lr = config.lr_at(step, fraction(now))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
             pick = torch.randint(0, len(train), (config.batch_size,), generator=gen).tolist()
             batch = make_batches([train[i] for i in pick], batch_tokens=1 << 30, pad_id=pad_id)[0]
             with _autocast(device, use_bf16):
                 loss = masked_ce_sum(model, batch) / batch.n_targets
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, loss, lr=lr, grad_clip=config.grad_clip)
             step += 1
             tokens += sum(len(train[i].ids) for i in pick)
             value = float(loss.detach())

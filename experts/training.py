@@ -95,6 +95,18 @@ def _token_ce(model: Any, x: torch.Tensor, y: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction=reduction)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, lr: float,
+                   grad_clip: float) -> None:
+    """One update: backward, clip the gradient norm (if grad_clip > 0), step at `lr`, clear the gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
@@ -343,18 +355,12 @@ def train_causal_lm(
 
             t_step = now
             lr = config.lr_at(step, fraction_now(now))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             starts = torch.randint(0, n_starts, (B,), generator=gen).to(device)
             window = data[starts.unsqueeze(1) + offsets]
             x, y = window[:, :-1], window[:, 1:]
             with _autocast(device, use_bf16):
                 loss = _token_ce(model, x, y)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, loss, lr=lr, grad_clip=config.grad_clip)
             step += 1
 
             detached = loss.detach()
