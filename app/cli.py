@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from experts.demo import build_demo
+    from experts.btm.demo import build_demo
 
     settings = _settings(args)
     build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick)

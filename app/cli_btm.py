@@ -48,11 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from experts.btm import BTM, Budget, ModelSize
-    from experts.btm_pipeline import run_pipeline
-    from experts.registry import Registry
-    from experts.repository import ExpertRepository
-    from experts.store import ArtifactStore
+    from experts.btm.operations import BTM, Budget, ModelSize
+    from experts.btm.pipeline import run_pipeline
+    from experts.repository.registry import Registry
+    from experts.repository.repo import ExpertRepository
+    from experts.repository.store import ArtifactStore
 
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     repo = ExpertRepository(Registry(settings.db_url), ArtifactStore(settings.data_dir), max_loaded_models=8,

@@ -84,8 +84,8 @@ def _request(args: argparse.Namespace) -> Any:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from app.services.searches import spec_fields
-    from experts.search_client import EvaluationError
-    from experts.search_jobs import HttpProvider, Progress, SearchSpec, run_search
+    from experts.evo.http import EvaluationError
+    from experts.evo.search_job import HttpProvider, Progress, SearchSpec, run_search
 
     try:
         req = _request(args)

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts import errors as xe
-from experts import merge_sessions as xs
+from experts.evo import sessions as xs
 
 log = logging.getLogger("mergegate.errors")
 

@@ -33,15 +33,15 @@ from app.services.merge_sessions import MergeSessionService
 from app.services.proxy import ProxyService
 from app.services.remote_admin import RemoteAdminService
 from app.settings import Settings, resolve_admin_key
-from experts.breaker import STATE_CODES
-from experts.btm import BTM
-from experts.jobs import JobService
-from experts.merge_sessions import MergeSessionManager
-from experts.registry import Registry
-from experts.repository import ExpertRepository
-from experts.secret_store import SecretStore
-from experts.store import ArtifactStore
-from experts.upstream import RemoteRuntime
+from experts.remote.breaker import STATE_CODES
+from experts.btm.operations import BTM
+from experts.repository.jobs import JobService
+from experts.evo.sessions import MergeSessionManager
+from experts.repository.registry import Registry
+from experts.repository.repo import ExpertRepository
+from experts.remote.secrets import SecretStore
+from experts.repository.store import ArtifactStore
+from experts.remote.upstream import RemoteRuntime
 
 log = logging.getLogger("mergegate")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub at run time

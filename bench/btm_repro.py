@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from experts.btm import BTM, Budget, ModelSize  # noqa: E402
-from experts.corpora import load_split  # noqa: E402
-from experts.ensemble import EnsembleLM, estimate_prior  # noqa: E402
-from experts.evaluation import evaluate_ids  # noqa: E402
-from experts.forest import sample_sequences  # noqa: E402
-from experts.registry import Registry  # noqa: E402
-from experts.repository import ExpertRepository  # noqa: E402
-from experts.store import ArtifactStore  # noqa: E402
+from experts.btm.operations import BTM, Budget, ModelSize  # noqa: E402
+from experts.data.corpora import load_split  # noqa: E402
+from experts.btm.mixture import EnsembleLM, estimate_prior  # noqa: E402
+from experts.data.evaluation import evaluate_ids  # noqa: E402
+from experts.btm.forest import sample_sequences  # noqa: E402
+from experts.repository.registry import Registry  # noqa: E402
+from experts.repository.repo import ExpertRepository  # noqa: E402
+from experts.repository.store import ArtifactStore  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 
 TRAIN = ["code", "legal", "scripture", "dictionary"]
@@ -93,7 +93,7 @@ def main() -> None:
         btm.train(f"x-{d}", "seed", d, budget(T / (2 * n)), seed_offset=i + 1)
     log("domain experts done")
     # Random-split experts: same seed, same budget, trained on random quarters of the mixture.
-    from experts.training import save_model_atomic, train_causal_lm
+    from experts.training.lm import save_model_atomic, train_causal_lm
 
     tok = repo.cache.get("seed").tokenizer
     mix = btm.mixture_ids(tok, TRAIN, "train")

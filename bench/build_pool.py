@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from experts.pool import build_pool
+    from experts.evo.pool import build_pool
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 torch.func vmap, against the floor of k x one expert's cost. All in one run, rounds interleaved
 (median reported) because the CPU is shared.
 
-Two workloads, both through experts.generation (the serving path):
+Two workloads, both through experts.hf.generation (the serving path):
 - decode: greedy generation of --new tokens after a --prompt-token prompt (KV cache), tokens/s;
 - score: score_ids of a --score-token sequence (one forward, all positions), tokens/s.
 
@@ -60,9 +60,9 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experts import generation
+    from experts.hf import generation
     from experts.base import GenerationParams
-    from experts.ensemble import EnsembleLM
+    from experts.btm.mixture import EnsembleLM
 
     warnings.filterwarnings("ignore")
     if args.threads:

@@ -3,7 +3,7 @@
     python bench/evo_repro.py --data-dir bench/out/evo_data --threads 2 --out bench/out/evo_repro.json
     python bench/evo_repro.py --quick --data-dir /tmp/evo-quick --out /tmp/evo-quick.json   # CI, ~1-2 min
 
-Builds (or completes: resumable) the demo pool with `experts.pool.build_pool` in the data dir, then for
+Builds (or completes: resumable) the demo pool with `experts.evo.pool.build_pool` in the data dir, then for
 each held-out target task (no pool adapter trained on it) opens a merge session on its validation split
 (the search's only signal) and a second one on its test split (the report), and runs every method at the
 same per-method query budget on the validation session:
@@ -279,7 +279,7 @@ def realize(wb: WhiteBox, cand: dict[str, Any], seed: int) -> None:
 
 def split_check(btm: Any, task: str, st: Settings) -> dict[str, Any]:
     """Split sizes and exact-duplicate counts between them (validation/test vs train, and each other)."""
-    from experts.tasks import load_task
+    from experts.data.tasks import load_task
 
     key = lambda e: (e.get("prompt"), e.get("completion"))  # noqa: E731
     tr = {key(e) for e in load_task(btm, task, "train")}
@@ -290,7 +290,7 @@ def split_check(btm: Any, task: str, st: Settings) -> dict[str, Any]:
 
 
 def run_task(task: str, st: Settings, mgr: Any, wb: WhiteBox, base: str, pool: list[str]) -> dict[str, Any]:
-    from experts.merge_sessions import LossOptions, ValidationSpec
+    from experts.evo.sessions import LossOptions, ValidationSpec
 
     t0 = time.perf_counter()
     loss = LossOptions(max_tokens_per_example=st.max_tokens, batch_tokens=st.batch_tokens)
@@ -378,14 +378,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole reproduction; returns the JSON-able result (also written to args.out)."""
     from transformers.utils import logging as hf_logging
 
-    from experts.btm import BTM
-    from experts.merge_sessions import MergeSessionManager
-    from experts.pool import FULL as POOL_FULL
-    from experts.pool import QUICK as POOL_QUICK
-    from experts.pool import build_pool
-    from experts.registry import Registry
-    from experts.repository import ExpertRepository
-    from experts.store import ArtifactStore
+    from experts.btm.operations import BTM
+    from experts.evo.sessions import MergeSessionManager
+    from experts.evo.pool import FULL as POOL_FULL
+    from experts.evo.pool import QUICK as POOL_QUICK
+    from experts.evo.pool import build_pool
+    from experts.repository.registry import Registry
+    from experts.repository.repo import ExpertRepository
+    from experts.repository.store import ArtifactStore
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

@@ -51,10 +51,10 @@ def build(root: Path, n: int, n_layer: int, n_embd: int, vocab: int, rank: int, 
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experts.registry import Registry
-    from experts.repository import ExpertRepository
-    from experts.store import ArtifactStore
-    from experts.tokenizer import train_bpe_tokenizer
+    from experts.repository.registry import Registry
+    from experts.repository.repo import ExpertRepository
+    from experts.repository.store import ArtifactStore
+    from experts.hf.tokenizer import train_bpe_tokenizer
 
     texts = [v for _, v in sorted(pydoc_data.topics.topics.items())]
     tok = train_bpe_tokenizer(texts, vocab_size=vocab)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from experts.merge_sessions import LossOptions, MergeSessionManager, ValidationSpec
+    from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

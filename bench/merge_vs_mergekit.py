@@ -52,7 +52,7 @@ def make_models(root: Path, layers: int, embd: int, vocab: int) -> list[Path]:
 
 def child_ours(method: str, base: str, experts: list[str], out: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from experts.st_writer import StreamingSafetensorsWriter
+    from experts.hf.st_writer import StreamingSafetensorsWriter
     from merging.apply import merge_tensors
     from merging.recipe import MergeRecipe
     from merging.sources import SafetensorsSource, tensor_meta
@@ -146,7 +146,7 @@ def main() -> None:
         # Libraries are imported before the clock starts, on both sides: a gateway has them loaded, and
         # importing torch alone takes ~1.5 s here, which would dwarf a linear merge.
         sys.path.insert(0, str(ROOT))
-        mods = ("experts.st_writer", "merging.apply", "merging.recipe", "merging.sources") \
+        mods = ("experts.hf.st_writer", "merging.apply", "merging.recipe", "merging.sources") \
             if tool == "mergegate" else ("mergekit.config", "mergekit.merge")
         for mod in mods:
             importlib.import_module(mod)

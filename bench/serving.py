@@ -37,7 +37,7 @@ def build_model(out: Path, layers: int, embd: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experts.tokenizer import train_bpe_tokenizer
+    from experts.hf.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(list(pydoc_data.topics.topics.values()), vocab_size=2048)
     cfg = GPT2Config(n_layer=layers, n_embd=embd, n_head=4, vocab_size=len(tok), n_positions=256,
@@ -50,8 +50,8 @@ def build_model(out: Path, layers: int, embd: int) -> Path:
 
 def in_process(model_dir: Path, n: int) -> tuple[list[float], str]:
     from experts.base import GenerationParams
-    from experts.generation import generate
-    from experts.loading import load_hf_model
+    from experts.hf.generation import generate
+    from experts.hf.loading import load_hf_model
 
     m = load_hf_model(model_dir)
     params = GenerationParams(max_tokens=64, temperature=0)

@@ -1,4 +1,4 @@
-"""Training throughput: `experts.training.train_causal_lm` vs a plain transformers `Trainer` loop.
+"""Training throughput: `experts.training.lm.train_causal_lm` vs a plain transformers `Trainer` loop.
 
 Same freshly initialised GPT-2 (new_gpt2, same seed), same token stream (the stdlib's Python source, tokenised
 with a byte-level BPE of 4096 tokens trained here), same batch (8 x 128), same optimiser settings (AdamW,
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from experts.training import TrainConfig, new_gpt2, tokenize_text, train_causal_lm
+from experts.training.lm import TrainConfig, new_gpt2, tokenize_text, train_causal_lm
 
 BATCH, SEQ = 8, 128
 

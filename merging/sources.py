@@ -1,7 +1,7 @@
 """Where merge inputs come from: the :class:`TensorSource` seam and two implementations.
 
 A source lists tensor names and hands out one tensor at a time, so a merge holds only the
-tensors of the position being merged. ``experts.loading`` satisfies the Protocol
+tensors of the position being merged. ``experts.hf.loading`` satisfies the Protocol
 structurally; this module never imports it.
 """
 

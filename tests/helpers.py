@@ -23,7 +23,7 @@ def training_text() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int = 400):
-    from experts.tokenizer import train_bpe_tokenizer
+    from experts.hf.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(training_text(), vocab_size=vocab_size)
 

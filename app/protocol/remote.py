@@ -1,4 +1,4 @@
-"""Wire models for remote experts: registration and PATCH. Bounds and defaults live in experts.upstream."""
+"""Wire models for remote experts: registration and PATCH. Bounds and defaults live in experts.remote.upstream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from app.protocol.admin import ExpertView
-from experts.upstream import SPEC_DEFAULTS as D
+from experts.remote.upstream import SPEC_DEFAULTS as D
 
 SPEC_KEYS = {"base_url", "model", "timeouts", "max_concurrency", "max_retries", "fallbacks", "retry", "breaker"}
 

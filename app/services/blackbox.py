@@ -33,8 +33,8 @@ from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import ExpertKind, GenerationParams, StreamDelta
 from experts.blackbox import BlackBoxEnsemble, EnsembleEnd, create_blackbox, is_blackbox, update_blackbox
 from experts.errors import ExpertUnavailableError
-from experts.registry import ExpertRecord
-from experts.repository import ExpertRepository
+from experts.repository.registry import ExpertRecord
+from experts.repository.repo import ExpertRepository
 
 if TYPE_CHECKING:
     from app.services.completions import CompletionService

@@ -10,14 +10,14 @@ from anyio.to_thread import run_sync
 from app.protocol.btm import (BranchRequest, BudgetIn, EvaluateRequest, ForestRequest, PipelineRequest, SeedRequest,
                               SizeIn, TrainRequest)
 from app.services.admin import AdminService
-from experts.btm import BTM, Budget, ModelSize
-from experts.btm_pipeline import run_pipeline
-from experts.corpora import add_user_corpus, available_domains, list_corpora
+from experts.btm.operations import BTM, Budget, ModelSize
+from experts.btm.pipeline import run_pipeline
+from experts.data.corpora import add_user_corpus, available_domains, list_corpora
 from experts.errors import ExpertExistsError, InvalidExpertError
-from experts.evaluation import evaluate_ids
-from experts.forest import average_forest, create_forest, sample_sequences
-from experts.jobs import JobContext
-from experts.store import check_expert_id
+from experts.data.evaluation import evaluate_ids
+from experts.btm.forest import average_forest, create_forest, sample_sequences
+from experts.repository.jobs import JobContext
+from experts.repository.store import check_expert_id
 
 
 def _budget(b: BudgetIn) -> Budget:
@@ -182,7 +182,7 @@ class BTMService:
             if req.corpus is not None:
                 ids = self.btm.token_ids(loaded.tokenizer, req.corpus, req.split)
             else:
-                from experts.training import tokenize_text
+                from experts.training.lm import tokenize_text
 
                 ids = tokenize_text(loaded.tokenizer, req.text or "")
             if req.max_tokens is not None:

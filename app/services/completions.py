@@ -23,8 +23,8 @@ from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import Choice, Expert, GenerationParams, StreamDelta, StreamEnd, TokenLogprob
-from experts.remote import RemoteExpert
-from experts.repository import ExpertRepository
+from experts.remote.expert import RemoteExpert
+from experts.repository.repo import ExpertRepository
 
 if TYPE_CHECKING:
     from app.services.blackbox import BlackBoxService

@@ -23,9 +23,9 @@ from experts.blackbox.spec import BlackBoxSpec, is_blackbox, update_blackbox
 from experts.blackbox.weight_search import (DEFAULT_OBJECTIVE, OBJECTIVES, collect, new_weights, ordered_weights,
                                             search_ensemble_weights)
 from experts.errors import InvalidExpertError, JobCancelledError
-from experts.jobs import JobContext
-from experts.search_jobs import Progress
-from experts.tasks import TASKS, load_task
+from experts.repository.jobs import JobContext
+from experts.evo.search_job import Progress
+from experts.data.tasks import TASKS, load_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from app.services.searches import SearchService

@@ -14,11 +14,11 @@ from anyio.to_thread import run_sync
 from app.protocol.merge_sessions import LoraTrainRequest, SessionCreateRequest
 from app.services.admin import AdminService
 from experts.errors import ExpertExistsError, InvalidExpertError
-from experts.jobs import JobContext
-from experts.lora_training import LoraBudget, LoraData, LoraSpec, train_lora
-from experts.merge_sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
-from experts.store import check_expert_id
-from experts.tasks import TASKS
+from experts.repository.jobs import JobContext
+from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
+from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
+from experts.repository.store import check_expert_id
+from experts.data.tasks import TASKS
 
 
 def _examples(examples: list[Any] | None) -> tuple[dict[str, Any], ...] | None:

@@ -8,8 +8,8 @@ from typing import Any
 from anyio.to_thread import run_sync
 
 from app.services.admin import AdminService
-from experts.jobs import JobContext
-from experts.merges import MergeRunner
+from experts.repository.jobs import JobContext
+from experts.repository.merges import MergeRunner
 from merging.methods import METHODS
 from merging.recipe import MergeRecipe, load_recipe
 

@@ -21,8 +21,8 @@ from app.metrics import Metrics
 from app.sse import SSE_DONE, sse_error
 from experts.base import Expert
 from experts.errors import ExpertError, ExpertNotFoundError, ExpertUnavailableError, UpstreamError
-from experts.remote import RemoteExpert
-from experts.repository import ExpertRepository
+from experts.remote.expert import RemoteExpert
+from experts.repository.repo import ExpertRepository
 
 log = logging.getLogger("mergegate.proxy")
 

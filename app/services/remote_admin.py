@@ -8,12 +8,12 @@ from typing import Any
 from app.protocol.remote import PatchExpertRequest, RegisterRemoteRequest
 from experts.base import ExpertKind
 from experts.errors import ExpertExistsError, InvalidExpertError
-from experts.registry import ExpertRecord
-from experts.remote import RemoteExpert
-from experts.remote_check import check_upstream
-from experts.repository import ExpertRepository
-from experts.store import check_expert_id
-from experts.upstream import RemoteRuntime, RemoteSpec
+from experts.repository.registry import ExpertRecord
+from experts.remote.expert import RemoteExpert
+from experts.remote.check import check_upstream
+from experts.repository.repo import ExpertRepository
+from experts.repository.store import check_expert_id
+from experts.remote.upstream import RemoteRuntime, RemoteSpec
 
 REMOTE = ExpertKind.REMOTE.value
 

@@ -22,11 +22,11 @@ from anyio.to_thread import run_sync
 from app.protocol.searches import EnsembleSearchRequest, SearchRequest
 from app.services.admin import AdminService
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
-from experts.jobs import JobContext
-from experts.registry import ExpertRecord
-from experts.search_jobs import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
-from experts.store import check_expert_id
-from experts.tasks import TASKS
+from experts.repository.jobs import JobContext
+from experts.repository.registry import ExpertRecord
+from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
+from experts.repository.store import check_expert_id
+from experts.data.tasks import TASKS
 
 SPEC_FIELDS = ("method", "seed", "budget_stage1", "budget_stage2", "budget", "popsize", "sigma0", "l1",
                "early_stop", "early_stop_min_delta", "denoise", "scale", "negative", "selection", "optimizer")
@@ -137,7 +137,7 @@ class SearchService:
     def _register_remote(self, name: str, provider: HttpProvider, made: dict[str, Any], req: SearchRequest,
                          lineage: dict[str, Any]) -> None:
         """A `remote` expert for the provider's new expert; the key first, then the row (as RemoteAdminService)."""
-        from experts.upstream import RemoteSpec
+        from experts.remote.upstream import RemoteSpec
 
         runtime = self.remote.runtime
         spec = RemoteSpec.from_dict({"base_url": provider.url + "/v1", "model": str(made.get("id", name))})

@@ -23,10 +23,10 @@ from experts.blackbox.maths import (EOS, choose, key_bytes, mean_logprob, mix, s
                                     weighted_score)
 from experts.blackbox.members import Candidate, Ledger, LocalMember, RemoteMember, Run
 from experts.blackbox.spec import BlackBoxSpec
-from experts.chat import render_default
+from experts.hf.chat import render_default
 from experts.errors import ExpertError, ExpertUnavailableError, GenerationInputError, UpstreamError
-from experts.registry import ExpertRecord
-from experts.remote import RemoteExpert
+from experts.repository.registry import ExpertRecord
+from experts.remote.expert import RemoteExpert
 
 Member = LocalMember | RemoteMember
 _WORDS = re.compile(r"\s*\S+|\s+")

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from experts import generation
+from experts.hf import generation
 from experts.base import Expert, GenerationParams
 from experts.blackbox.maths import EOS, NEG_INF, Dist, bytes_key, candidate_logprobs
 from experts.errors import ExpertUnavailableError, GenerationInputError, UpstreamError
-from experts.remote import RemoteExpert
+from experts.remote.expert import RemoteExpert
 
 Run = Callable[..., Awaitable[Any]]  # await run(blocking_fn, *args)
 # End-of-text strings of common tokenizers: a remote member's top token equal to one of them is EOS.

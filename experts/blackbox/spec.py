@@ -19,9 +19,9 @@ from typing import Any
 
 from experts.base import ExpertKind
 from experts.errors import ExpertExistsError, InvalidExpertError
-from experts.registry import ExpertRecord
-from experts.repository import ExpertRepository
-from experts.store import check_expert_id
+from experts.repository.registry import ExpertRecord
+from experts.repository.repo import ExpertRepository
+from experts.repository.store import check_expert_id
 
 MODES = ("score_select", "token_mix")
 MEMBER_KINDS = ("local", "lora", "remote", "ensemble")  # an `ensemble` member must be a BTM forest

@@ -1,7 +1,7 @@
 """Black-box merge search: the optimiser side of Evo-Merging (and the LoraHub baseline).
 
 The search only ever sees an :class:`Evaluator` (a loss per (alpha, beta) candidate): the
-in-process provider or :class:`experts.search_client.HttpEvaluator` to any MergeGate-style
+in-process provider or :class:`experts.evo.http.HttpEvaluator` to any MergeGate-style
 provider. No weights, no I/O here.
 
 Modules: :mod:`~merging.search.result` (Evaluator, Trial, SearchResult),

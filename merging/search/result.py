@@ -37,7 +37,7 @@ class Evaluator(Protocol):
     ``evaluate(alpha, beta)`` returns the loss (lower is better) of the model merged with keep
     fractions ``alpha`` (in [0, 1]) and weights ``beta``. Both arrive as lists of Python floats
     already inside the stage's bounds. An exception aborts the search (retries belong to the
-    evaluator, e.g. :class:`experts.search_client.HttpEvaluator`).
+    evaluator, e.g. :class:`experts.evo.http.HttpEvaluator`).
 
     An evaluator may also define ``evaluate_many(candidates: list[tuple[list[float],
     list[float]]]) -> list[float]`` (same order); the search then hands it a whole CMA

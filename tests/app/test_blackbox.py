@@ -17,7 +17,7 @@ import pytest
 
 from experts.blackbox import EOS, Dist, candidate_logprobs, choose, mix, select, weighted_score, word_chunks
 from experts.blackbox.members import parse_step
-from experts.chat import render_default
+from experts.hf.chat import render_default
 from tests.helpers import ADMIN_KEY, CLIENT_KEY, Gateway, build_model_dir, build_tokenizer, free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

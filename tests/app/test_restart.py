@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from experts.registry import JobRecord, Registry
+from experts.repository.registry import JobRecord, Registry
 from tests.helpers import Gateway
 
 

@@ -49,12 +49,12 @@ def test_budgets(quick):
 
 def test_test_losses_match_the_provider(quick):
     """The bench's white-box test loss of uniform average = a fresh merge session's loss on the test split."""
-    from experts.btm import BTM
-    from experts.merge_sessions import LossOptions, MergeSessionManager, ValidationSpec
-    from experts.pool import QUICK
-    from experts.registry import Registry
-    from experts.repository import ExpertRepository
-    from experts.store import ArtifactStore
+    from experts.btm.operations import BTM
+    from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
+    from experts.evo.pool import QUICK
+    from experts.repository.registry import Registry
+    from experts.repository.repo import ExpertRepository
+    from experts.repository.store import ArtifactStore
 
     root, result = quick
     st = result["settings"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from experts import corpora
-from experts.corpora import (
+from experts.data import corpora
+from experts.data.corpora import (
     DOMAINS,
     SEPARATOR,
     SPLITS,

@@ -1,5 +1,5 @@
 """BTM ensemble inference: hand-computed posteriors/mixtures (spec shared/specs/btm.md §6) on toy
-experts with known next-token tables, and EnsembleLM on tiny real GPT-2s through experts.generation."""
+experts with known next-token tables, and EnsembleLM on tiny real GPT-2s through experts.hf.generation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experts import generation
+from experts.hf import generation
 from experts.base import GenerationParams
-from experts.ensemble import (
+from experts.btm.mixture import (
     EnsembleLM,
     bayes_posterior,
     cached_prior,
@@ -214,7 +214,7 @@ def test_ensemble_rejects_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiny real GPT-2s through experts.generation
+# Tiny real GPT-2s through experts.hf.generation
 
 ALPHABET = "<" + "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 "  # id 0 is EOS
 

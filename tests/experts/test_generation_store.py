@@ -11,8 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from experts.base import GenerationParams, StreamDelta
 from experts.errors import GenerationInputError, InvalidExpertError
-from experts.generation import generate, score_ids, start_ids, stream_generate
-from experts.store import safe_extract
+from experts.hf.generation import generate, score_ids, start_ids, stream_generate
+from experts.repository.store import safe_extract
 
 
 @pytest.fixture(scope="module")

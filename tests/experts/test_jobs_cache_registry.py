@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from experts.errors import JobStateError
-from experts.jobs import JobService
-from experts.loading import LoadedModel, ModelCache
-from experts.registry import SCHEMA_VERSION, ExpertRecord, Registry
+from experts.repository.jobs import JobService
+from experts.hf.loading import LoadedModel, ModelCache
+from experts.repository.registry import SCHEMA_VERSION, ExpertRecord, Registry
 
 
 @pytest.fixture()
@@ -76,7 +76,7 @@ def test_cancel_running_and_queued_jobs(registry):
 
 
 def test_orphaned_jobs_fail_on_recover(registry):
-    from experts.registry import JobRecord
+    from experts.repository.registry import JobRecord
 
     registry.insert_job(JobRecord(id="j1", kind="k", params={}, status="running", owner="me"))
     registry.insert_job(JobRecord(id="j2", kind="k", params={}, status="running", owner="someone-else"))

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experts.btm import BTM
+from experts.btm.operations import BTM
 from experts.errors import ExpertNotFoundError, InvalidExpertError, JobCancelledError
-from experts.lora_training import LoraBudget, LoraData, LoraSpec, train_lora
-from experts.merge_sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
+from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
+from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
                                     SessionLimitError, SessionNotFoundError, ValidationSpec)
-from experts.registry import Registry
-from experts.repository import ExpertRepository
-from experts.store import ArtifactStore
-from experts.tasks import HELD_OUT, POOL_TASKS, TASKS, load_task
+from experts.repository.registry import Registry
+from experts.repository.repo import ExpertRepository
+from experts.repository.store import ArtifactStore
+from experts.data.tasks import HELD_OUT, POOL_TASKS, TASKS, load_task
 from tests.helpers import build_adapter_dir, build_model_dir
 
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -226,7 +226,7 @@ def test_lora_training_lowers_validation_loss_and_registers(env):
 
 
 def test_pool_plan_covers_pool_tasks_and_slices_but_no_held_out_task():
-    from experts.pool import pool_plan
+    from experts.evo.pool import pool_plan
 
     plan = pool_plan(20)
     ids = [p[0] for p in plan]

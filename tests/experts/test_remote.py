@@ -11,12 +11,12 @@ import stat
 import httpx
 import pytest
 
-from experts.breaker import CircuitBreaker
+from experts.remote.breaker import CircuitBreaker
 from experts.errors import InvalidExpertError, UpstreamError
-from experts.registry import ExpertRecord
-from experts.remote import RemoteExpert
-from experts.secret_store import SecretStore
-from experts.upstream import RemoteRuntime, RemoteSpec, retry_after_s, split_events
+from experts.repository.registry import ExpertRecord
+from experts.remote.expert import RemoteExpert
+from experts.remote.secrets import SecretStore
+from experts.remote.upstream import RemoteRuntime, RemoteSpec, retry_after_s, split_events
 
 
 class Clock:

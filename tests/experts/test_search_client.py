@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from experts.search_client import (
+from experts.evo.http import (
     BudgetExhaustedError,
     EvaluationRejectedError,
     EvaluationUnavailableError,

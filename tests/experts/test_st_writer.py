@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experts.st_writer import StreamingSafetensorsWriter
+from experts.hf.st_writer import StreamingSafetensorsWriter
 
 
 def test_round_trip_all_dtypes_and_shapes(tmp_path):

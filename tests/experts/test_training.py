@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experts.training import (
+from experts.training.lm import (
     TrainConfig,
     TrainingCancelled,
     TrainProgress,

@@ -23,12 +23,12 @@ from experts.blackbox.members import Candidate
 from experts.blackbox.weight_search import (EnsembleWeightsEvaluator, ScoreTable, SelectRow, TokenRow,
                                             WeightSearchInputError, collect, new_weights, ordered_weights,
                                             search_ensemble_weights, token_f1)
-from experts.loading import ModelCache, load_hf_model
-from experts.local import LocalExpert
-from experts.registry import ExpertRecord
-from experts.remote import RemoteExpert
-from experts.secret_store import SecretStore
-from experts.upstream import RemoteRuntime
+from experts.hf.loading import ModelCache, load_hf_model
+from experts.hf.local import LocalExpert
+from experts.repository.registry import ExpertRecord
+from experts.remote.expert import RemoteExpert
+from experts.remote.secrets import SecretStore
+from experts.remote.upstream import RemoteRuntime
 from tests.helpers import CLIENT_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

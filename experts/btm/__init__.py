@@ -1,0 +1,1 @@
+"""Branch-Train-Merge: operations, pipeline, forests and the posterior mixture, the demo."""

@@ -1,0 +1,293 @@
+"""Ways to run k causal LMs on the same input ids, each with its own KV cache.
+
+Every runner is called as `runner(input_ids[B, T], state, use_cache) -> (logits[k, B, T, V], state)`;
+`state` is whatever the runner needs to continue (None on the first call).
+
+- `LoopRunner`: a Python loop over the experts, each a normal HF forward with its own cache. Works
+  for any model with the HF interface (the naive baseline, and the fallback).
+- `StackedGPT2Runner`: "one batched model". The experts' GPT-2 weights are stacked along a leading
+  expert axis and every layer runs once for all experts (batched matmuls, one SDPA call over
+  experts x batch), with one stacked KV cache per layer. GPT-2 architectures only.
+- `VmapRunner`: `torch.func.stack_module_state` + `functional_call` + `vmap` over the HF module,
+  the cache passed in and out as stacked tensors (a DynamicCache is rebuilt inside each call).
+  Kept for measurement: on the 2-core CPU it is slower than the loop (see bench/ensemble.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "stacked", "loop", "vmap")
+
+
+def _cache_arg(model: Any) -> str:
+    from experts.hf.generation import _cache_arg as detect
+
+    return detect(type(model))
+
+
+class LoopRunner:
+    """Naive: one HF forward per expert, per-expert cache objects."""
+
+    name = "loop"
+
+    def __init__(self, models: list[Any]) -> None:
+        self.models = models
+        self._args = [_cache_arg(m) for m in models]
+
+    def __call__(self, input_ids: torch.Tensor, state: list[Any] | None, use_cache: bool
+                 ) -> tuple[torch.Tensor, list[Any] | None]:
+        logits, caches = [], []
+        for j, (m, arg) in enumerate(zip(self.models, self._args)):
+            kwargs = {arg: state[j]} if state is not None else {}
+            out = m(input_ids=input_ids, use_cache=use_cache, **kwargs)
+            logits.append(out.logits)
+            caches.append(getattr(out, arg, None))
+        return torch.stack(logits), (caches if use_cache else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# One batched GPT-2
+
+
+_SAME = ("n_layer", "n_embd", "n_head", "vocab_size", "activation_function", "layer_norm_epsilon",
+         "scale_attn_weights", "scale_attn_by_inverse_layer_idx")
+
+
+def stacked_unsupported(models: list[Any]) -> str | None:
+    """Why `StackedGPT2Runner` cannot run these models (None when it can)."""
+    if not all(type(m).__name__ == "GPT2LMHeadModel" for m in models):  # before importing transformers
+        return "not all experts are plain GPT2LMHeadModel"
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:  # pragma: no cover
+        return "transformers has no GPT-2"
+    if not all(type(m) is GPT2LMHeadModel for m in models):
+        return "not all experts are plain GPT2LMHeadModel"
+    c0 = models[0].config
+    for m in models[1:]:
+        for f in _SAME:
+            if getattr(m.config, f, None) != getattr(c0, f, None):
+                return f"experts differ in config.{f}"
+    if any(getattr(m.config, "add_cross_attention", False) for m in models):
+        return "cross-attention is not supported"
+    if any(getattr(m.lm_head, "bias", None) is not None for m in models):
+        return "lm_head has a bias"
+    dtypes = {p.dtype for m in models for p in m.parameters()}
+    if len(dtypes) != 1:
+        return f"mixed parameter dtypes {dtypes}"
+    return None
+
+
+class StackedGPT2Runner:
+    """k GPT-2s as one model with a leading expert axis; per-layer stacked KV caches.
+
+    The state is a `StackedKV`: per layer, preallocated K and V buffers [k*B, heads, capacity,
+    head_dim] written in place (capacity doubles as needed, up to the context), so a decode step
+    copies one position instead of the whole cache. Like HF's DynamicCache, a state is consumed by
+    the call that continues it. Weights are copied into stacked tensors (extra memory: one more
+    copy of the k experts' parameters)."""
+
+    name = "stacked"
+
+    def __init__(self, models: list[Any]) -> None:
+        why = stacked_unsupported(models)
+        if why:
+            raise ValueError(f"stacked backend unavailable: {why}")
+        from transformers.activations import ACT2FN
+
+        c = models[0].config
+        self.k = len(models)
+        self.n_layer, self.d, self.h = c.n_layer, c.n_embd, c.n_head
+        self.dh = self.d // self.h
+        self.eps = c.layer_norm_epsilon
+        self.act = ACT2FN[c.activation_function]
+        self.n_positions = min(m.config.n_positions for m in models)
+
+        def st(get) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.stack([get(m).detach() for m in models]).contiguous()
+
+        self.wte = st(lambda m: m.transformer.wte.weight)  # [k, V, d]
+        self.wpe = st(lambda m: m.transformer.wpe.weight[: self.n_positions])  # [k, P, d]
+        tied = all(m.lm_head.weight is m.transformer.wte.weight for m in models)
+        self.head = self.wte if tied else st(lambda m: m.lm_head.weight)
+        self.layers = []
+        for i in range(self.n_layer):
+            b = [m.transformer.h[i] for m in models]
+
+            def lst(get, b=b) -> torch.Tensor:
+                with torch.no_grad():
+                    return torch.stack([get(x).detach() for x in b]).contiguous()
+
+            scale = self.dh ** -0.5 if c.scale_attn_weights else 1.0
+            if c.scale_attn_by_inverse_layer_idx:
+                scale /= float(i + 1)
+            self.layers.append(dict(
+                ln1_w=lst(lambda x: x.ln_1.weight).unsqueeze(1),
+                ln1_b=lst(lambda x: x.ln_1.bias).unsqueeze(1),
+                qkv_w=lst(lambda x: x.attn.c_attn.weight),
+                qkv_b=lst(lambda x: x.attn.c_attn.bias).unsqueeze(1),
+                o_w=lst(lambda x: x.attn.c_proj.weight), o_b=lst(lambda x: x.attn.c_proj.bias).unsqueeze(1),
+                ln2_w=lst(lambda x: x.ln_2.weight).unsqueeze(1),
+                ln2_b=lst(lambda x: x.ln_2.bias).unsqueeze(1),
+                fc_w=lst(lambda x: x.mlp.c_fc.weight), fc_b=lst(lambda x: x.mlp.c_fc.bias).unsqueeze(1),
+                pr_w=lst(lambda x: x.mlp.c_proj.weight), pr_b=lst(lambda x: x.mlp.c_proj.bias).unsqueeze(1),
+                scale=scale,
+            ))
+        self.lnf_w = st(lambda m: m.transformer.ln_f.weight).unsqueeze(1)
+        self.lnf_b = st(lambda m: m.transformer.ln_f.bias).unsqueeze(1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.wte, self.wpe, self.lnf_w, self.lnf_b] + ([] if self.head is self.wte else [self.head])
+        for layer in self.layers:
+            out += [v for v in layer.values() if torch.is_tensor(v)]
+        return out
+
+    def _ln(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(b, F.layer_norm(x, (self.d,), eps=self.eps), w)
+
+    def __call__(self, input_ids: torch.Tensor, state: StackedKV | None, use_cache: bool
+                 ) -> tuple[torch.Tensor, StackedKV | None]:
+        k, d, h, dh = self.k, self.d, self.h, self.dh
+        B, T = input_ids.shape
+        past = 0 if state is None else state.length
+        if past + T > self.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.n_positions}")
+        x = self.wte[:, input_ids] + self.wpe[:, past: past + T].unsqueeze(1)  # [k, B, T, d]
+        x = x.reshape(k, B * T, d)
+        mask, causal = None, False
+        if T > 1:
+            if past == 0:
+                causal = True
+            else:
+                i = torch.arange(T).unsqueeze(1)
+                mask = torch.arange(past + T).unsqueeze(0) <= i + past  # [T, past+T]
+        if use_cache:
+            state = self._reserve(state, k * B, past + T, x.dtype)
+        for li, L in enumerate(self.layers):
+            a = self._ln(x, L["ln1_w"], L["ln1_b"])
+            qkv = torch.baddbmm(L["qkv_b"], a, L["qkv_w"])  # [k, BT, 3d]
+            qkv = qkv.view(k, B, T, 3, h, dh).permute(3, 0, 1, 4, 2, 5).reshape(3, k * B, h, T, dh)
+            q, kk, vv = qkv[0], qkv[1], qkv[2]
+            if use_cache:
+                kb, vb = state.layers[li]
+                kb[:, :, past: past + T] = kk
+                vb[:, :, past: past + T] = vv
+                kk, vv = kb[:, :, : past + T], vb[:, :, : past + T]
+            elif state is not None:
+                kk = torch.cat([state.layers[li][0][:, :, :past], kk], dim=2)
+                vv = torch.cat([state.layers[li][1][:, :, :past], vv], dim=2)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=causal, scale=L["scale"])
+            o = o.view(k, B, h, T, dh).permute(0, 1, 3, 2, 4).reshape(k, B * T, d)
+            x = x + torch.baddbmm(L["o_b"], o, L["o_w"])
+            m = self._ln(x, L["ln2_w"], L["ln2_b"])
+            m = self.act(torch.baddbmm(L["fc_b"], m, L["fc_w"]))
+            x = x + torch.baddbmm(L["pr_b"], m, L["pr_w"])
+        x = self._ln(x, self.lnf_w, self.lnf_b)
+        logits = torch.bmm(x, self.head.transpose(1, 2)).view(k, B, T, -1)
+        if not use_cache:
+            return logits, None
+        state.length = past + T
+        return logits, state
+
+    def _reserve(self, state: StackedKV | None, rows: int, need: int, dtype: torch.dtype) -> StackedKV:
+        cap = 0 if state is None else state.layers[0][0].shape[2]
+        if need <= cap:
+            return state  # type: ignore[return-value]
+        new_cap = min(self.n_positions, max(need, 2 * cap, 64))
+        shape = (rows, self.h, new_cap, self.dh)
+        layers = []
+        for li in range(self.n_layer):
+            kb, vb = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+            if state is not None and state.length:
+                kb[:, :, : state.length] = state.layers[li][0][:, :, : state.length]
+                vb[:, :, : state.length] = state.layers[li][1][:, :, : state.length]
+            layers.append((kb, vb))
+        return StackedKV(layers, 0 if state is None else state.length)
+
+
+class StackedKV:
+    """KV buffers of `StackedGPT2Runner`: `layers[l] = (K, V)`, valid up to `length` positions."""
+
+    __slots__ = ("layers", "length")
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        self.layers = layers
+        self.length = length
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func vmap over the HF module
+
+
+class VmapRunner:
+    """`stack_module_state` + `functional_call` + `vmap` over an HF causal LM.
+
+    The HF cache object cannot cross a vmap boundary, so the state is a pair of stacked tensors
+    [k, layers, B, heads, T, head_dim] from which a DynamicCache is rebuilt inside every call."""
+
+    name = "vmap"
+
+    def __init__(self, models: list[Any]) -> None:
+        from torch.func import stack_module_state
+
+        with torch.no_grad():
+            self.params, self.buffers = stack_module_state(models)
+        self.params = {n: p.detach() for n, p in self.params.items()}
+        # stack_module_state lists tied parameters once; functional_call on a meta copy does not re-tie them
+        names = dict(models[0].named_parameters(remove_duplicate=False))
+        for n, p in names.items():
+            if n not in self.params:
+                src = next(o for o, q in models[0].named_parameters() if q is p)
+                self.params[n] = self.params[src]
+        self.base = copy.deepcopy(models[0]).to("meta")
+        if hasattr(self.base.config, "_attn_implementation"):  # SDPA has no vmap batching rule on CPU
+            self.base.config._attn_implementation = "eager"
+        self.arg = _cache_arg(models[0])
+        self.n_layer = len(models[0].transformer.h) if hasattr(models[0], "transformer") else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list({id(t): t for t in [*self.params.values(), *self.buffers.values()]}.values())
+
+    def _one(self, params, buffers, ids, pk, pv, use_cache: bool):
+        from torch.func import functional_call
+        from transformers import DynamicCache
+
+        kwargs: dict[str, Any] = {"use_cache": use_cache}
+        if pk is not None:
+            cache = DynamicCache()
+            for layer in range(pk.shape[0]):
+                cache.update(pk[layer], pv[layer], layer)
+            kwargs[self.arg] = cache
+        out = functional_call(self.base, (params, buffers), (ids,), kwargs)
+        if not use_cache:
+            return out.logits
+        layers = getattr(out, self.arg).layers
+        keys, values = torch.stack([la.keys for la in layers]), torch.stack([la.values for la in layers])
+        return out.logits, keys, values
+
+    def __call__(self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
+                 use_cache: bool) -> tuple[torch.Tensor, Any]:
+        from torch.func import vmap
+
+        pk, pv = state if state is not None else (None, None)
+        dims = (0, 0, None, 0 if pk is not None else None, 0 if pv is not None else None)
+        fn = vmap(lambda p, b, i, k_, v_: self._one(p, b, i, k_, v_, use_cache), in_dims=dims)
+        if not use_cache:
+            return fn(self.params, self.buffers, input_ids, pk, pv), None
+        logits, ks, vs = fn(self.params, self.buffers, input_ids, pk, pv)
+        return logits, (ks, vs)
+
+
+def make_runner(models: list[Any], backend: str = "auto") -> Any:
+    """'auto' picks the stacked GPT-2 runner when it applies (fastest measured), else the loop."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    if backend == "auto":
+        backend = "stacked" if len(models) > 1 and stacked_unsupported(models) is None else "loop"
+    return {"stacked": StackedGPT2Runner, "loop": LoopRunner, "vmap": VmapRunner}[backend](models)

@@ -1,0 +1,227 @@
+"""Branch-Train-Merge over the repository (Li et al. 2022, arXiv:2208.03306).
+
+seed:   train a fresh LM on a uniform mixture of domains (§3.1, "seed LM").
+branch: a new expert's parameters are a weighted average of existing experts; by default the
+        weights are the domain posterior of those experts on a sample of the new domain (§3.1).
+train:  continue training an expert on one domain only (§3.1, "Train").
+merge:  add the trained expert to an ELMforest, served as a posterior-weighted ensemble (§2)
+        or collapsed by parameter averaging (§4.4).
+Every step registers a new expert with its lineage; a failed or cancelled step registers nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experts.data.corpora import build_corpus, load_split
+from experts.errors import InvalidExpertError, JobCancelledError
+from experts.repository.merges import MergeRunner
+from experts.repository.registry import ExpertRecord
+from experts.repository.repo import ExpertRepository
+from merging.recipe import MergeRecipe
+
+Progress = Callable[[float, str], None]
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 256
+    vocab_size: int = 4096
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A training budget: tokens and/or seconds (training stops at whichever comes first)."""
+
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+    def scaled(self, fraction: float) -> Budget:
+        return Budget(int(self.max_tokens * fraction) if self.max_tokens else None,
+                      self.max_seconds * fraction if self.max_seconds else None,
+                      self.batch_size, self.seq_len, self.lr, self.seed)
+
+    def train_config(self, *, seed_offset: int = 0) -> Any:
+        from experts.training.lm import TrainConfig
+
+        return TrainConfig(max_tokens=self.max_tokens, max_seconds=self.max_seconds, batch_size=self.batch_size,
+                           seq_len=self.seq_len, lr=self.lr, seed=self.seed + seed_offset, eval_every=100,
+                           eval_tokens=8192)
+
+
+@dataclass
+class BTM:
+    repo: ExpertRepository
+    data_dir: Path
+    corpus_bytes: int = 2_000_000
+    _ids_cache: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def merges(self) -> MergeRunner:
+        return MergeRunner(self.repo)
+
+    @property
+    def corpora_root(self) -> Path:
+        return self.data_dir / "corpora"
+
+    # -- data ---------------------------------------------------------------------------------
+    def ensure_corpus(self, domain: str) -> None:
+        from experts.data.corpora import DOMAINS, get_corpus
+
+        if domain in DOMAINS:
+            build_corpus(domain, self.corpora_root, self.corpus_bytes)
+        else:
+            get_corpus(self.corpora_root, domain)  # UnknownCorpusError for a name that is neither
+
+    def token_ids(self, tokenizer: Any, domain: str, split: str) -> torch.Tensor:
+        from experts.training.lm import tokenize_text
+
+        self.ensure_corpus(domain)
+        key = (_tok_key(tokenizer), domain, split)
+        if key not in self._ids_cache:
+            text = load_split(self.corpora_root, domain, split)
+            if not text.strip():
+                raise InvalidExpertError(f"corpus {domain!r} has an empty {split} split")
+            self._ids_cache[key] = tokenize_text(tokenizer, text)
+        return self._ids_cache[key]
+
+    def mixture_ids(self, tokenizer: Any, domains: list[str], split: str) -> torch.Tensor:
+        """A uniform mixture: the same number of tokens from every domain, interleaved in blocks."""
+        streams = [self.token_ids(tokenizer, d, split) for d in domains]
+        n = min(int(s.numel()) for s in streams)
+        block = 4096
+        parts = []
+        for start in range(0, n, block):
+            parts.extend(s[start:min(start + block, n)] for s in streams)
+        return torch.cat(parts)
+
+    def tokenizer(self, domains: list[str], vocab_size: int) -> Any:
+        """One byte-level BPE per (domains, vocab) trained on the mixture and kept under the data dir,
+        shared by every expert of a forest so they can be merged and ensembled."""
+        from transformers import AutoTokenizer
+
+        from experts.hf.tokenizer import train_bpe_tokenizer
+
+        tag = hashlib.sha256(f"{sorted(domains)}:{vocab_size}:{self.corpus_bytes}".encode()).hexdigest()[:12]
+        path = self.data_dir / "tokenizers" / tag
+        if not (path / "tokenizer.json").is_file():
+            for d in domains:
+                self.ensure_corpus(d)
+            texts = [load_split(self.corpora_root, d, "train") for d in sorted(domains)]
+            tok = train_bpe_tokenizer(texts, vocab_size=vocab_size)
+            tmp = path.with_name(path.name + ".tmp")
+            tok.save_pretrained(tmp)
+            tmp.rename(path)
+        return AutoTokenizer.from_pretrained(path)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _fresh_model(self, expert_id: str) -> tuple[Any, Any]:
+        """A private, trainable copy of an expert loaded from disk (the served copy is untouched)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = self.repo.artifact_dir(self.repo.record(expert_id))
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def _train_and_register(self, model: Any, tok: Any, expert_id: str, train_ids: torch.Tensor,
+                            val_ids: torch.Tensor | None, budget: Budget, lineage: dict[str, Any],
+                            domain: str | None, tags: list[str], progress: Progress | None,
+                            should_stop: ShouldStop | None, seed_offset: int = 0) -> ExpertRecord:
+        from experts.training.lm import save_model_atomic, train_causal_lm
+
+        def report(p: Any) -> None:
+            if progress:
+                val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
+                progress(p.fraction, f"{expert_id}: loss {p.train_loss:.3f}{val}, {p.tokens_per_s:,.0f} tok/s, "
+                                     f"eta {p.eta_s or 0:.0f}s")
+
+        result = train_causal_lm(model, train_ids, val_ids, budget.train_config(seed_offset=seed_offset),
+                                 on_progress=report, should_stop=should_stop)
+        if result.cancelled:
+            raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
+        staging = self.repo.store.new_staging()
+        save_model_atomic(model, tok, staging)
+        lineage["train"] = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
+                            "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+                            "budget": asdict(budget)}
+        return self.repo.register_staged(expert_id, staging, domain=domain, tags=tags, lineage=lineage)
+
+    # -- the four operations ------------------------------------------------------------------
+    def seed(self, expert_id: str, domains: list[str], budget: Budget, size: ModelSize = ModelSize(), *,
+             progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ExpertRecord:
+        """Train a seed LM on a uniform mixture of `domains`."""
+        from experts.training.lm import new_gpt2
+
+        if not domains:
+            raise InvalidExpertError("seed needs at least one domain")
+        tok = self.tokenizer(domains, size.vocab_size)
+        model = new_gpt2(len(tok), n_layer=size.n_layer, n_embd=size.n_embd, n_head=size.n_head,
+                         n_positions=size.n_positions, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         seed=budget.seed)
+        train = self.mixture_ids(tok, domains, "train")
+        val = self.mixture_ids(tok, domains, "validation")
+        lineage = {"op": "btm.seed", "parents": [], "recipe": {"domains": domains, "size": asdict(size)}}
+        return self._train_and_register(model, tok, expert_id, train, val, budget, lineage, None,
+                                        ["btm", "seed"], progress, should_stop)
+
+    def branch_weights(self, parents: list[str], domain: str, *, sequences: int = 8, seq_len: int = 128) -> list[float]:
+        """The parents' domain posterior on a sample of the new domain's text (the cached-prior EMA)."""
+        from experts.btm.mixture import estimate_prior
+
+        models, tok = [], None
+        for p in parents:
+            m, t = self._fresh_model(p)
+            models.append(m.eval())
+            tok = tok or t
+        ids = self.token_ids(tok, domain, "train")
+        n = min(sequences, max(1, int(ids.numel()) // seq_len))
+        step = max(seq_len, int(ids.numel()) // n)
+        sample = [ids[i * step:i * step + seq_len].tolist() for i in range(n)]
+        prior = estimate_prior(models, sample, decay=0.3)
+        return [float(x) for x in prior]
+
+    def branch(self, expert_id: str, parents: list[str], domain: str | None = None,
+               weights: list[float] | None = None) -> ExpertRecord:
+        """A new expert initialised as the weighted average of `parents` (registered, ready to train)."""
+        if not parents:
+            raise InvalidExpertError("branch needs at least one parent expert")
+        if weights is None:
+            if domain is None or len(parents) == 1:
+                weights = [1.0 / len(parents)] * len(parents)
+            else:
+                weights = self.branch_weights(parents, domain)
+        if len(weights) != len(parents):
+            raise InvalidExpertError(f"{len(parents)} parents but {len(weights)} weights")
+        recipe = MergeRecipe.model_validate({"method": "linear", "parameters": {"normalize": True},
+                                             "experts": [{"id": p, "weight": w} for p, w in zip(parents, weights)]})
+        record = self.merges.run(recipe, expert_id, tags=["btm", "branch"], domain=domain)
+        lineage = {**(record.lineage or {}), "op": "btm.branch"}
+        return self.repo.registry.update_expert(expert_id, lineage=lineage)
+
+    def train(self, expert_id: str, source: str, domain: str, budget: Budget, *, progress: Progress | None = None,
+              should_stop: ShouldStop | None = None, seed_offset: int = 0) -> ExpertRecord:
+        """Continue training `source` on `domain` only; registers the result as `expert_id`."""
+        model, tok = self._fresh_model(source)
+        train = self.token_ids(tok, domain, "train")
+        val = self.token_ids(tok, domain, "validation")
+        lineage = {"op": "btm.train", "parents": [{"id": source, "weight": 1.0}], "recipe": {"corpus": domain}}
+        return self._train_and_register(model, tok, expert_id, train, val, budget, lineage, domain,
+                                        ["btm", domain], progress, should_stop, seed_offset)
+
+
+def _tok_key(tokenizer: Any) -> str:
+    return f"{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"

@@ -1,0 +1,1 @@
+"""Data: domain corpora, task datasets and their scoring, perplexity evaluation."""

@@ -1,0 +1,1 @@
+"""Hugging Face models: loading and cache, validation, generation, chat templates, tokenizers, LoRA."""

@@ -1,0 +1,1 @@
+"""Remote experts: OpenAI-compatible upstreams, the pooled client, breaker, check, secrets."""

@@ -1,0 +1,153 @@
+"""Background jobs (uploads, merges, training, searches) with persisted state and progress.
+
+A job's row in the registry is its source of truth: status, progress 0..1 with a message, result
+or error, timestamps, and the owner (the gateway instance running it). Workers run in a thread
+pool. On start-up, jobs this instance owned that are still queued/running were interrupted by a
+crash: they are marked failed, never left running forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from experts.errors import JobCancelledError, JobStateError
+from experts.repository.registry import JobRecord, Registry
+
+log = logging.getLogger("mergegate.jobs")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+PROGRESS_WRITE_INTERVAL_S = 0.25
+
+
+class JobContext:
+    """Handed to a job's function: report progress, check for cancellation."""
+
+    def __init__(self, service: JobService, job_id: str) -> None:
+        self._service = service
+        self.job_id = job_id
+        self._cancel = threading.Event()
+        self._last_write = 0.0
+        self.done = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelledError(f"job {self.job_id} was cancelled")
+
+    def progress(self, fraction: float, message: str | None = None, *, force: bool = False,
+                 detail: dict[str, Any] | None = None) -> None:
+        """Record progress (throttled writes) and, optionally, the job's live `detail` (JSON);
+        raises JobCancelledError if the job was cancelled."""
+        self.check_cancelled()
+        now = time.monotonic()
+        if force or now - self._last_write >= PROGRESS_WRITE_INTERVAL_S:
+            self._last_write = now
+            values: dict[str, Any] = {"progress": min(max(float(fraction), 0.0), 1.0)}
+            if message is not None:
+                values["message"] = message
+            if detail is not None:
+                values["detail"] = detail
+            self._service.registry.update_job(self.job_id, only_if_status=["running"], **values)
+
+
+JobFn = Callable[[JobContext], Any]
+
+
+class JobService:
+    def __init__(self, registry: Registry, *, owner: str, workers: int = 2) -> None:
+        self.registry = registry
+        self.owner = owner
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-job")
+        self._contexts: dict[str, JobContext] = {}
+        self._lock = threading.Lock()
+
+    def recover(self) -> int:
+        n = self.registry.fail_orphaned_jobs(self.owner, "interrupted: the gateway stopped while this job was running")
+        if n:
+            log.warning("marked %d interrupted job(s) as failed", n)
+        return n
+
+    def submit(self, kind: str, params: dict[str, Any], fn: JobFn, *, message: str | None = None) -> JobRecord:
+        job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, params=params, status="queued",
+                        message=message or "queued", owner=self.owner)
+        self.registry.insert_job(job)
+        ctx = JobContext(self, job.id)
+        with self._lock:
+            self._contexts[job.id] = ctx
+        self._pool.submit(self._run, ctx, fn)
+        return job
+
+    def _run(self, ctx: JobContext, fn: JobFn) -> None:
+        job_id = ctx.job_id
+        try:
+            if ctx.cancelled or not self.registry.update_job(
+                job_id, only_if_status=["queued"], status="running", started_at=time.time(), message="running"
+            ):
+                return
+            try:
+                result = fn(ctx)
+            except JobCancelledError:
+                self._finish(job_id, status="cancelled", message="cancelled")
+            except Exception as e:  # the job failed: record why, keep the gateway up
+                log.warning("job %s failed: %s", job_id, e)
+                log.debug("%s", traceback.format_exc())
+                self._finish(job_id, status="failed", error=str(e) or type(e).__name__, message="failed")
+            else:
+                if ctx.cancelled:
+                    self._finish(job_id, status="cancelled", message="cancelled")
+                else:
+                    self._finish(job_id, status="succeeded", progress=1.0, result=result, message="done")
+        finally:
+            ctx.done.set()
+            with self._lock:
+                self._contexts.pop(job_id, None)
+
+    def _finish(self, job_id: str, **values: Any) -> None:
+        self.registry.update_job(job_id, only_if_status=["running", "queued"], finished_at=time.time(), **values)
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.registry.get_job(job_id)
+
+    def list(self, **filters: Any) -> list[JobRecord]:
+        return self.registry.list_jobs(**filters)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.registry.get_job(job_id)
+        if job.status in TERMINAL:
+            raise JobStateError(f"job {job_id} already {job.status}")
+        with self._lock:
+            ctx = self._contexts.get(job_id)
+        if ctx is None:
+            raise JobStateError(f"job {job_id} is run by another gateway instance ({job.owner})")
+        ctx._cancel.set()
+        self.registry.update_job(job_id, only_if_status=["queued"], status="cancelled", message="cancelled",
+                                 finished_at=time.time())
+        return self.registry.get_job(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Block until the job ends (or the timeout passes) and return its row."""
+        with self._lock:
+            ctx = self._contexts.get(job_id)
+        if ctx is not None:
+            ctx.done.wait(timeout)
+        return self.registry.get_job(job_id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx._cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for ctx in contexts:  # queued jobs whose futures were dropped
+            self.registry.update_job(ctx.job_id, only_if_status=["queued", "running"], status="cancelled",
+                                     message="cancelled: the gateway shut down", finished_at=time.time())

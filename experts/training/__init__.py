@@ -1,0 +1,1 @@
+"""Training: one config, the causal-LM loop and the LoRA loop."""
