@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from app.settings import Settings
+from experts.runtime import open_repository
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,14 +51,10 @@ def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from experts.btm.operations import BTM, Budget, ModelSize
     from experts.btm.pipeline import run_pipeline
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
 
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-    repo = ExpertRepository(Registry(settings.db_url), ArtifactStore(settings.data_dir), max_loaded_models=8,
-                            max_loaded_bytes=settings.max_loaded_bytes)
-    repo.open()
+    repo = open_repository(settings.data_dir, database_url=settings.db_url, max_loaded_models=8,
+                           max_loaded_bytes=settings.max_loaded_bytes)
     btm = BTM(repo, settings.data_dir, settings.corpus_bytes)
 
     def show(f: float, msg: str) -> None:

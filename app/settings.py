@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # (measured: 2.3x slower per generation). Raise it for GPUs or many-core hosts.
     generation_workers: int = 1
     job_workers: int = 2
+    max_merge_sessions: int = 8  # Evo-Merging sessions open at once (provider side)
     default_dtype: str | None = None
     corpus_bytes: int = 2_000_000  # text per built-in domain corpus (all splits), for BTM and evaluation
     log_level: str = "info"

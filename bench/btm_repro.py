@@ -35,10 +35,8 @@ from experts.data.corpora import load_split  # noqa: E402
 from experts.btm.mixture import EnsembleLM, estimate_prior  # noqa: E402
 from experts.data.evaluation import evaluate_ids  # noqa: E402
 from experts.btm.forest import sample_sequences  # noqa: E402
-from experts.repository.registry import Registry  # noqa: E402
-from experts.repository.repo import ExpertRepository  # noqa: E402
-from experts.repository.store import ArtifactStore  # noqa: E402
 from merging.methods import get_method  # noqa: E402
+from experts.runtime import open_repository  # noqa: E402
 
 TRAIN = ["code", "legal", "scripture", "dictionary"]
 HELD_OUT = ["jargon", "python_docs"]
@@ -76,9 +74,8 @@ def main() -> None:
     eval_tokens = args.eval_tokens or eval_tokens
     t_start = time.time()
     data = Path(tempfile.mkdtemp(prefix="mg-btm-repro-"))
-    repo = ExpertRepository(Registry(f"sqlite:///{data / 'r.db'}"), ArtifactStore(data), max_loaded_models=32,
-                            max_loaded_bytes=16 << 30)
-    repo.open()
+    repo = open_repository(data, database_url=f"sqlite:///{data / 'r.db'}", max_loaded_models=32,
+                           max_loaded_bytes=16 << 30)
     btm = BTM(repo, data, corpus_bytes)
     budget = lambda tokens: Budget(max_tokens=int(tokens), batch_size=8, seq_len=seq, lr=2e-3, seed=args.seed)  # noqa: E731
     n = len(TRAIN)

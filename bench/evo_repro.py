@@ -383,9 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from experts.evo.pool import FULL as POOL_FULL
     from experts.evo.pool import QUICK as POOL_QUICK
     from experts.evo.pool import build_pool
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
+    from experts.runtime import open_repository
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -404,9 +402,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry(f"sqlite:///{(data_dir / 'registry.db').resolve()}")
-    repo = ExpertRepository(registry, ArtifactStore(data_dir), max_loaded_models=2, max_loaded_bytes=1 << 30)
-    repo.open()
+    repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}", max_loaded_models=2,
+                           max_loaded_bytes=1 << 30)
     try:
         pool = build_pool(repo, st.n, quick=args.quick, prefix=args.prefix)
         pool_s = time.perf_counter() - t0

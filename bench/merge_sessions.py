@@ -50,10 +50,7 @@ def build(root: Path, n: int, n_layer: int, n_embd: int, vocab: int, rank: int, 
     import pydoc_data.topics
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
+    from experts.runtime import open_repository
     from experts.hf.tokenizer import train_bpe_tokenizer
 
     texts = [v for _, v in sorted(pydoc_data.topics.topics.items())]
@@ -64,9 +61,8 @@ def build(root: Path, n: int, n_layer: int, n_embd: int, vocab: int, rank: int, 
     base_dir = root / "src" / "base"
     GPT2LMHeadModel(cfg).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    repo = ExpertRepository(Registry(f"sqlite:///{root / 'registry.db'}"), ArtifactStore(root / "data"),
-                            max_loaded_models=2, max_loaded_bytes=1 << 30)
-    repo.open()
+    repo = open_repository(root / "data", database_url=f"sqlite:///{root / 'registry.db'}", max_loaded_models=2,
+                           max_loaded_bytes=1 << 30)
     repo.register_from_dir("base", base_dir)
     peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir),
                                 LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0))

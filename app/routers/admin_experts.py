@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from app.deps import AdminDep, require_admin
 from app.errors import ApiError
 from app.protocol.admin import DeletedView, ExpertList, ExpertView, LoadedView, PinRequest, RegisterExpertRequest
 from app.protocol.common import error_responses
+from app.routers.respond import ExpertOrJob, expert_or_job
 
 router = APIRouter(prefix="/admin/experts", tags=["admin: experts"], dependencies=[Depends(require_admin)])
 BACKGROUND = Query(False, description="Return 202 with the job at once instead of waiting for it")
@@ -27,23 +25,24 @@ async def get_expert(expert_id: str, admin: AdminDep):
     return admin.describe(expert_id)
 
 
-@router.post("", status_code=201, response_model=ExpertView,
+@router.post("", status_code=201, response_model=ExpertOrJob,
              responses={**error_responses(400, 401, 403, 409), 202: {"description": "Job accepted (background=true)"}},
              summary="Register a model directory on the server")
-async def register_expert(body: RegisterExpertRequest, admin: AdminDep, background: bool = BACKGROUND):
+async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response: Response, background: bool = BACKGROUND):
     """Validates the directory (config, weights against the config, tokenizer), copies it into the
     store through a staging area, and registers it as a `local` expert — or, for a PEFT LoRA
     adapter directory (adapter_config.json), as a `lora` expert on `base`."""
     status, payload = await admin.register_path(body.id, body.path, tags=body.tags, domain=body.domain,
                                                 lineage=body.lineage, background=background, base=body.base)
-    return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
+    return expert_or_job(response, (status, payload))
 
 
-@router.post("/upload", status_code=201, response_model=ExpertView,
+@router.post("/upload", status_code=201, response_model=ExpertOrJob,
              responses={**error_responses(400, 401, 403, 409, 413), 202: {"description": "Job accepted"}},
              summary="Upload a model (archive or files) and register it")
 async def upload_expert(
     admin: AdminDep,
+    response: Response,
     id: str = Form(..., description="Unique expert id"),
     archive: UploadFile | None = File(None, description="A .tar, .tar.gz or .zip of the model directory"),
     files: list[UploadFile] | None = File(None, description="Or the files: config.json, model.safetensors, tokenizer"),
@@ -60,7 +59,7 @@ async def upload_expert(
     arch = (archive.filename or "archive", archive.file) if archive is not None else None
     status, payload = await admin.register_upload(id, file_list, arch, tags=tag_list, domain=domain,
                                                   background=background, base=base)
-    return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
+    return expert_or_job(response, (status, payload))
 
 
 @router.delete("/{expert_id}", response_model=DeletedView, responses=error_responses(401, 403, 404, 409),

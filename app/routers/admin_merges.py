@@ -2,43 +2,38 @@
 
 from __future__ import annotations
 
-import json
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Response
 
-from app.deps import require_admin
+from app.deps import MergesDep, require_admin
 from app.protocol.admin import ExpertView
 from app.protocol.common import error_responses
+from app.routers.respond import ExpertOrJob, expert_or_job
 from app.protocol.merges import MergeRequest, MethodView, PreviewRequest, PreviewView
-from app.services.merges import MergeService
 
 router = APIRouter(prefix="/admin/merges", tags=["admin: merges"], dependencies=[Depends(require_admin)])
 
 
-async def _service(request: Request) -> MergeService:
-    return request.app.state.merges
-
 
 @router.get("/methods", response_model=list[MethodView], summary="Merge methods and their parameters")
-async def list_methods():
-    return MergeService.methods()
+async def list_methods(service: MergesDep):
+    return service.methods()
 
 
 @router.post("/preview", response_model=PreviewView, responses=error_responses(400, 401, 403, 404, 409),
              summary="Validate a recipe and estimate its memory and output size, without merging")
-async def preview_merge(body: PreviewRequest, service: MergeService = Depends(_service)):
+async def preview_merge(body: PreviewRequest, service: MergesDep):
     return await service.preview(body.recipe, body.id)
 
 
-@router.post("", status_code=202, responses={**error_responses(400, 401, 403, 404, 409),
+@router.post("", status_code=202, response_model=ExpertOrJob, responses={**error_responses(400, 401, 403, 404, 409),
                                              201: {"model": ExpertView, "description": "Merged (background=false)"}},
              summary="Merge experts into a new expert (a job)")
-async def create_merge(body: MergeRequest, service: MergeService = Depends(_service),
+async def create_merge(body: MergeRequest, response: Response, service: MergesDep,
                        background: bool = Query(True, description="false: wait and answer 201 with the expert")):
     """Checks everything first (recipe, experts, shapes, tokenizers, output id) and answers 4xx
     before any work; then merges tensor by tensor in a job (progress per tensor) and registers the
     result with the recipe as its lineage. Follow it at `/admin/jobs/{id}/events`."""
     status, payload = await service.start(body.id, body.recipe, tags=body.tags, domain=body.domain,
                                           background=background)
-    return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
+    return expert_or_job(response, (status, payload))

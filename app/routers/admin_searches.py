@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import json
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Response
 
-from app.deps import require_admin
+from app.deps import SearchesDep, require_admin
 from app.protocol.admin import ExpertView, JobView
 from app.protocol.common import error_responses
+from app.routers.respond import ExpertOrJob, expert_or_job
 from app.protocol.searches import AnySearchRequest
-from app.services.searches import SearchService
 
 router = APIRouter(prefix="/admin/searches", tags=["admin: searches"], dependencies=[Depends(require_admin)])
 
 
-async def _svc(request: Request) -> SearchService:
-    return request.app.state.searches
 
-
-@router.post("", status_code=202,
+@router.post("", status_code=202, response_model=ExpertOrJob,
              responses={**error_responses(400, 401, 403, 404, 409),
                         202: {"model": JobView, "description": "The search job (background=true)"},
                         201: {"model": ExpertView, "description": "The registered winner (background=false, "
                               "with a name)"}},
              summary="Run a search as a job: Evo-Merging / LoraHub merge coefficients, or ensemble weights")
-async def start_search(body: AnySearchRequest, svc: SearchService = Depends(_svc),
+async def start_search(body: AnySearchRequest, response: Response, svc: SearchesDep,
                        background: bool = Query(True, description="false: wait for the search to finish")):
     """The provider is this gateway (default) or any server with the merge-sessions contract
     (`provider.url`, `provider.api_key`): only coefficients go out and only losses come back.
@@ -41,4 +36,4 @@ async def start_search(body: AnySearchRequest, svc: SearchService = Depends(_svc
     called once per validation example, then the weights are searched on those numbers alone and saved on
     the ensemble if they beat its current ones (`apply`)."""
     status, payload = await svc.start(body, background)
-    return JSONResponse(json.loads(json.dumps(payload, default=str)), status_code=status)
+    return expert_or_job(response, (status, payload))

@@ -7,7 +7,6 @@ synchronous endpoints validate first, so that bad input is a 4xx before any job 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from anyio.to_thread import run_sync
+from fastapi.encoders import jsonable_encoder
 
 from app.errors import ApiError
 from app.metrics import Metrics
@@ -25,19 +25,20 @@ from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
 from experts.hf.lora import is_adapter_dir
 from experts.repository.store import check_expert_id, check_upload_filename, safe_extract
+from experts.runtime import Runtime
 from experts.hf.validation import validate_model_dir
 
 SYNC_WAIT_S = 600.0
 
 
 class AdminService:
-    def __init__(self, repo: ExpertRepository, jobs: JobService, metrics: Metrics, *, max_upload_bytes: int,
-                 torch_executor: Any = None) -> None:
+    def __init__(self, repo: ExpertRepository, jobs: JobService, runtime: Runtime, metrics: Metrics, *,
+                 max_upload_bytes: int) -> None:
         self.repo = repo
         self.jobs = jobs
+        self.runtime = runtime  # model loading runs on the torch thread, like generation
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
-        self.torch_executor = torch_executor  # the generation thread pool (None: a generic thread)
 
     def describe(self, expert_id: str) -> dict[str, Any]:
         return self.repo.describe(expert_id)
@@ -143,14 +144,8 @@ class AdminService:
     async def delete(self, expert_id: str) -> None:
         await run_sync(self.repo.delete, expert_id)
 
-    async def _torch(self, fn: Any, *args: Any) -> Any:
-        """Model loading runs on the generation threads (see CompletionService), not a generic pool."""
-        if self.torch_executor is None:
-            return await run_sync(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self.torch_executor, fn, *args)
-
     async def load(self, expert_id: str) -> dict[str, Any]:
-        await self._torch(self.repo.load, expert_id)
+        await self.runtime.run_torch(self.repo.load, expert_id)
         return self._loaded_view(expert_id)
 
     async def unload(self, expert_id: str) -> dict[str, Any]:
@@ -158,7 +153,7 @@ class AdminService:
         return self._loaded_view(expert_id)
 
     async def pin(self, expert_id: str, pinned: bool) -> dict[str, Any]:
-        await self._torch(self.repo.pin, expert_id, pinned)
+        await self.runtime.run_torch(self.repo.pin, expert_id, pinned)
         return self._loaded_view(expert_id)
 
     def _loaded_view(self, expert_id: str) -> dict[str, Any]:
@@ -175,7 +170,7 @@ class AdminService:
             stamp = (job.status, job.progress, job.message, job.updated_at)
             if stamp != last:
                 last = stamp
-                yield sse_event(json.loads(json.dumps(job.to_dict(), default=str)))
+                yield sse_event(jsonable_encoder(job.to_dict()))
             if job.status in TERMINAL or time.monotonic() > deadline:
                 break
             await asyncio.sleep(poll_s)

@@ -1,7 +1,7 @@
 """Black-box ensembles: registration, and serving them through /v1/completions and /v1/chat/completions.
 
-`install()` plugs them into the repository: an `ensemble` record with a `mode` is served by
-`BlackBoxEnsemble`; one without (a BTM forest) by the factory that was there before. Answers are
+An `ensemble` record with a `mode` is served by `BlackBoxEnsemble` (the `blackbox` entry of the kinds
+table, :mod:`experts.runtime`); one without is a BTM forest. Answers are
 relayed as JSONResponse / StreamingResponse (ProxyResult / ProxyStream) so that the `ensemble` report
 (candidates, scores, member usage) reaches the client alongside the OpenAI fields.
 
@@ -15,10 +15,8 @@ members were asked for (calls, prompt and completion tokens per member, generati
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anyio.to_thread import run_sync
 
@@ -27,47 +25,24 @@ from app.metrics import Metrics
 from app.protocol.blackbox import PatchEnsembleRequest, RegisterEnsembleRequest
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
-from app.services.completions import FINGERPRINT, _chat_logprobs, _legacy_logprobs, _usage
+from app.services.openai_shapes import (chat_choice, chat_delta_choice, chat_head, completion_choice,
+                                        completion_head, usage)
 from app.services.proxy import ProxyResult, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import ExpertKind, GenerationParams, StreamDelta
 from experts.blackbox import BlackBoxEnsemble, EnsembleEnd, create_blackbox, is_blackbox, update_blackbox
-from experts.errors import ExpertUnavailableError
-from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
-
-if TYPE_CHECKING:
-    from app.services.completions import CompletionService
+from experts.runtime import Runtime
 
 ENSEMBLE = ExpertKind.ENSEMBLE.value
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 
 class BlackBoxService:
-    def __init__(self, repo: ExpertRepository, completions: CompletionService, metrics: Metrics) -> None:
+    def __init__(self, repo: ExpertRepository, runtime: Runtime, metrics: Metrics) -> None:
         self.repo = repo
-        self.completions = completions
+        self.runtime = runtime  # the torch thread all local members' work shares
         self.metrics = metrics
-
-    # -- wiring ---------------------------------------------------------------------------------------
-    def install(self) -> None:
-        forest_factory = self.repo.factories[ENSEMBLE]
-        forest_loader = self.repo.loaders[ENSEMBLE]
-        self.repo.factories[ENSEMBLE] = lambda r: self.ensemble(r) if is_blackbox(r) else forest_factory(r)
-
-        def loader(record: ExpertRecord) -> Any:
-            if is_blackbox(record):
-                raise ExpertUnavailableError(f"{record.id!r} is a black-box ensemble: it has no weights of its own "
-                                             "(its local members load on first use)")
-            return forest_loader(record)
-
-        self.repo.loaders[ENSEMBLE] = loader
-
-    def ensemble(self, record: ExpertRecord) -> BlackBoxEnsemble:
-        return BlackBoxEnsemble(record, self.repo.get, self._run)
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await self.completions._call(fn, *args)  # the generation thread(s) all torch work shares
 
     @staticmethod
     def serves(expert: Any) -> bool:
@@ -135,27 +110,22 @@ class BlackBoxService:
         prompt, params, body = self._completion_input(req, ens)
         end = await ens.answer(prompt, params, body)
         self._count(ens, end)
-        lp = _legacy_logprobs(end.tokens) if req.logprobs is not None and end.tokens is not None else None
-        out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-               "model": ens.id, "choices": [{"index": 0, "text": end.text, "logprobs": lp,
-                                             "finish_reason": end.finish_reason}],
-               "usage": _usage(end.prompt_tokens, end.completion_tokens), "system_fingerprint": FINGERPRINT,
-               "ensemble": end.report}
+        tokens = end.tokens if req.logprobs is not None else None
+        out = {**completion_head(ens.id), "choices": [completion_choice(0, end.text, end.finish_reason, tokens)],
+               "usage": usage(end.prompt_tokens, end.completion_tokens), "ensemble": end.report}
         return ProxyResult(out, self._headers(ens, end))
 
     async def stream_completion(self, req: CompletionRequest, ens: BlackBoxEnsemble) -> ProxyStream:
         prompt, params, body = self._completion_input(req, ens)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": ens.id, "system_fingerprint": FINGERPRINT}
+        head = completion_head(ens.id)
         events = await ens.events(prompt, params, body)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(ev: StreamDelta) -> dict[str, Any]:
-            lp = _legacy_logprobs(ev.tokens) if req.logprobs is not None else None
-            return {**head, "choices": [{"index": 0, "text": ev.text, "logprobs": lp,
-                                         "finish_reason": ev.finish_reason}], "usage": None}
+            tokens = ev.tokens if req.logprobs is not None else None
+            return {**head, "choices": [completion_choice(0, ev.text, ev.finish_reason, tokens)], "usage": None}
 
-        return ProxyStream(self._sse(ens, events, head, chunk, usage), self._headers(ens, None))
+        return ProxyStream(self._sse(ens, events, head, chunk, with_usage), self._headers(ens, None))
 
     # -- /v1/chat/completions -------------------------------------------------------------------------
     async def _chat_input(self, req: ChatCompletionRequest, ens: BlackBoxEnsemble
@@ -163,7 +133,7 @@ class BlackBoxService:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         self._check(ens, req.n, logprobs)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        prompt = await self._run(ens.render_chat, messages)
+        prompt = await self.runtime.run_torch(ens.render_chat, messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = await ens.room(prompt, CHAT_DEFAULT_MAX_TOKENS)
@@ -184,32 +154,25 @@ class BlackBoxService:
         prompt, params, body = await self._chat_input(req, ens)
         end = await ens.answer(prompt, params, body)
         self._count(ens, end)
-        lp = _chat_logprobs(end.tokens) if req.logprobs and end.tokens is not None else None
-        out = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-               "model": ens.id, "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text},
-                                             "logprobs": lp, "finish_reason": end.finish_reason}],
-               "usage": _usage(end.prompt_tokens, end.completion_tokens), "system_fingerprint": FINGERPRINT,
-               "ensemble": end.report}
+        tokens = end.tokens if req.logprobs else None
+        out = {**chat_head(ens.id), "choices": [chat_choice(0, end.text, end.finish_reason, tokens)],
+               "usage": usage(end.prompt_tokens, end.completion_tokens), "ensemble": end.report}
         return ProxyResult(out, self._headers(ens, end))
 
     async def stream_chat(self, req: ChatCompletionRequest, ens: BlackBoxEnsemble) -> ProxyStream:
         prompt, params, body = await self._chat_input(req, ens)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": ens.id, "system_fingerprint": FINGERPRINT}
+        head = chat_head(ens.id, chunk=True)
         events = await ens.events(prompt, params, body)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
+        with_usage = bool(req.stream_options and req.stream_options.include_usage)
         started = [False]
 
         def chunk(ev: StreamDelta) -> dict[str, Any]:
-            delta: dict[str, Any] = {"content": ev.text}
-            if not started[0]:
-                started[0] = True
-                delta = {"role": "assistant", "content": ev.text}
-            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": ev.finish_reason,
-                                         "logprobs": _chat_logprobs(ev.tokens) if req.logprobs else None}],
-                    "usage": None}
+            choice = chat_delta_choice(0, ev.text, ev.finish_reason, ev.tokens if req.logprobs else None,
+                                       first=not started[0])
+            started[0] = True
+            return {**head, "choices": [choice], "usage": None}
 
-        return ProxyStream(self._sse(ens, events, head, chunk, usage), self._headers(ens, None))
+        return ProxyStream(self._sse(ens, events, head, chunk, with_usage), self._headers(ens, None))
 
     # -- SSE ------------------------------------------------------------------------------------------
     async def _sse(self, ens: BlackBoxEnsemble, events: AsyncIterator[Any], head: dict[str, Any], chunk: Any,
@@ -221,7 +184,7 @@ class BlackBoxService:
                 if isinstance(ev, EnsembleEnd):
                     self._count(ens, ev)
                     if include_usage:
-                        yield sse_event({**head, "choices": [], "usage": _usage(ev.prompt_tokens, ev.completion_tokens),
+                        yield sse_event({**head, "choices": [], "usage": usage(ev.prompt_tokens, ev.completion_tokens),
                                          "ensemble": ev.report})
                     continue
                 yield sse_event(chunk(ev))

@@ -9,61 +9,35 @@ advance one token per thread hop, so a client that disconnects stops its generat
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
-
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
+from app.services.blackbox import BlackBoxService
+from app.services.openai_shapes import (chat_choice, chat_delta_choice, chat_head, completion_choice,
+                                        completion_head, usage)
+from app.services.proxy import ProxyResult, ProxyService, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
-from experts.base import Choice, Expert, GenerationParams, StreamDelta, StreamEnd, TokenLogprob
+from experts.base import Expert, GenerationParams, StreamDelta, StreamEnd
 from experts.remote.expert import RemoteExpert
 from experts.repository.repo import ExpertRepository
+from experts.runtime import Runtime
 
-if TYPE_CHECKING:
-    from app.services.blackbox import BlackBoxService
-    from app.services.proxy import ProxyResult, ProxyService, ProxyStream
-
-FINGERPRINT = "mergegate-0.1"
 _DONE = object()
 
 
-def _legacy_logprobs(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {
-        "tokens": [t.token for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
-        "text_offset": [t.text_offset for t in tokens],
-    }
-
-
-def _chat_logprobs(tokens: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
-    return {"content": [
-        {"token": t.token, "logprob": t.logprob, "bytes": list(t.raw),
-         "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
-        for t in tokens
-    ]}
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 class CompletionService:
-    def __init__(self, repo: ExpertRepository, metrics: Metrics, *, workers: int, max_n: int,
-                 proxy: ProxyService | None = None) -> None:
+    def __init__(self, repo: ExpertRepository, runtime: Runtime, metrics: Metrics, *, proxy: ProxyService,
+                 blackbox: BlackBoxService, max_n: int) -> None:
         self.repo = repo
+        self.runtime = runtime
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-gen")
         self.max_n = max_n
         self.proxy = proxy  # remote experts are forwarded through it instead of generating locally
-        self.blackbox: BlackBoxService | None = None  # black-box ensembles (local + remote members) answer there
+        self.blackbox = blackbox  # black-box ensembles (local + remote members) answer there
 
     # -- shared -------------------------------------------------------------------------------
     def _expert(self, model: str) -> Expert:
@@ -74,11 +48,7 @@ class CompletionService:
             raise ApiError(400, f"n must be at most {self.max_n}", param="n")
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
+        return await self.runtime.run_torch(fn, *args)
     async def _prompts(self, expert: Expert, prompt: Any) -> list[str]:
         if isinstance(prompt, str):
             return [prompt]
@@ -116,9 +86,9 @@ class CompletionService:
     async def complete(self, req: CompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
-        if self.blackbox is not None and self.blackbox.serves(expert):
+        if self.blackbox.serves(expert):
             return await self.blackbox.complete(req, expert)
-        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+        if isinstance(expert, RemoteExpert):
             return await self.proxy.complete("/completions", req, expert, self._complete_local)
         return await self._complete_local(req, expert)
 
@@ -131,33 +101,24 @@ class CompletionService:
             n_prompt += result.prompt_tokens
             n_completion += result.completion_tokens
             for c in result.choices:
-                choices.append(self._completion_choice(p_idx * req.n + c.index, c, req))
+                tokens = (c.prompt_tokens or []) + (c.tokens or []) if req.logprobs is not None else None
+                choices.append(completion_choice(p_idx * req.n + c.index, c.text, c.finish_reason, tokens))
         self.metrics.count_tokens(req.model, n_prompt, n_completion)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "choices": choices, "usage": _usage(n_prompt, n_completion),
-                "system_fingerprint": FINGERPRINT}
-
-    @staticmethod
-    def _completion_choice(index: int, c: Choice, req: CompletionRequest) -> dict[str, Any]:
-        logprobs = None
-        if req.logprobs is not None:
-            logprobs = _legacy_logprobs((c.prompt_tokens or []) + (c.tokens or []))
-        return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {**completion_head(req.model), "choices": choices, "usage": usage(n_prompt, n_completion)}
 
     async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
-        if self.blackbox is not None and self.blackbox.serves(expert):
+        if self.blackbox.serves(expert):
             return await self.blackbox.stream_completion(req, expert)
-        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+        if isinstance(expert, RemoteExpert):
             return await self.proxy.stream("/completions", req, expert, self._stream_completion_local)
         return await self._stream_completion_local(req, expert)
 
     async def _stream_completion_local(self, req: CompletionRequest, expert: Expert) -> AsyncIterator[str]:
         params = self._params(req)
         prompts = await self._prompts(expert, req.prompt)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model, "system_fingerprint": FINGERPRINT}
+        head = completion_head(req.model)
         first_events = self._stream_events(expert, prompts[0], params)
         first = await anext(first_events)  # may raise: still before the response starts
 
@@ -172,13 +133,12 @@ class CompletionService:
                             n_prompt += ev.prompt_tokens
                             n_completion += ev.completion_tokens
                             continue
-                        lp = _legacy_logprobs(ev.tokens) if req.logprobs is not None else None
-                        choice = {"index": p_idx * req.n + ev.index, "text": ev.text, "logprobs": lp,
-                                  "finish_reason": ev.finish_reason}
+                        choice = completion_choice(p_idx * req.n + ev.index, ev.text, ev.finish_reason,
+                                                   ev.tokens if req.logprobs is not None else None)
                         yield sse_event({**head, "choices": [choice], "usage": None})
                 self.metrics.count_tokens(req.model, n_prompt, n_completion)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse_event({**head, "choices": [], "usage": _usage(n_prompt, n_completion)})
+                    yield sse_event({**head, "choices": [], "usage": usage(n_prompt, n_completion)})
             except Exception as e:  # noqa: BLE001 - mid-stream errors travel as an SSE event
                 yield sse_error(e)
             yield SSE_DONE
@@ -199,9 +159,9 @@ class CompletionService:
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
         expert = self._expert(req.model)
-        if self.blackbox is not None and self.blackbox.serves(expert):
+        if self.blackbox.serves(expert):
             return await self.blackbox.chat(req, expert)
-        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+        if isinstance(expert, RemoteExpert):
             return await self.proxy.complete("/chat/completions", req, expert, self._chat_local)
         return await self._chat_local(req, expert)
 
@@ -210,12 +170,10 @@ class CompletionService:
         params = await self._fit_chat_params(expert, req, prompt)
         result = await self._call(expert.generate, prompt, params)
         self.metrics.count_tokens(req.model, result.prompt_tokens, result.completion_tokens)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": _chat_logprobs(c.tokens or []) if req.logprobs else None,
-                    "finish_reason": c.finish_reason} for c in result.choices]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.model, "choices": choices,
-                "usage": _usage(result.prompt_tokens, result.completion_tokens), "system_fingerprint": FINGERPRINT}
+        choices = [chat_choice(c.index, c.text, c.finish_reason, (c.tokens or []) if req.logprobs else None)
+                   for c in result.choices]
+        return {**chat_head(req.model), "choices": choices,
+                "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     async def _fit_chat_params(self, expert: Expert, req: ChatCompletionRequest, prompt: str) -> GenerationParams:
         """Without an explicit limit, a chat answer may use the rest of the context window (up to 256)."""
@@ -230,17 +188,16 @@ class CompletionService:
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
         expert = self._expert(req.model)
-        if self.blackbox is not None and self.blackbox.serves(expert):
+        if self.blackbox.serves(expert):
             return await self.blackbox.stream_chat(req, expert)
-        if isinstance(expert, RemoteExpert) and self.proxy is not None:
+        if isinstance(expert, RemoteExpert):
             return await self.proxy.stream("/chat/completions", req, expert, self._stream_chat_local)
         return await self._stream_chat_local(req, expert)
 
     async def _stream_chat_local(self, req: ChatCompletionRequest, expert: Expert) -> AsyncIterator[str]:
         prompt = await self._chat_prompt(expert, req)
         params = await self._fit_chat_params(expert, req, prompt)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": req.model, "system_fingerprint": FINGERPRINT}
+        head = chat_head(req.model, chunk=True)
         events = self._stream_events(expert, prompt, params)
         first = await anext(events)
 
@@ -252,14 +209,11 @@ class CompletionService:
                         self.metrics.count_tokens(req.model, ev.prompt_tokens, ev.completion_tokens)
                         if req.stream_options and req.stream_options.include_usage:
                             yield sse_event({**head, "choices": [],
-                                             "usage": _usage(ev.prompt_tokens, ev.completion_tokens)})
+                                             "usage": usage(ev.prompt_tokens, ev.completion_tokens)})
                         continue
-                    delta: dict[str, Any] = {"content": ev.text}
-                    if ev.index not in started:
-                        started.add(ev.index)
-                        delta = {"role": "assistant", "content": ev.text}
-                    choice = {"index": ev.index, "delta": delta, "finish_reason": ev.finish_reason,
-                              "logprobs": _chat_logprobs(ev.tokens) if req.logprobs else None}
+                    choice = chat_delta_choice(ev.index, ev.text, ev.finish_reason,
+                                               ev.tokens if req.logprobs else None, first=ev.index not in started)
+                    started.add(ev.index)
                     yield sse_event({**head, "choices": [choice], "usage": None})
             except Exception as e:  # noqa: BLE001
                 yield sse_error(e)

@@ -14,26 +14,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anyio.to_thread import run_sync
 
 from app.protocol.searches import EnsembleSearchRequest
+from app.services.admin import AdminService
 from experts.blackbox.spec import BlackBoxSpec, is_blackbox, update_blackbox
 from experts.blackbox.weight_search import (DEFAULT_OBJECTIVE, OBJECTIVES, collect, new_weights, ordered_weights,
                                             search_ensemble_weights)
 from experts.errors import InvalidExpertError, JobCancelledError
 from experts.repository.jobs import JobContext
+from experts.btm.operations import BTM
 from experts.evo.search_job import Progress
 from experts.data.tasks import TASKS, load_task
-
-if TYPE_CHECKING:  # pragma: no cover
-    from app.services.searches import SearchService
 
 DEFAULT_TASK_EXAMPLES = 32
 
 
-def _examples(svc: SearchService, req: EnsembleSearchRequest) -> tuple[str, list[dict[str, Any]]]:
+def _examples(svc: EnsembleSearchService, req: EnsembleSearchRequest) -> tuple[str, list[dict[str, Any]]]:
     """(the ensemble's mode, the validation examples); raises the 4xx errors."""
     record = svc.repo.record(req.ensemble)  # 404
     if not is_blackbox(record):
@@ -50,7 +49,7 @@ def _examples(svc: SearchService, req: EnsembleSearchRequest) -> tuple[str, list
         task = str(v.task)
         if task not in TASKS:
             raise InvalidExpertError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-        btm = svc.manager.btm
+        btm = svc.btm
         btm.ensure_corpus(TASKS[task].domain)
         examples = load_task(btm, task, v.split, v.max_examples or DEFAULT_TASK_EXAMPLES)
     if not examples:
@@ -58,20 +57,26 @@ def _examples(svc: SearchService, req: EnsembleSearchRequest) -> tuple[str, list
     return mode, examples
 
 
-async def start_ensemble_search(svc: SearchService, req: EnsembleSearchRequest, loop: asyncio.AbstractEventLoop,
-                                background: bool) -> tuple[int, dict[str, Any]]:
-    mode, examples = await run_sync(_examples, svc, req)
-    params = req.model_dump(mode="json")
-    params["mode"] = mode
+class EnsembleSearchService:
+    def __init__(self, admin: AdminService, btm: BTM) -> None:
+        self.admin = admin
+        self.repo = admin.repo
+        self.btm = btm  # builds the corpora of task validation sets
 
-    def run(ctx: JobContext) -> dict[str, Any]:
-        return _run(ctx, svc, req, examples, loop)
+    async def start(self, req: EnsembleSearchRequest, background: bool) -> tuple[int, dict[str, Any]]:
+        mode, examples = await run_sync(_examples, self, req)
+        params = req.model_dump(mode="json")
+        params["mode"] = mode
+        loop = asyncio.get_running_loop()
 
-    job = svc.admin.submit("search.ensemble_weights", params, run)
-    return await svc.admin.finish(job, background)
+        def run(ctx: JobContext) -> dict[str, Any]:
+            return _run(ctx, self, req, examples, loop)
+
+        job = self.admin.submit("search.ensemble_weights", params, run)
+        return await self.admin.finish(job, background)
 
 
-def _collect(ctx: JobContext, svc: SearchService, req: EnsembleSearchRequest, examples: list[dict[str, Any]],
+def _collect(ctx: JobContext, svc: EnsembleSearchService, req: EnsembleSearchRequest, examples: list[dict[str, Any]],
              loop: asyncio.AbstractEventLoop) -> Any:
     """Run `collect` on the gateway's loop; a cancel stops it (in-flight calls are cancelled)."""
     ensemble = svc.repo.get(req.ensemble)
@@ -90,7 +95,7 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _run(ctx: JobContext, svc: SearchService, req: EnsembleSearchRequest, examples: list[dict[str, Any]],
+def _run(ctx: JobContext, svc: EnsembleSearchService, req: EnsembleSearchRequest, examples: list[dict[str, Any]],
          loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     ctx.progress(0.0, f"collecting member scores on {len(examples)} examples", force=True)
     table = _collect(ctx, svc, req, examples, loop)

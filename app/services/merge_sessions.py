@@ -1,6 +1,6 @@
 """Merge-session and LoRA-training use-cases. Checks run before any work, so bad input is a 4xx.
 
-Session work is torch work: it runs on the gateway's torch thread(s) (`AdminService._torch`, the
+Session work is torch work: it runs on the gateway's torch thread(s) (`Runtime.run_torch`, the
 generation executor), one hop per candidate, so a long population does not hold completions back
 for more than one evaluation, and no second OpenMP team fights the first.
 """
@@ -39,7 +39,7 @@ class MergeSessionService:
         loss = LossOptions(max_examples=req.loss.max_examples,
                            max_tokens_per_example=req.loss.max_tokens_per_example, append_eos=req.loss.append_eos)
         pool = req.pool.model_dump() if not isinstance(req.pool, list) else req.pool
-        session = await self.admin._torch(lambda: self.manager.create(req.base, pool, spec, loss=loss,
+        session = await self.admin.runtime.run_torch(lambda: self.manager.create(req.base, pool, spec, loss=loss,
                                                                       budget=req.budget))
         return session.view()
 
@@ -60,7 +60,7 @@ class MergeSessionService:
         losses: list[float] = []
         try:
             for a, b in checked:
-                losses.append(await self.admin._torch(s.loss_of, a, b))
+                losses.append(await self.admin.runtime.run_torch(s.loss_of, a, b))
         finally:
             s.refund(len(checked) - len(losses))
         return s, losses
@@ -81,7 +81,7 @@ class MergeSessionService:
         check_expert_id(name)
         if self.repo.registry.has_expert(name):
             raise ExpertExistsError(name)
-        record = await self.admin._torch(lambda: self.manager.materialize(session_id, alpha, beta, name,
+        record = await self.admin.runtime.run_torch(lambda: self.manager.materialize(session_id, alpha, beta, name,
                                                                           tags=tags, domain=domain))
         return self.admin.describe(record.id)
 

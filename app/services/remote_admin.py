@@ -9,7 +9,6 @@ from app.protocol.remote import PatchExpertRequest, RegisterRemoteRequest
 from experts.base import ExpertKind
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.repository.registry import ExpertRecord
-from experts.remote.expert import RemoteExpert
 from experts.remote.check import check_upstream
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import check_expert_id
@@ -35,13 +34,6 @@ class RemoteAdminService:
         self.repo = repo
         self.runtime = runtime
         self._lock = asyncio.Lock()  # one writer of rows + keys at a time
-
-    def install(self) -> None:
-        """Plug the `remote` kind into the repository (serving, describe, delete), and drop stray keys."""
-        self.repo.factories[REMOTE] = lambda r: RemoteExpert(r, self.runtime)
-        self.repo.describers[REMOTE] = lambda r: {"remote": RemoteExpert(r, self.runtime).status()}
-        self.repo.on_delete.append(lambda r: self.runtime.forget(r.id) if r.kind == REMOTE else None)
-        self.runtime.cleanup({r.id for r in self.repo.list(kind=REMOTE)})
 
     def describe(self, expert_id: str) -> dict[str, Any]:
         return self.repo.describe(expert_id)

@@ -14,17 +14,20 @@ registered rolls the local registration back; the job ends `cancelled`, nothing 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from anyio.to_thread import run_sync
 
 from app.protocol.searches import EnsembleSearchRequest, SearchRequest
 from app.services.admin import AdminService
+from app.services.ensemble_search import EnsembleSearchService
+from app.services.remote_admin import RemoteAdminService
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.repository.jobs import JobContext
 from experts.repository.registry import ExpertRecord
 from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
+from experts.evo.sessions import MergeSessionManager
+from experts.remote.upstream import RemoteSpec
 from experts.repository.store import check_expert_id
 from experts.data.tasks import TASKS
 
@@ -38,10 +41,12 @@ def spec_fields(req: SearchRequest) -> dict[str, Any]:
 
 
 class SearchService:
-    def __init__(self, admin: AdminService, manager: Any, remote: Any = None) -> None:
+    def __init__(self, admin: AdminService, manager: MergeSessionManager, remote: RemoteAdminService | None,
+                 ensembles: EnsembleSearchService) -> None:
         self.admin = admin
         self.manager = manager
-        self.remote = remote  # RemoteAdminService: registers the winner of a URL provider
+        self.remote = remote  # registers the winner of a URL provider (None: this gateway cannot)
+        self.ensembles = ensembles  # method "ensemble_weights"
         self.repo = admin.repo
 
     def _precheck(self, req: SearchRequest) -> None:
@@ -65,15 +70,13 @@ class SearchService:
     def _provider(self, req: SearchRequest) -> LocalProvider | HttpProvider:
         p = req.provider
         if p.url is None:
-            return LocalProvider(self.manager, self.admin.torch_executor)
+            return LocalProvider(self.manager, self.admin.runtime.torch)
         key = p.api_key.get_secret_value() if p.api_key is not None else None
         return HttpProvider(p.url, key, timeout=p.timeout_s, retries=p.retries)
 
     async def start(self, req: SearchRequest | EnsembleSearchRequest, background: bool) -> tuple[int, dict[str, Any]]:
         if isinstance(req, EnsembleSearchRequest):
-            from app.services.ensemble_search import start_ensemble_search
-
-            return await start_ensemble_search(self, req, asyncio.get_running_loop(), background)
+            return await self.ensembles.start(req, background)
         await run_sync(self._precheck, req)
         session_body = req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True)
         spec = SearchSpec(session=session_body, **spec_fields(req))
@@ -137,8 +140,7 @@ class SearchService:
     def _register_remote(self, name: str, provider: HttpProvider, made: dict[str, Any], req: SearchRequest,
                          lineage: dict[str, Any]) -> None:
         """A `remote` expert for the provider's new expert; the key first, then the row (as RemoteAdminService)."""
-        from experts.remote.upstream import RemoteSpec
-
+        assert self.remote is not None  # checked before the job started
         runtime = self.remote.runtime
         spec = RemoteSpec.from_dict({"base_url": provider.url + "/v1", "model": str(made.get("id", name))})
         full = {"op": "search", "provider": provider.url, "provider_expert": made.get("id", name),

@@ -15,9 +15,7 @@ from pathlib import Path
 from experts.btm.operations import BTM, Budget, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import available_domains
-from experts.repository.registry import Registry
-from experts.repository.repo import ExpertRepository
-from experts.repository.store import ArtifactStore
+from experts.runtime import open_repository
 
 PREFIX = "demo"
 WANTED = ["code", "python_docs", "legal", "scripture"]
@@ -40,8 +38,8 @@ def build_demo(data_dir: Path, *, db_url: str, quick: bool = False,
     hf_logging.disable_progress_bar()
     size, budget, corpus_bytes = QUICK if quick else FULL
     data_dir.mkdir(parents=True, exist_ok=True)
-    repo = ExpertRepository(Registry(db_url), ArtifactStore(data_dir), max_loaded_models=8, max_loaded_bytes=4 << 30)
-    repo.open()
+    repo = open_repository(data_dir, database_url=db_url, max_loaded_models=8,
+                           max_loaded_bytes=4 << 30)
     try:
         if repo.registry.has_expert(f"{PREFIX}-forest"):
             return None

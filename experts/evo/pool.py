@@ -22,6 +22,7 @@ from experts.btm.operations import BTM, Budget, ModelSize
 from experts.data.corpora import available_domains
 from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
 from experts.data.tasks import POOL_TASKS, TASKS
+from experts.runtime import open_repository
 
 __all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
 
@@ -80,10 +81,6 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
     """
     from transformers.utils import logging as hf_logging
 
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
-
     hf_logging.disable_progress_bar()
     cfg = config or (QUICK if quick else FULL)
     say = echo or (lambda s: print(s, flush=True))
@@ -91,9 +88,8 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
     if own:
         data_dir = Path(target)
         data_dir.mkdir(parents=True, exist_ok=True)
-        registry = Registry(f"sqlite:///{(data_dir / 'registry.db').resolve()}")
-        repo = ExpertRepository(registry, ArtifactStore(data_dir), max_loaded_models=4, max_loaded_bytes=4 << 30)
-        repo.open()
+        repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}", max_loaded_models=4,
+                               max_loaded_bytes=4 << 30)
     else:
         repo = target
         data_dir = repo.store.root

@@ -1,5 +1,8 @@
 """ExpertRepository: the registry rows, the artifacts on disk and the loaded models, kept consistent.
 
+Kinds plug in through a table of :class:`Kind` (see :mod:`experts.runtime`): the repository itself
+knows no kind but how to store and validate local models and LoRA adapters.
+
 Writes follow one order so that a crash at any point leaves a consistent repository:
 stage the artifact -> validate -> rename into the store -> insert the registry row. A row is only
 ever inserted for a complete artifact; an artifact without a row is an orphan removed at start-up.
@@ -10,42 +13,65 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experts.base import Expert, ExpertKind
 from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
-from experts.hf.loading import LoadedModel, ModelCache, load_hf_model
-from experts.hf.local import LocalExpert
-from experts.hf.lora import is_adapter_dir, load_lora_model, validate_adapter_dir
+from experts.hf.loading import LoadedModel, ModelCache
+from experts.hf.lora import is_adapter_dir, validate_adapter_dir
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.store import ArtifactStore, check_expert_id
 from experts.hf.validation import model_files, validate_model_dir
 
 log = logging.getLogger("mergegate.repository")
 
-ExpertFactory = Callable[[ExpertRecord], Expert]
-ModelLoader = Callable[[ExpertRecord], LoadedModel]
+
+
+def _none(record: ExpertRecord) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How the repository handles one kind of expert.
+
+    `record_kind` is the registry's `kind` column; `when` narrows it (black-box ensembles and BTM forests
+    are both `ensemble` rows). `serve` builds the servable object for a ready record; `load` reads its
+    weights into the model cache (None: nothing to load); `describe` adds kind-specific fields to
+    `describe()`; `forget` cleans up after a delete; `on_open` runs once at start-up with the kind's
+    records; `uses` names the experts this one depends on (they cannot be deleted while it exists)."""
+
+    name: str
+    record_kind: str
+    serve: Callable[[ExpertRecord, ExpertRepository], Expert]
+    load: Callable[[ExpertRecord, ExpertRepository], LoadedModel] | None = None
+    when: Callable[[ExpertRecord], bool] | None = None
+    describe: Callable[[ExpertRecord, ExpertRepository], dict[str, Any]] | None = None
+    forget: Callable[[ExpertRecord, ExpertRepository], None] | None = None
+    on_open: Callable[[list[ExpertRecord], ExpertRepository], None] | None = None
+    uses: Callable[[ExpertRecord], list[str]] = _none
 
 
 class ExpertRepository:
-    def __init__(self, registry: Registry, store: ArtifactStore, *, max_loaded_models: int, max_loaded_bytes: int,
-                 default_dtype: str | None = None) -> None:
+    def __init__(self, registry: Registry, store: ArtifactStore, *, kinds: Sequence[Kind], runtime: Any,
+                 max_loaded_models: int, max_loaded_bytes: int, default_dtype: str | None = None,
+                 owns_runtime: bool = False) -> None:
         self.registry = registry
         self.store = store
+        self.kinds = tuple(kinds)
+        self.runtime = runtime  # experts.runtime.Runtime: the torch thread and the remote experts' client
+        self._owns_runtime = owns_runtime
         self.default_dtype = default_dtype
         self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
-        # Kinds plug in here: how to serve a record, and how to load its weights.
-        local = lambda r: LocalExpert(r, self.cache)  # noqa: E731
-        self.factories: dict[str, ExpertFactory] = {ExpertKind.LOCAL.value: local, ExpertKind.LORA.value: local}
-        self.factories[ExpertKind.ENSEMBLE.value] = local
-        self.loaders: dict[str, ModelLoader] = {ExpertKind.LOCAL.value: self._load_local,
-                                                ExpertKind.LORA.value: self._load_lora,
-                                                ExpertKind.ENSEMBLE.value: self._load_ensemble}
-        # Kind-specific extras for describe() (e.g. a remote expert's breaker), and clean-ups after delete().
-        self.describers: dict[str, Callable[[ExpertRecord], dict[str, Any]]] = {}
-        self.on_delete: list[Callable[[ExpertRecord], None]] = []
+
+    def kind_of(self, record: ExpertRecord) -> Kind:
+        for kind in self.kinds:
+            if kind.record_kind == record.kind and (kind.when is None or kind.when(record)):
+                return kind
+        raise ExpertUnavailableError(f"expert {record.id!r} is of kind {record.kind!r}, which this gateway cannot serve")
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -55,6 +81,9 @@ class ExpertRepository:
         records = self.registry.list_experts()
         for orphan in self.store.orphans({r.path for r in records if r.path}):
             shutil.rmtree(orphan, ignore_errors=True)
+        for kind in self.kinds:
+            if kind.on_open is not None:
+                kind.on_open([r for r in records if self._matches(kind, r)], self)
         for r in records:
             if r.pinned:  # pinned means resident: load now, so the first request is not a cold start
                 self.cache.pin(r.id)
@@ -74,18 +103,19 @@ class ExpertRepository:
         record = self.registry.get_expert(expert_id)
         if record.status != "ready":
             raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
-        factory = self.factories.get(record.kind)
-        if factory is None:
-            raise ExpertUnavailableError(f"expert {expert_id!r} is of kind {record.kind!r}, which this gateway cannot serve")
-        return factory(record)
+        return self.kind_of(record).serve(record, self)
+
+    @staticmethod
+    def _matches(kind: Kind, record: ExpertRecord) -> bool:
+        return kind.record_kind == record.kind and (kind.when is None or kind.when(record))
 
     def describe(self, expert_id: str) -> dict[str, Any]:
         record = self.registry.get_expert(expert_id)
         d = record.to_dict()
         d["loaded"] = self.cache.is_loaded(expert_id)
-        describer = self.describers.get(record.kind)
-        if describer is not None:
-            d.update(describer(record))
+        kind = self.kind_of(record)
+        if kind.describe is not None:
+            d.update(kind.describe(record, self))
         return d
 
     def artifact_dir(self, record: ExpertRecord) -> Path:
@@ -96,27 +126,15 @@ class ExpertRepository:
     # -- loading ------------------------------------------------------------------------------
     def _load(self, expert_id: str) -> LoadedModel:
         record = self.registry.get_expert(expert_id)
-        loader = self.loaders.get(record.kind)
-        if loader is None:
+        load = self.kind_of(record).load
+        if load is None:
             raise ExpertUnavailableError(f"experts of kind {record.kind!r} have no weights to load")
         try:
-            return loader(record)
+            return load(record, self)
         except ExpertUnavailableError:
             raise
         except Exception as e:
             raise ExpertUnavailableError(f"expert {expert_id!r} failed to load: {e}") from e
-
-    def _load_local(self, record: ExpertRecord) -> LoadedModel:
-        return load_hf_model(self.artifact_dir(record), dtype=self.default_dtype)
-
-    def _load_lora(self, record: ExpertRecord) -> LoadedModel:
-        base = self.registry.get_expert(record.spec["base"])
-        return load_lora_model(self.artifact_dir(record), self.artifact_dir(base), dtype=self.default_dtype)
-
-    def _load_ensemble(self, record: ExpertRecord) -> LoadedModel:
-        from experts.btm.forest import load_forest
-
-        return load_forest(self, record)
 
     def load(self, expert_id: str) -> None:
         self.get(expert_id)  # checks it exists and is servable
@@ -228,10 +246,14 @@ class ExpertRepository:
 
     # -- removal ------------------------------------------------------------------------------
     def dependents(self, expert_id: str) -> list[str]:
+        """Experts that use this one (a LoRA's base, a forest's or ensemble's member, a remote's fallback)."""
         out = []
         for r in self.registry.list_experts():
-            members = [m.get("id") for m in r.spec.get("members", []) if isinstance(m, dict)]
-            if r.spec.get("base") == expert_id or expert_id in members:
+            try:
+                uses = self.kind_of(r).uses(r)
+            except ExpertUnavailableError:
+                continue
+            if expert_id in uses:
                 out.append(r.id)
         return out
 
@@ -243,8 +265,11 @@ class ExpertRepository:
         self.registry.delete_expert(expert_id)
         self.cache.forget(expert_id)
         self.store.remove(record.path)
-        for hook in self.on_delete:
-            hook(record)
+        kind = self.kind_of(record)
+        if kind.forget is not None:
+            kind.forget(record, self)
 
     def close(self) -> None:
         self.registry.close()
+        if self._owns_runtime:
+            self.runtime.close()

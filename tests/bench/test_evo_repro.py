@@ -52,16 +52,13 @@ def test_test_losses_match_the_provider(quick):
     from experts.btm.operations import BTM
     from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
     from experts.evo.pool import QUICK
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
+    from experts.runtime import open_repository
 
     root, result = quick
     st = result["settings"]
     data = root / "data"
-    registry = Registry(f"sqlite:///{data / 'registry.db'}")
-    repo = ExpertRepository(registry, ArtifactStore(data), max_loaded_models=2, max_loaded_bytes=1 << 30)
-    repo.open()
+    repo = open_repository(data, database_url=f"sqlite:///{data / 'registry.db'}", max_loaded_models=2,
+                           max_loaded_bytes=1 << 30)
     try:
         mgr = MergeSessionManager(repo, btm=BTM(repo, data, QUICK.corpus_bytes))
         loss = LossOptions(max_tokens_per_example=st["max_tokens"], batch_tokens=st["batch_tokens"])

@@ -10,9 +10,7 @@ from experts.btm.operations import BTM, Budget, ModelSize
 from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
 from experts.data.evaluation import evaluate_ids
 from experts.btm.forest import average_forest, create_forest, sample_sequences
-from experts.repository.registry import Registry
-from experts.repository.repo import ExpertRepository
-from experts.repository.store import ArtifactStore
+from experts.runtime import open_repository
 
 SIZE = ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512)
 BUDGET = Budget(max_tokens=8 * 64 * 30, batch_size=8, seq_len=64, lr=3e-3)
@@ -22,9 +20,8 @@ DOMAINS = ["code", "python_docs"]
 @pytest.fixture(scope="module")
 def btm(tmp_path_factory):
     data = tmp_path_factory.mktemp("btm")
-    repo = ExpertRepository(Registry(f"sqlite:///{data / 'r.db'}"), ArtifactStore(data), max_loaded_models=8,
-                            max_loaded_bytes=1 << 30)
-    repo.open()
+    repo = open_repository(data, database_url=f"sqlite:///{data / 'r.db'}", max_loaded_models=8,
+                           max_loaded_bytes=1 << 30)
     b = BTM(repo, data, corpus_bytes=200_000)
     b.seed("seed", DOMAINS, BUDGET, SIZE)
     yield b

@@ -14,9 +14,7 @@ from experts.errors import ExpertNotFoundError, InvalidExpertError, JobCancelled
 from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
 from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
                                     SessionLimitError, SessionNotFoundError, ValidationSpec)
-from experts.repository.registry import Registry
-from experts.repository.repo import ExpertRepository
-from experts.repository.store import ArtifactStore
+from experts.runtime import open_repository
 from experts.data.tasks import HELD_OUT, POOL_TASKS, TASKS, load_task
 from tests.helpers import build_adapter_dir, build_model_dir
 
@@ -44,9 +42,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir, tokenizer):
     root = tmp_path_factory.mktemp("msess")
-    repo = ExpertRepository(Registry(f"sqlite:///{root / 'r.db'}"), ArtifactStore(root / "data"), max_loaded_models=4,
-                            max_loaded_bytes=1 << 30)
-    repo.open()
+    repo = open_repository(root / "data", database_url=f"sqlite:///{root / 'r.db'}", max_loaded_models=4,
+                           max_loaded_bytes=1 << 30)
     repo.register_from_dir("tiny", tiny_model_dir)
     for i in range(4):
         d = build_adapter_dir(root / "src" / f"ad{i}", tiny_model_dir, seed=i, targets=TARGETS)

@@ -1,0 +1,155 @@
+"""The assembly of the domain: the run-time resources, the table of expert kinds, `open_repository`.
+
+Every entry point (the app's lifespan, the CLI, the demo, the benches, the tests) opens its
+repository here, so each of them can serve every kind of expert. `KINDS` is the one place that
+says, for each kind, how a registry record is served, how its weights load, what `describe`
+adds, what to clean up when it is deleted and which other experts it depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from experts.base import Expert, ExpertKind
+from experts.blackbox.ensemble import BlackBoxEnsemble
+from experts.blackbox.spec import is_blackbox
+from experts.btm.forest import load_forest
+from experts.errors import ExpertUnavailableError
+from experts.hf.loading import LoadedModel, load_hf_model
+from experts.hf.local import LocalExpert
+from experts.hf.lora import load_lora_model
+from experts.remote.expert import RemoteExpert
+from experts.remote.secrets import SecretStore
+from experts.remote.upstream import RemoteRuntime, RemoteSpec
+from experts.repository.registry import ExpertRecord, Registry
+from experts.repository.repo import ExpertRepository, Kind
+from experts.repository.store import ArtifactStore
+
+T = TypeVar("T")
+
+
+class Runtime:
+    """What serving needs while the process runs: the torch thread(s) every forward pass runs on, and the
+    pooled HTTP client, key store and upstream health of remote experts.
+
+    One torch thread is right on a CPU: torch already uses every core inside each op, and a second
+    thread brings a second OpenMP team that fights the first (measured: 2.3x slower per generation).
+    Without an HTTP client (a CLI command, a bench) remote experts cannot be served."""
+
+    def __init__(self, *, torch_workers: int = 1, http: httpx.AsyncClient | None = None,
+                 secrets_dir: Path | None = None) -> None:
+        self.torch = ThreadPoolExecutor(max_workers=torch_workers, thread_name_prefix="mergegate-torch")
+        self.remote: RemoteRuntime | None = None
+        if http is not None:
+            if secrets_dir is None:
+                raise ValueError("remote experts need a secrets directory")
+            self.remote = RemoteRuntime(http, SecretStore(secrets_dir))
+
+    async def run_torch(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking torch work on the torch thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.torch, fn, *args)
+
+    def require_remote(self, expert_id: str) -> RemoteRuntime:
+        if self.remote is None:
+            raise ExpertUnavailableError(f"expert {expert_id!r} is remote; this process has no HTTP client to reach it")
+        return self.remote
+
+    def close(self) -> None:
+        self.torch.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the kinds ------------------------------------------------------------------------------------------
+
+def _serve_local(record: ExpertRecord, repo: ExpertRepository) -> Expert:
+    return LocalExpert(record, repo.cache)
+
+
+def _load_local(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
+    return load_hf_model(repo.artifact_dir(record), dtype=repo.default_dtype)
+
+
+def _load_lora(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
+    base = repo.record(record.spec["base"])
+    return load_lora_model(repo.artifact_dir(record), repo.artifact_dir(base), dtype=repo.default_dtype)
+
+
+def _load_forest(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
+    return load_forest(repo, record)
+
+
+def _serve_blackbox(record: ExpertRecord, repo: ExpertRepository) -> Expert:
+    return BlackBoxEnsemble(record, repo.get, repo.runtime.run_torch)
+
+
+def _no_weights(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
+    raise ExpertUnavailableError(f"{record.id!r} is a black-box ensemble: it has no weights of its own "
+                                 "(its local members load on first use)")
+
+
+def _serve_remote(record: ExpertRecord, repo: ExpertRepository) -> Expert:
+    return RemoteExpert(record, repo.runtime.require_remote(record.id))
+
+
+def _describe_remote(record: ExpertRecord, repo: ExpertRepository) -> dict[str, Any]:
+    if repo.runtime.remote is None:
+        return {}
+    return {"remote": RemoteExpert(record, repo.runtime.remote).status()}
+
+
+def _forget_remote(record: ExpertRecord, repo: ExpertRepository) -> None:
+    if repo.runtime.remote is not None:
+        repo.runtime.remote.forget(record.id)
+
+
+def _open_remote(records: list[ExpertRecord], repo: ExpertRepository) -> None:
+    if repo.runtime.remote is not None:  # keys of experts that no longer exist (a crash between key and row)
+        repo.runtime.remote.cleanup({r.id for r in records})
+
+
+def _members(record: ExpertRecord) -> list[str]:
+    return [str(m["id"]) for m in record.spec.get("members", []) if isinstance(m, dict) and "id" in m]
+
+
+def _lora_base(record: ExpertRecord) -> list[str]:
+    return [str(record.spec["base"])] if record.spec.get("base") else []
+
+
+def _fallbacks(record: ExpertRecord) -> list[str]:
+    return list(RemoteSpec.from_dict(record.spec).fallbacks)
+
+
+LOCAL, LORA, ENSEMBLE, REMOTE = (k.value for k in (ExpertKind.LOCAL, ExpertKind.LORA, ExpertKind.ENSEMBLE,
+                                                    ExpertKind.REMOTE))
+
+#: Every kind of expert this gateway serves. The first entry whose registry kind (and `when`) matches a
+#: record handles it: black-box ensembles and BTM forests share the registry kind `ensemble`.
+KINDS: tuple[Kind, ...] = (
+    Kind("local", LOCAL, serve=_serve_local, load=_load_local),
+    Kind("lora", LORA, serve=_serve_local, load=_load_lora, uses=_lora_base),
+    Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members),
+    Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members),
+    Kind("remote", REMOTE, serve=_serve_remote, describe=_describe_remote, forget=_forget_remote,
+         on_open=_open_remote, uses=_fallbacks),
+)
+
+
+def open_repository(data_dir: Path, *, database_url: str | None = None, runtime: Runtime | None = None,
+                    max_loaded_models: int = 16, max_loaded_bytes: int = 8 << 30,
+                    default_dtype: str | None = None) -> ExpertRepository:
+    """Open (migrate, clean, re-pin) the repository under `data_dir` with every kind of expert.
+
+    `database_url` defaults to SQLite at `<data_dir>/registry.db`; `runtime` to one torch thread and
+    no HTTP client. The caller closes the repository (and the runtime it passed in)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = database_url or f"sqlite:///{(data_dir / 'registry.db').resolve()}"
+    repo = ExpertRepository(Registry(url), ArtifactStore(data_dir), kinds=KINDS, runtime=runtime or Runtime(),
+                            max_loaded_models=max_loaded_models, max_loaded_bytes=max_loaded_bytes,
+                            default_dtype=default_dtype, owns_runtime=runtime is None)
+    repo.open()
+    return repo
