@@ -9,7 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from app import cli_btm, cli_search
+from app.main import create_app
 from app.settings import Settings, resolve_admin_key
+from experts.btm.demo import build_demo
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -18,9 +21,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
-
-    from app.main import create_app
+    import uvicorn  # lazy: only `serve` and `demo` need the server
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
@@ -49,8 +50,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from experts.btm.demo import build_demo
-
     settings = _settings(args)
     build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick)
     resolve_admin_key(settings)
@@ -75,8 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     common(p)
     p.add_argument("--quick", action="store_true", help="tiny models, a few seconds of training (for tests)")
     p.set_defaults(fn=cmd_demo)
-    from app import cli_btm, cli_search
-
     cli_btm.add_parser(sub)
     cli_search.add_parser(sub)
     args = parser.parse_args(argv)

@@ -46,6 +46,9 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code=exc.code, param=exc.param)
     if isinstance(exc, xe.UpstreamError):
         return _upstream_error(exc)
+    if isinstance(exc, xe.EngineOverloadedError):
+        return ApiError(429, str(exc), code="engine_overloaded",
+                        headers={"retry-after": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, xs.SessionNotFoundError):
         return ApiError(404, str(exc), code="session_not_found")
     if isinstance(exc, xs.BudgetExhaustedError):

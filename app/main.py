@@ -35,6 +35,7 @@ from app.services.searches import SearchService
 from app.settings import Settings, resolve_admin_key
 from experts.btm.operations import BTM
 from experts.evo.sessions import MergeSessionManager
+from experts.hf.engine.scheduler import Limits
 from experts.remote.breaker import STATE_CODES
 from experts.repository.jobs import JobService
 from experts.repository.repo import ExpertRepository
@@ -89,7 +90,9 @@ class Services:
 def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient) -> Services:
     """Construct every service from what it needs, in dependency order."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(torch_workers=settings.generation_workers, http=http, secrets_dir=settings.data_dir / "secrets")
+    limits = Limits(max_batch_size=settings.max_batch_size, max_batched_tokens=settings.max_batched_tokens,
+                    max_queue=settings.max_queue)
+    runtime = Runtime(limits=limits, observer=metrics, http=http, secrets_dir=settings.data_dir / "secrets")
     repo = open_repository(settings.data_dir, database_url=settings.db_url, runtime=runtime,
                            max_loaded_models=settings.max_loaded_models, max_loaded_bytes=settings.max_loaded_bytes,
                            default_dtype=settings.default_dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -22,6 +23,44 @@ class Metrics:
         self.jobs = Counter("mergegate_jobs_total", "Jobs submitted", ["kind"], registry=self.registry)
         self._refreshers: list[Callable[[], None]] = []
         self._init_remote()
+        self._init_engine()
+
+    def _init_engine(self) -> None:
+        """The batching engine, per model: rows decoding, prompts waiting, time in queue, tokens."""
+        r = self.registry
+        self.engine_batch = Gauge("mergegate_engine_batch_rows", "Rows (choices) decoding in the model's batch",
+                                  ["model"], registry=r)
+        self.engine_queue = Gauge("mergegate_engine_queue_prompts", "Prompts waiting for a place in the batch",
+                                  ["model"], registry=r)
+        self.engine_wait = Histogram("mergegate_engine_queue_seconds", "Time from submission to the start of the "
+                                     "prefill", ["model"], registry=r,
+                                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.engine_tokens = Counter("mergegate_engine_generated_tokens_total", "Tokens sampled by the engine "
+                                     "(rate() of it is tokens/s)", ["model"], registry=r)
+        self.engine_prefill = Counter("mergegate_engine_prefill_tokens_total", "Prompt tokens run through the "
+                                      "model (padding included)", ["model"], registry=r)
+        self.engine_steps = Counter("mergegate_engine_steps_total", "Engine iterations", ["model"], registry=r)
+
+    # -- experts.hf.engine.engine.Observer --------------------------------------------------------
+    def admitted(self, model: str, waited_s: float) -> None:
+        self.engine_wait.labels(model).observe(waited_s)
+
+    def stepped(self, model: str, stats: Any, running: int, waiting: int) -> None:
+        self.engine_batch.labels(model).set(running)
+        self.engine_queue.labels(model).set(waiting)
+        self.engine_steps.labels(model).inc()
+        if stats.generated:
+            self.engine_tokens.labels(model).inc(stats.generated)
+        if stats.prefill_tokens:
+            self.engine_prefill.labels(model).inc(stats.prefill_tokens)
+
+    def forget_model(self, model: str) -> None:
+        """A deleted expert's series leave /metrics."""
+        for metric in (self.engine_batch, self.engine_queue, self.engine_wait, self.engine_tokens,
+                       self.engine_prefill, self.engine_steps, self.tokens):
+            for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no public way
+                if labels and labels[0] == model:
+                    metric.remove(*labels)
 
     def _init_remote(self) -> None:
         """Per remote expert: requests by outcome, errors by class, upstream time and the gateway's overhead."""

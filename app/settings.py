@@ -24,10 +24,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 4 << 20  # JSON requests
     max_upload_bytes: int = 4 << 30  # expert uploads
     max_n: int = 16
-    # Threads that run model forward passes. One is right on a CPU: torch already uses every core
-    # inside each op, and a second thread brings a second OpenMP team that fights the first
-    # (measured: 2.3x slower per generation). Raise it for GPUs or many-core hosts.
-    generation_workers: int = 1
+    # The batching engine (docs/engine.md), per loaded model.
+    max_batch_size: int = Field(64, ge=1, description="rows (choices) decoding at once")
+    max_batched_tokens: int = Field(1024, ge=1, description="tokens through the model per step: decoding rows "
+                                    "plus one chunk of prefill")
+    max_queue: int = Field(256, ge=1, description="prompts waiting for a place; beyond it requests get 429")
     job_workers: int = 2
     max_merge_sessions: int = 8  # Evo-Merging sessions open at once (provider side)
     default_dtype: str | None = None

@@ -61,6 +61,7 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from experts.hf import generation
+    from experts.hf.engine import sync
     from experts.base import GenerationParams
     from experts.btm.mixture import EnsembleLM
 
@@ -89,7 +90,7 @@ def main() -> None:
 
     def decode(model) -> tuple[float, str]:
         t = time.perf_counter()
-        res = generation.generate(model, tok, prompt, params)
+        res = sync.generate(model, tok, prompt, params)
         return time.perf_counter() - t, res.choices[0].text
 
     def prefill(model) -> float:  # the decode run's prompt forward, to subtract it

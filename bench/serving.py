@@ -50,7 +50,7 @@ def build_model(out: Path, layers: int, embd: int) -> Path:
 
 def in_process(model_dir: Path, n: int) -> tuple[list[float], str]:
     from experts.base import GenerationParams
-    from experts.hf.generation import generate
+    from experts.hf.engine.sync import generate
     from experts.hf.loading import load_hf_model
 
     m = load_hf_model(model_dir)

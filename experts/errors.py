@@ -43,6 +43,14 @@ class GenerationInputError(ExpertError, ValueError):
         self.param = param
 
 
+class EngineOverloadedError(ExpertError):
+    """The model's waiting queue is full: try again later (`retry_after` seconds)."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class JobNotFoundError(ExpertError, KeyError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} does not exist")

@@ -8,9 +8,8 @@ adds, what to clean up when it is deleted and which other experts it depends on.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +20,8 @@ from experts.blackbox.ensemble import BlackBoxEnsemble
 from experts.blackbox.spec import is_blackbox
 from experts.btm.forest import load_forest
 from experts.errors import ExpertUnavailableError
+from experts.hf.engine.engine import Engine, Observer
+from experts.hf.engine.scheduler import Limits
 from experts.hf.loading import LoadedModel, load_hf_model
 from experts.hf.local import LocalExpert
 from experts.hf.lora import load_lora_model
@@ -34,17 +35,26 @@ from experts.repository.store import ArtifactStore
 T = TypeVar("T")
 
 
+class TorchExecutor:
+    """`submit(fn, *args)` on the engine thread, for code written against an executor."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future:
+        return self._engine.call(fn, *args)
+
+
 class Runtime:
-    """What serving needs while the process runs: the torch thread(s) every forward pass runs on, and the
-    pooled HTTP client, key store and upstream health of remote experts.
+    """What serving needs while the process runs: the engine (the one thread every forward pass runs
+    on, batching the requests of each model), and the pooled HTTP client, key store and upstream
+    health of remote experts. Without an HTTP client (a CLI command, a bench) remote experts cannot
+    be served."""
 
-    One torch thread is right on a CPU: torch already uses every core inside each op, and a second
-    thread brings a second OpenMP team that fights the first (measured: 2.3x slower per generation).
-    Without an HTTP client (a CLI command, a bench) remote experts cannot be served."""
-
-    def __init__(self, *, torch_workers: int = 1, http: httpx.AsyncClient | None = None,
-                 secrets_dir: Path | None = None) -> None:
-        self.torch = ThreadPoolExecutor(max_workers=torch_workers, thread_name_prefix="mergegate-torch")
+    def __init__(self, *, limits: Limits | None = None, observer: Observer | None = None,
+                 http: httpx.AsyncClient | None = None, secrets_dir: Path | None = None) -> None:
+        self.engine = Engine(limits, observer=observer)
+        self.torch = TorchExecutor(self.engine)
         self.remote: RemoteRuntime | None = None
         if http is not None:
             if secrets_dir is None:
@@ -52,8 +62,8 @@ class Runtime:
             self.remote = RemoteRuntime(http, SecretStore(secrets_dir))
 
     async def run_torch(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking torch work on the torch thread, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.torch, fn, *args)
+        """Run blocking torch work on the engine thread (between batch steps), off the event loop."""
+        return await self.engine.run(fn, *args)
 
     def require_remote(self, expert_id: str) -> RemoteRuntime:
         if self.remote is None:
@@ -61,13 +71,13 @@ class Runtime:
         return self.remote
 
     def close(self) -> None:
-        self.torch.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()
 
 
 # -- the kinds ------------------------------------------------------------------------------------------
 
 def _serve_local(record: ExpertRecord, repo: ExpertRepository) -> Expert:
-    return LocalExpert(record, repo.cache)
+    return LocalExpert(record, repo.cache, repo.runtime.engine)
 
 
 def _load_local(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:

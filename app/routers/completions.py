@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import CompletionsDep, require_client
+from app.disconnect import until_disconnect
 from app.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from app.protocol.common import error_responses
 from app.protocol.completions import CompletionRequest, CompletionResponse
@@ -29,21 +30,21 @@ def _json(result):  # noqa: ANN001, ANN202 - proxied answers are relayed as the 
              responses={**error_responses(400, 401, 404, 413, 503),
                         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
              summary="Create a completion")
-async def create_completion(body: CompletionRequest, service: CompletionsDep):  # noqa: ANN201
+async def create_completion(body: CompletionRequest, service: CompletionsDep, request: Request):  # noqa: ANN201
     """Text completion with sampling, stop sequences, seeds, logprobs and echo; `stream=true` sends SSE
     chunks ending with `data: [DONE]`."""
     if body.stream:
         return _sse(await service.stream_completion(body))
-    return _json(await service.complete(body))
+    return _json(await until_disconnect(request, service.complete(body)))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
              responses={**error_responses(400, 401, 404, 413, 503),
                         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
              summary="Create a chat completion")
-async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep):  # noqa: ANN201
+async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep, request: Request):  # noqa: ANN201
     """Chat completion; the prompt is built with the tokenizer's chat template, or the default
     template documented in docs/api.md."""
     if body.stream:
         return _sse(await service.stream_chat(body))
-    return _json(await service.chat(body))
+    return _json(await until_disconnect(request, service.chat(body)))

@@ -1,16 +1,18 @@
 """Completions and chat completions: wire request -> expert call -> wire response or SSE chunks.
 
-Generation is blocking torch code; it runs on a small dedicated thread pool (the same threads
-every time: torch's OpenMP pools are per calling thread, so hopping across a large generic pool
-would multiply spinning OpenMP teams), so
-the event loop keeps serving (health checks, other requests) during a long generation. Streams
-advance one token per thread hop, so a client that disconnects stops its generation at once.
+Local experts (local, lora, BTM forests) are served by the batching engine: the prompt is tokenized
+and checked in a worker thread (so bad input is a 4xx before anything is queued or streamed), then
+submitted; the engine's events are shaped into the OpenAI answer or SSE chunks as they come. A
+request whose consumer goes away (client disconnect) is cancelled and leaves the batch at the next
+step. Remote experts go through the proxy (with fallbacks), black-box ensembles through their service.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
+
+from anyio.to_thread import run_sync
 
 from app.errors import ApiError
 from app.metrics import Metrics
@@ -21,21 +23,22 @@ from app.services.openai_shapes import (chat_choice, chat_delta_choice, chat_hea
                                         completion_head, usage)
 from app.services.proxy import ProxyResult, ProxyService, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
-from experts.base import Expert, GenerationParams, StreamDelta, StreamEnd
+from experts.base import Expert, GenerationParams, StreamEnd
+from experts.hf.engine.engine import Prompt
+from experts.hf.local import LocalExpert, collect_async
 from experts.remote.expert import RemoteExpert
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime
 
-_DONE = object()
-
 
 class CompletionService:
     def __init__(self, repo: ExpertRepository, runtime: Runtime, metrics: Metrics, *, proxy: ProxyService,
-                 blackbox: BlackBoxService, max_n: int) -> None:
+                 blackbox: BlackBoxService, max_n: int, max_choices: int = 128) -> None:
         self.repo = repo
         self.runtime = runtime
         self.metrics = metrics
         self.max_n = max_n
+        self.max_choices = max_choices  # prompts x n per request
         self.proxy = proxy  # remote experts are forwarded through it instead of generating locally
         self.blackbox = blackbox  # black-box ensembles (local + remote members) answer there
 
@@ -47,35 +50,25 @@ class CompletionService:
         if n > self.max_n:
             raise ApiError(400, f"n must be at most {self.max_n}", param="n")
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await self.runtime.run_torch(fn, *args)
-    async def _prompts(self, expert: Expert, prompt: Any) -> list[str]:
-        if isinstance(prompt, str):
-            return [prompt]
-        if not prompt:
-            raise ApiError(400, "prompt must not be an empty list", param="prompt")
-        if isinstance(prompt[0], str):
-            return list(prompt)
-        if not hasattr(expert, "detokenize"):
-            raise ApiError(400, "token-id prompts need an expert with a local tokenizer", param="prompt")
-        lists = [prompt] if isinstance(prompt[0], int) else prompt
-        return [await self._call(expert.detokenize, ids) for ids in lists]
+    def _local(self, expert: Expert) -> LocalExpert:
+        if not isinstance(expert, LocalExpert):
+            raise ApiError(400, f"expert {expert.id!r} cannot generate here", param="model")
+        return expert
 
-    async def _stream_events(self, expert: Expert, prompt: str, params: GenerationParams
-                             ) -> AsyncIterator[StreamDelta | StreamEnd]:
-        """Advance the blocking generator one event per thread hop. The first hop happens before the
-        caller starts the HTTP response, so bad input (e.g. context length) still gets a 4xx status."""
-        it: Iterator[StreamDelta | StreamEnd] = await self._call(expert.stream, prompt, params)
-        first = await self._call(next, it, _DONE)
-        try:
-            ev = first
-            while ev is not _DONE:
-                yield ev
-                ev = await self._call(next, it, _DONE)
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+    async def _prepare(self, expert: LocalExpert, prompt: Any, max_tokens: int, n: int) -> list[Prompt]:
+        """Every prompt of the request tokenized and checked (in a worker thread), before anything runs."""
+        if isinstance(prompt, str):
+            raw: list[str | list[int]] = [prompt]
+        elif not prompt:
+            raise ApiError(400, "prompt must not be an empty list", param="prompt")
+        elif isinstance(prompt[0], int):
+            raw = [list(prompt)]
+        else:
+            raw = list(prompt)
+        if len(raw) * n > self.max_choices:
+            raise ApiError(400, f"{len(raw)} prompts x n={n} is {len(raw) * n} choices; the limit per request is "
+                                f"{self.max_choices}", param="prompt")
+        return await run_sync(lambda: [expert.prepare(p, max_tokens) for p in raw])
 
     # -- /v1/completions ----------------------------------------------------------------------
     def _params(self, req: CompletionRequest) -> GenerationParams:
@@ -93,18 +86,17 @@ class CompletionService:
         return await self._complete_local(req, expert)
 
     async def _complete_local(self, req: CompletionRequest, expert: Expert) -> dict[str, Any]:
+        local = self._local(expert)
         params = self._params(req)
-        prompts = await self._prompts(expert, req.prompt)
-        choices, n_prompt, n_completion = [], 0, 0
-        for p_idx, prompt in enumerate(prompts):
-            result = await self._call(expert.generate, prompt, params)
-            n_prompt += result.prompt_tokens
-            n_completion += result.completion_tokens
-            for c in result.choices:
-                tokens = (c.prompt_tokens or []) + (c.tokens or []) if req.logprobs is not None else None
-                choices.append(completion_choice(p_idx * req.n + c.index, c.text, c.finish_reason, tokens))
-        self.metrics.count_tokens(req.model, n_prompt, n_completion)
-        return {**completion_head(req.model), "choices": choices, "usage": usage(n_prompt, n_completion)}
+        prompts = await self._prepare(local, req.prompt, params.max_tokens, req.n)
+        result = await collect_async(local.stream(prompts, params), params, n=len(prompts) * req.n)
+        choices = []
+        for c in result.choices:
+            tokens = (c.prompt_tokens or []) + (c.tokens or []) if req.logprobs is not None else None
+            choices.append(completion_choice(c.index, c.text, c.finish_reason, tokens))
+        self.metrics.count_tokens(req.model, result.prompt_tokens, result.completion_tokens)
+        return {**completion_head(req.model), "choices": choices,
+                "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
@@ -116,31 +108,28 @@ class CompletionService:
         return await self._stream_completion_local(req, expert)
 
     async def _stream_completion_local(self, req: CompletionRequest, expert: Expert) -> AsyncIterator[str]:
+        local = self._local(expert)
         params = self._params(req)
-        prompts = await self._prompts(expert, req.prompt)
+        prompts = await self._prepare(local, req.prompt, params.max_tokens, req.n)
+        events = local.stream(prompts, params)  # queued now: a full queue is a 429 before the stream
         head = completion_head(req.model)
-        first_events = self._stream_events(expert, prompts[0], params)
-        first = await anext(first_events)  # may raise: still before the response starts
 
         async def body() -> AsyncIterator[str]:
-            n_prompt = n_completion = 0
             try:
-                for p_idx, prompt in enumerate(prompts):
-                    events = first_events if p_idx == 0 else self._stream_events(expert, prompt, params)
-                    pending = [first] if p_idx == 0 else []
-                    async for ev in _chain(pending, events):
-                        if isinstance(ev, StreamEnd):
-                            n_prompt += ev.prompt_tokens
-                            n_completion += ev.completion_tokens
-                            continue
-                        choice = completion_choice(p_idx * req.n + ev.index, ev.text, ev.finish_reason,
-                                                   ev.tokens if req.logprobs is not None else None)
-                        yield sse_event({**head, "choices": [choice], "usage": None})
-                self.metrics.count_tokens(req.model, n_prompt, n_completion)
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse_event({**head, "choices": [], "usage": usage(n_prompt, n_completion)})
+                async for ev in events:
+                    if isinstance(ev, StreamEnd):
+                        self.metrics.count_tokens(req.model, ev.prompt_tokens, ev.completion_tokens)
+                        if req.stream_options and req.stream_options.include_usage:
+                            yield sse_event({**head, "choices": [],
+                                             "usage": usage(ev.prompt_tokens, ev.completion_tokens)})
+                        continue
+                    choice = completion_choice(ev.index, ev.text, ev.finish_reason,
+                                               ev.tokens if req.logprobs is not None else None)
+                    yield sse_event({**head, "choices": [choice], "usage": None})
             except Exception as e:  # noqa: BLE001 - mid-stream errors travel as an SSE event
                 yield sse_error(e)
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
             yield SSE_DONE
 
         return body()
@@ -152,9 +141,22 @@ class CompletionService:
                                 top_p=req.top_p, n=req.n, stop=tuple(req.stop), seed=req.seed,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
-    async def _chat_prompt(self, expert: Expert, req: ChatCompletionRequest) -> str:
+    async def _chat_prompt(self, expert: LocalExpert, req: ChatCompletionRequest) -> tuple[Prompt, int]:
+        """The rendered and tokenized chat prompt; without an explicit limit, the answer may use the rest of
+        the context window (up to 256 tokens)."""
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        return await self._call(expert.render_chat, messages)
+        explicit = req.max_completion_tokens or req.max_tokens
+
+        def render() -> tuple[Prompt, int]:
+            text = expert.render_chat(messages)
+            if explicit:
+                return expert.prepare(text, explicit), explicit
+            ctx = expert.describe().get("context_length") or 2048
+            probe = expert.prepare(text, 0)
+            room = max(1, min(256, ctx - max(len(probe.ids), 1)))
+            return expert.prepare(text, room), room
+
+        return await run_sync(render)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
@@ -165,25 +167,21 @@ class CompletionService:
             return await self.proxy.complete("/chat/completions", req, expert, self._chat_local)
         return await self._chat_local(req, expert)
 
+    def _chat_params_for(self, req: ChatCompletionRequest, max_tokens: int) -> GenerationParams:
+        p = self._chat_params(req)
+        return GenerationParams(max_tokens=max_tokens, temperature=p.temperature, top_p=p.top_p, n=p.n, stop=p.stop,
+                                seed=p.seed, logprobs=p.logprobs)
+
     async def _chat_local(self, req: ChatCompletionRequest, expert: Expert) -> dict[str, Any]:
-        prompt = await self._chat_prompt(expert, req)
-        params = await self._fit_chat_params(expert, req, prompt)
-        result = await self._call(expert.generate, prompt, params)
+        local = self._local(expert)
+        prompt, max_tokens = await self._chat_prompt(local, req)
+        params = self._chat_params_for(req, max_tokens)
+        result = await collect_async(local.stream([prompt], params), params)
         self.metrics.count_tokens(req.model, result.prompt_tokens, result.completion_tokens)
         choices = [chat_choice(c.index, c.text, c.finish_reason, (c.tokens or []) if req.logprobs else None)
                    for c in result.choices]
         return {**chat_head(req.model), "choices": choices,
                 "usage": usage(result.prompt_tokens, result.completion_tokens)}
-
-    async def _fit_chat_params(self, expert: Expert, req: ChatCompletionRequest, prompt: str) -> GenerationParams:
-        """Without an explicit limit, a chat answer may use the rest of the context window (up to 256)."""
-        params = self._chat_params(req)
-        if req.max_completion_tokens or req.max_tokens:
-            return params
-        ctx = expert.describe().get("context_length") or 2048
-        used = await self._call(expert.count_tokens, prompt)
-        room = max(1, min(256, ctx - max(used, 1)))
-        return GenerationParams(**{**{f: getattr(params, f) for f in params.__slots__}, "max_tokens": room})
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
@@ -195,16 +193,16 @@ class CompletionService:
         return await self._stream_chat_local(req, expert)
 
     async def _stream_chat_local(self, req: ChatCompletionRequest, expert: Expert) -> AsyncIterator[str]:
-        prompt = await self._chat_prompt(expert, req)
-        params = await self._fit_chat_params(expert, req, prompt)
+        local = self._local(expert)
+        prompt, max_tokens = await self._chat_prompt(local, req)
+        params = self._chat_params_for(req, max_tokens)
+        events = local.stream([prompt], params)
         head = chat_head(req.model, chunk=True)
-        events = self._stream_events(expert, prompt, params)
-        first = await anext(events)
 
         async def body() -> AsyncIterator[str]:
             started: set[int] = set()
             try:
-                async for ev in _chain([first], events):
+                async for ev in events:
                     if isinstance(ev, StreamEnd):
                         self.metrics.count_tokens(req.model, ev.prompt_tokens, ev.completion_tokens)
                         if req.stream_options and req.stream_options.include_usage:
@@ -217,13 +215,8 @@ class CompletionService:
                     yield sse_event({**head, "choices": [choice], "usage": None})
             except Exception as e:  # noqa: BLE001
                 yield sse_error(e)
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
             yield SSE_DONE
 
         return body()
-
-
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for x in first:
-        yield x
-    async for x in rest:
-        yield x

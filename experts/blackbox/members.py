@@ -95,12 +95,12 @@ def token_keys(tokenizer: Any) -> list[str]:
             special = set(getattr(tokenizer, "all_special_ids", []) or [])
             for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
                 try:
-                    keys.append(generation._token_text(tokenizer, i) if i in special or tok is None
+                    keys.append(generation.token_text(tokenizer, i) if i in special or tok is None
                                 else bytes_key(bytes(inv[c] for c in tok)))
                 except KeyError:  # an added token outside the byte alphabet
-                    keys.append(generation._token_text(tokenizer, i))
+                    keys.append(generation.token_text(tokenizer, i))
         else:
-            keys = [generation._token_text(tokenizer, i) for i in range(n)]
+            keys = [generation.token_text(tokenizer, i) for i in range(n)]
         if eos is not None and 0 <= eos < n:
             keys[eos] = EOS
         try:
@@ -164,7 +164,7 @@ class LocalStepper:
                 self.ids.append(tid)
                 self.pending = [tid]
         with torch.inference_mode():
-            logits, self.cache = generation._forward(self.model, torch.tensor([self.pending]), self.cache)
+            logits, self.cache = generation.forward(self.model, torch.tensor([self.pending]), self.cache)
             self.fed += len(self.pending)
             self.lp = torch.log_softmax(logits[0, -1].float(), dim=-1)
             vals, idx = torch.topk(self.lp, min(self.k, self.lp.shape[-1]))
@@ -194,7 +194,8 @@ class LocalMember:
         return self.expert.id
 
     async def generate(self, prompt: str, params: GenerationParams, body: dict[str, Any], ledger: Ledger) -> Candidate:
-        r = await self.run(self.expert.generate, prompt, params)
+        agenerate = getattr(self.expert, "agenerate", None)  # local experts batch on the engine
+        r = await agenerate(prompt, params) if agenerate is not None else await self.run(self.expert.generate, prompt, params)
         ledger.add(self.id, prompt=r.prompt_tokens, completion=r.completion_tokens)
         c = r.choices[0]
         return Candidate(self.id, c.text, c.finish_reason, r.prompt_tokens, r.completion_tokens)

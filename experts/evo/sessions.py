@@ -44,6 +44,8 @@ from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, DEFAULT_REGISTERED_EXA
                                   MAX_POOL, BudgetExhaustedError, InvalidCandidateError, LossOptions,
                                   MergeSessionError, SessionLimitError, SessionNotFoundError, ValidationSpec, _cap)
 from experts.data.tasks import load_task
+from experts.repository.merges import MergeRunner
+from merging.recipe import load_recipe
 
 __all__ = [
     "ALPHA_RANGE",
@@ -211,9 +213,6 @@ class MergeSessionManager:
                     extra_lineage: Mapping[str, Any] | None = None) -> ExpertRecord:
         """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe (no query counted);
         its lineage (recipe, session, `extra_lineage`) is written with the record, in one step."""
-        from experts.repository.merges import MergeRunner
-        from merging.recipe import load_recipe
-
         s = self.get(session_id)
         a, b = s.check_vectors(alpha, beta)
         experts = [{"id": e, "alpha": x, "beta": y} for e, x, y in zip(s.experts, a, b, strict=True)]

@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from experts.errors import InvalidExpertError
+from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
 from experts.hf.st_writer import StreamingSafetensorsWriter
@@ -55,8 +55,6 @@ class MergeRunner:
         if output_id is not None:
             check_expert_id(output_id)
             if self.repo.registry.has_expert(output_id):
-                from experts.errors import ExpertExistsError
-
                 raise ExpertExistsError(output_id)
         records, sources = self._resolve(recipe)
         check_tokenizers({i: r.tokenizer_fingerprint for i, r in records.items()},

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experts.hf import generation
+from experts.hf.engine import sync
 from experts.base import GenerationParams
 from experts.btm.mixture import (
     EnsembleLM,
@@ -209,8 +210,23 @@ def test_ensemble_rejects_bad_input():
         EnsembleLM([TableLM(A), TableLM(B)], [1.0])
     with pytest.raises(ValueError):
         estimate_prior([TableLM(A)], [[1]])
-    with pytest.raises(NotImplementedError):
-        EnsembleLM([TableLM(A)])(input_ids=torch.tensor([[1, 2]]), attention_mask=torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("mode,w,q", [("paper", PAPER_W, PAPER_Q), ("reference", REF_W, REF_Q)])
+def test_left_padding_is_no_evidence(mode, w, q):
+    """A row left-padded in a batch gets the hand-computed weights of the row alone (spec §6), in one call
+    and continued through the cache; padding is never evidence (the engine batches rows this way)."""
+    ens = EnsembleLM([TableLM(A), TableLM(B)], [0.7, 0.3], mode=mode).eval()
+    ids = torch.tensor([[3, 3] + SEQ, [1, 2, 0, 1, 2, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = ens(input_ids=ids, attention_mask=mask)
+    close(observed(out.logits[:1, 2:], SEQ), q)
+    close(out.weights[0, 2:5], w)
+    # the same row fed in two chunks, the first of them all padding but one token
+    a = ens(input_ids=ids[:, :3], attention_mask=mask[:, :3])
+    b = ens(input_ids=ids[:, 3:], attention_mask=mask, cache=a.cache)
+    close(observed(torch.cat([a.logits[:1, 2:], b.logits[:1]], 1), SEQ), q)
+    close(b.cache.loglik[0], P_OBS.log().sum(1), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +308,7 @@ def test_score_ids_equals_direct_mixture(gpts, backend, mode):
 def test_generation_with_cache_equals_without(gpts, backend, mode):
     ens = EnsembleLM(gpts[:2], [0.6, 0.4], mode=mode, backend=backend)
     params = GenerationParams(max_tokens=12, temperature=0.0, logprobs=0, n=2)
-    res = generation.generate(ens, TOK, "hello world", params)
+    res = sync.generate(ens, TOK, "hello world", params)
     ids = generation.encode(TOK, "hello world")
     want_ids, want_lp = [], []
     with torch.inference_mode():
@@ -315,8 +331,8 @@ def test_k1_equals_the_single_expert(gpts):
     ens = EnsembleLM(gpts, [0.3, 0.5, 0.2], top_k=1)
     assert ens.selected == [1]
     params = GenerationParams(max_tokens=15, temperature=0.0, logprobs=2, echo=True)
-    got = generation.generate(ens, TOK, "abc", params)
-    want = generation.generate(gpts[1], TOK, "abc", params)
+    got = sync.generate(ens, TOK, "abc", params)
+    want = sync.generate(gpts[1], TOK, "abc", params)
     assert got.choices[0].text == want.choices[0].text
     close([t.logprob for t in got.choices[0].tokens], [t.logprob for t in want.choices[0].tokens])
     ids = generation.encode(TOK, TEXT)

@@ -11,7 +11,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from experts.base import GenerationParams, StreamDelta
 from experts.errors import GenerationInputError, InvalidExpertError
-from experts.hf.generation import generate, score_ids, start_ids, stream_generate
+from experts.hf.engine.sync import generate, stream_generate
+from experts.hf.generation import score_ids, start_ids
 from experts.repository.store import safe_extract
 
 

@@ -14,14 +14,9 @@ from typing import Any
 
 import torch
 
-from experts.btm.mixture.posterior import (
-    check_mode,
-    ema_update,
-    mix_log_weights,
-    sequence_log_posteriors,
-    top_k_experts,
-)
+from experts.btm.mixture.posterior import check_mode, ema_update, mix_log_weights, padded_log_posteriors, top_k_experts
 from experts.btm.mixture.runners import make_runner
+from experts.hf.generation import context_length
 
 
 @dataclass
@@ -50,7 +45,8 @@ class EnsembleCache:
     experts: Any  # the runner's per-expert KV state
     loglik: torch.Tensor  # [B, k] running context log-likelihood (tokens after the first)
     last_logprobs: torch.Tensor  # [B, k, V] experts' log-probs after the last fed token
-    length: int  # tokens fed so far
+    length: int  # columns fed so far (padding included)
+    last_real: torch.Tensor | None = None  # [B] bool: the last fed column is a real token (None: all real)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -121,16 +117,22 @@ class EnsembleLM(torch.nn.Module):
     def k(self) -> int:
         return len(self.selected)
 
-    def expert_logprobs(self, input_ids: torch.Tensor, state: Any = None, use_cache: bool = False
+    def expert_logprobs(self, input_ids: torch.Tensor, state: Any = None, use_cache: bool = False,
+                        mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, Any]:
         """Each running expert's log-probs [k, B, T, V] (float32) and the runner state."""
-        logits, st = self.runner(input_ids, state, use_cache)
+        if mask is None and positions is None:
+            logits, st = self.runner(input_ids, state, use_cache)
+        else:
+            logits, st = self.runner(input_ids, state, use_cache, mask=mask, positions=positions)
         return torch.log_softmax(logits.float(), dim=-1), st
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = True, cache: EnsembleCache | None = None,
-                attention_mask: torch.Tensor | None = None, **kw: Any) -> EnsembleOutput:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("EnsembleLM does not support padding (attention_mask with zeros)")
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kw: Any) -> EnsembleOutput:
+        """Mixture log-probs for every position. With `attention_mask` [B, past + T] (left padding: 0 for
+        padding) and `position_ids` [B, T], each row gets exactly what it would get alone: padding is never
+        attended to and is no evidence for the posterior."""
         cache = kw.pop("past_key_values", None) if cache is None else cache
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim == 1:
@@ -138,26 +140,44 @@ class EnsembleLM(torch.nn.Module):
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids is empty")
-        lp, state = self.expert_logprobs(input_ids, cache.experts if cache is not None else None, use_cache)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if padded and not getattr(self.runner, "pads", False):
+            raise NotImplementedError(f"the {self.runner.name} backend does not support padding")
+        real = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool)
+        lp, state = self.expert_logprobs(input_ids, cache.experts if cache is not None else None, use_cache,
+                                         attention_mask if padded else None, position_ids)
         lp = lp.permute(1, 2, 0, 3)  # [B, T, k, V]
-        # log-likelihood of each fed token under each expert; token 0 is scored by the cached distribution
+        # log-likelihood of each fed token under each expert; evidence only between two real tokens
         target = lp[:, :-1].gather(-1, input_ids[:, 1:, None, None].expand(B, T - 1, self.k, 1)).squeeze(-1)
         target = torch.cat([target, target.new_zeros(B, 1, self.k)], dim=1)  # last target not fed yet
+        valid = torch.cat([real[:, :-1] & real[:, 1:], real.new_zeros(B, 1)], dim=1)
+        target = target * valid.unsqueeze(-1)
+        before = cache.last_real if cache is not None and cache.last_real is not None else None
         if cache is not None:
+            has_prev = real[:, 0] if before is None else real[:, 0] & before
             first = cache.last_logprobs.gather(-1, input_ids[:, :1, None].expand(B, self.k, 1)).squeeze(-1)
+            first = first * has_prev.unsqueeze(-1)
             context = first + cache.loglik if self.mode == "paper" else first
         else:
+            has_prev = real.new_zeros(B)
             first = target.new_zeros(B, self.k)
             context = None
-        logw = sequence_log_posteriors(self.log_prior, target, self.mode, context_loglik=context,
-                                       first_has_evidence=cache is not None)
+        # a row's first real token: real, and neither the previous column nor the cached last one is real
+        prev_real = torch.cat([has_prev.unsqueeze(1), real[:, :-1]], dim=1)
+        starts = (real & ~prev_real).unsqueeze(-1)
+        logw = padded_log_posteriors(self.log_prior, target, self.mode, context_loglik=context, starts=starts)
         mixed = mix_log_weights(lp, logw)
         new_cache = None
         if use_cache:
             prev = cache.loglik if cache is not None else target.new_zeros(B, self.k)
             loglik = prev + first + target[:, :-1].sum(1)
-            new_cache = EnsembleCache(state, loglik, lp[:, -1].clone(), (cache.length if cache else 0) + T)
+            new_cache = EnsembleCache(state, loglik, lp[:, -1].clone(), (cache.length if cache else 0) + T,
+                                      real[:, -1].clone() if attention_mask is not None else None)
         return EnsembleOutput(mixed, new_cache, logw.exp())
+
+    def engine_adapter(self) -> Any:
+        """How the batching engine runs this forest (experts.hf.engine.kv.BatchAdapter)."""
+        return ForestAdapter(self)
 
     def posterior(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Posterior over the running experts, [B, k]: paper form, P(D=j | the whole sequence);
@@ -178,8 +198,6 @@ def _vocab_size(m: Any) -> int:
 
 
 def _context(m: Any) -> int:
-    from experts.hf.generation import context_length
-
     return context_length(m)
 
 
@@ -213,3 +231,40 @@ def estimate_prior(models: Sequence[Any], sequences: Sequence[Sequence[int]], *,
         history.append(prior)
     assert prior is not None
     return (prior, history) if return_history else prior
+
+
+class ForestAdapter:
+    """The engine's view of a forest: its forward, and its cache's row and column operations."""
+
+    def __init__(self, model: EnsembleLM) -> None:
+        self.model = model
+        self.runner = model.runner
+        self.paddable = bool(getattr(model.runner, "pads", False))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                last_only: bool) -> tuple[torch.Tensor, Any]:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.logits, out.cache
+
+    @staticmethod
+    def _real(c: EnsembleCache) -> torch.Tensor:
+        return c.last_real if c.last_real is not None else torch.ones(c.loglik.shape[0], dtype=torch.bool)
+
+    def select(self, c: EnsembleCache, rows: torch.Tensor) -> EnsembleCache:
+        return EnsembleCache(self.runner.select(c.experts, rows), c.loglik[rows], c.last_logprobs[rows], c.length,
+                             self._real(c)[rows])
+
+    def pad_left(self, c: EnsembleCache, n: int) -> EnsembleCache:
+        if n <= 0:
+            return c
+        return EnsembleCache(self.runner.pad_left(c.experts, n), c.loglik, c.last_logprobs, c.length + n, c.last_real)
+
+    def concat(self, a: EnsembleCache, b: EnsembleCache) -> EnsembleCache:
+        return EnsembleCache(self.runner.concat(a.experts, b.experts), torch.cat([a.loglik, b.loglik]),
+                             torch.cat([a.last_logprobs, b.last_logprobs]), a.length,
+                             torch.cat([self._real(a), self._real(b)]))
+
+    def trim_left(self, c: EnsembleCache, n: int) -> EnsembleCache:
+        if n <= 0:
+            return c
+        return EnsembleCache(self.runner.trim_left(c.experts, n), c.loglik, c.last_logprobs, c.length - n, c.last_real)

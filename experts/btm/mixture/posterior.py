@@ -54,6 +54,20 @@ def sequence_log_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor
     of context scored earlier), i.e. the whole context. reference (spec §2.2): position t uses
     target_loglik[t-1] only; position 0 is uniform unless `first_has_evidence` (then `context_loglik`
     is the previous token's log-likelihood, as when a KV-cached sequence continues)."""
+    starts = None
+    if not first_has_evidence:
+        starts = torch.zeros(target_loglik.shape[-2], 1, dtype=torch.bool)
+        starts[0] = True
+    return padded_log_posteriors(log_prior, target_loglik, mode, context_loglik=context_loglik, starts=starts)
+
+
+# Spec §2.1/§2.2 for left-padded batches: the same weights as each row scored alone from its first token.
+def padded_log_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor, mode: str = "paper", *,
+                          context_loglik: torch.Tensor | None = None,
+                          starts: torch.Tensor | None = None) -> torch.Tensor:
+    """`sequence_log_posteriors` with per-row starts: `target_loglik` is 0 wherever it is not evidence
+    (padding, or a token whose predecessor is padding); `starts` [..., T, 1] (bool) marks each row's first
+    real token, where the reference form is uniform (the paper form needs nothing: no evidence is the prior)."""
     mode = check_mode(mode)
     k = target_loglik.shape[-1]
     zero = torch.zeros_like(target_loglik[..., :1, :])
@@ -64,12 +78,10 @@ def sequence_log_posteriors(log_prior: torch.Tensor, target_loglik: torch.Tensor
         ctx = torch.zeros_like(zero)
     if mode == "paper":
         return bayes_log_posterior(log_prior, torch.cumsum(prev, dim=-2) + ctx)
-    evidence = torch.cat([ctx, prev[..., 1:, :]], dim=-2)
+    evidence = torch.cat([ctx.expand_as(zero), prev[..., 1:, :]], dim=-2)
     logw = torch.log_softmax(log_prior + evidence, dim=-1)
-    if not first_has_evidence:  # uniform at the first position of a sequence
-        first = torch.zeros(logw.shape[-2], 1, dtype=torch.bool)
-        first[0] = True
-        logw = torch.where(first, torch.full_like(logw, -math.log(k)), logw)
+    if starts is not None:  # uniform at the first position of a sequence
+        logw = torch.where(starts, torch.full_like(logw, -math.log(k)), logw)
     return logw
 
 

@@ -21,33 +21,54 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from experts.hf.engine.kv import HFAdapter
+from experts.hf.generation import cache_arg
+
 BACKENDS = ("auto", "stacked", "loop", "vmap")
 
 
 def _cache_arg(model: Any) -> str:
-    from experts.hf.generation import _cache_arg as detect
-
-    return detect(type(model))
+    return cache_arg(type(model))
 
 
 class LoopRunner:
     """Naive: one HF forward per expert, per-expert cache objects."""
 
     name = "loop"
+    pads = True  # rows of different lengths (left padding) share a batch
 
     def __init__(self, models: list[Any]) -> None:
         self.models = models
         self._args = [_cache_arg(m) for m in models]
+        self._hf = [HFAdapter(m) for m in models]
 
-    def __call__(self, input_ids: torch.Tensor, state: list[Any] | None, use_cache: bool
+    def __call__(self, input_ids: torch.Tensor, state: list[Any] | None, use_cache: bool,
+                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, list[Any] | None]:
         logits, caches = [], []
         for j, (m, arg) in enumerate(zip(self.models, self._args)):
-            kwargs = {arg: state[j]} if state is not None else {}
+            kwargs: dict[str, Any] = {arg: state[j]} if state is not None else {}
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+            if positions is not None:
+                kwargs["position_ids"] = positions
             out = m(input_ids=input_ids, use_cache=use_cache, **kwargs)
             logits.append(out.logits)
             caches.append(getattr(out, arg, None))
         return torch.stack(logits), (caches if use_cache else None)
+
+    # the engine's row and column operations on the per-expert caches
+    def select(self, state: list[Any], rows: torch.Tensor) -> list[Any]:
+        return [a.select(c, rows) for a, c in zip(self._hf, state, strict=True)]
+
+    def pad_left(self, state: list[Any], n: int) -> list[Any]:
+        return [a.pad_left(c, n) for a, c in zip(self._hf, state, strict=True)]
+
+    def concat(self, a: list[Any], b: list[Any]) -> list[Any]:
+        return [h.concat(x, y) for h, x, y in zip(self._hf, a, b, strict=True)]
+
+    def trim_left(self, state: list[Any], n: int) -> list[Any]:
+        return [a.trim_left(c, n) for a, c in zip(self._hf, state, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +114,7 @@ class StackedGPT2Runner:
     copy of the k experts' parameters)."""
 
     name = "stacked"
+    pads = True
 
     def __init__(self, models: list[Any]) -> None:
         why = stacked_unsupported(models)
@@ -151,22 +173,38 @@ class StackedGPT2Runner:
     def _ln(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(b, F.layer_norm(x, (self.d,), eps=self.eps), w)
 
-    def __call__(self, input_ids: torch.Tensor, state: StackedKV | None, use_cache: bool
+    def _attn_mask(self, B: int, T: int, past: int, keys: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for sdpa. With `keys` [B, past+T] (0 = padding) the mask is per row, [k*B, 1, T, S];
+        a padding query may see itself (so no row of the softmax is empty: no NaN reaches the cache)."""
+        if keys is None:
+            if T == 1:
+                return None, False
+            if past == 0:
+                return None, True
+            i = torch.arange(T).unsqueeze(1)
+            return torch.arange(past + T).unsqueeze(0) <= i + past, False  # [T, past+T]
+        q = torch.arange(T).unsqueeze(1) + past
+        col = torch.arange(past + T).unsqueeze(0)
+        allowed = (col <= q).unsqueeze(0) & keys.bool()[:, None, :]  # [B, T, S]
+        allowed = allowed | (col == q).unsqueeze(0)
+        return allowed.unsqueeze(1).repeat(self.k, 1, 1, 1), False
+
+    def __call__(self, input_ids: torch.Tensor, state: StackedKV | None, use_cache: bool,
+                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, StackedKV | None]:
         k, d, h, dh = self.k, self.d, self.h, self.dh
         B, T = input_ids.shape
         past = 0 if state is None else state.length
-        if past + T > self.n_positions:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.n_positions}")
-        x = self.wte[:, input_ids] + self.wpe[:, past: past + T].unsqueeze(1)  # [k, B, T, d]
+        if positions is None:
+            if past + T > self.n_positions:
+                raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.n_positions}")
+            x = self.wte[:, input_ids] + self.wpe[:, past: past + T].unsqueeze(1)  # [k, B, T, d]
+        else:
+            if int(positions.max()) >= self.n_positions:
+                raise ValueError(f"position {int(positions.max())} exceeds the context of {self.n_positions}")
+            x = self.wte[:, input_ids] + self.wpe[:, positions]
         x = x.reshape(k, B * T, d)
-        mask, causal = None, False
-        if T > 1:
-            if past == 0:
-                causal = True
-            else:
-                i = torch.arange(T).unsqueeze(1)
-                mask = torch.arange(past + T).unsqueeze(0) <= i + past  # [T, past+T]
+        mask, causal = self._attn_mask(B, T, past, mask)
         if use_cache:
             state = self._reserve(state, k * B, past + T, x.dtype)
         for li, L in enumerate(self.layers):
@@ -199,7 +237,7 @@ class StackedGPT2Runner:
         cap = 0 if state is None else state.layers[0][0].shape[2]
         if need <= cap:
             return state  # type: ignore[return-value]
-        new_cap = min(self.n_positions, max(need, 2 * cap, 64))
+        new_cap = max(need, 2 * cap, 64)  # padded batches may hold more columns than positions
         shape = (rows, self.h, new_cap, self.dh)
         layers = []
         for li in range(self.n_layer):
@@ -209,6 +247,41 @@ class StackedGPT2Runner:
                 vb[:, :, : state.length] = state.layers[li][1][:, :, : state.length]
             layers.append((kb, vb))
         return StackedKV(layers, 0 if state is None else state.length)
+
+
+    # the engine's row and column operations on a StackedKV (rows are expert-major: j * B + b)
+    def _rows(self, t: torch.Tensor, length: int) -> torch.Tensor:
+        return t[:, :, :length].reshape(self.k, -1, *t.shape[1:2], length, t.shape[3])
+
+    def _rebuild(self, state: StackedKV, fn: Any, length: int) -> StackedKV:
+        layers = []
+        for kb, vb in state.layers:
+            nk, nv = fn(self._rows(kb, state.length)), fn(self._rows(vb, state.length))
+            layers.append((nk.reshape(-1, *nk.shape[2:]).contiguous(), nv.reshape(-1, *nv.shape[2:]).contiguous()))
+        return StackedKV(layers, length)
+
+    def select(self, state: StackedKV, rows: torch.Tensor) -> StackedKV:
+        return self._rebuild(state, lambda t: t.index_select(1, rows), state.length)
+
+    def pad_left(self, state: StackedKV, n: int) -> StackedKV:
+        if n <= 0:
+            return state
+        return self._rebuild(state, lambda t: torch.cat([t.new_zeros(*t.shape[:3], n, t.shape[4]), t], dim=3),
+                             state.length + n)
+
+    def concat(self, a: StackedKV, b: StackedKV) -> StackedKV:
+        assert a.length == b.length
+        layers = []
+        for (ka, va), (kb, vb) in zip(a.layers, b.layers, strict=True):
+            k_ = torch.cat([self._rows(ka, a.length), self._rows(kb, b.length)], dim=1)
+            v_ = torch.cat([self._rows(va, a.length), self._rows(vb, b.length)], dim=1)
+            layers.append((k_.reshape(-1, *k_.shape[2:]).contiguous(), v_.reshape(-1, *v_.shape[2:]).contiguous()))
+        return StackedKV(layers, a.length)
+
+    def trim_left(self, state: StackedKV, n: int) -> StackedKV:
+        if n <= 0:
+            return state
+        return self._rebuild(state, lambda t: t[:, :, :, n:], state.length - n)
 
 
 class StackedKV:
@@ -232,6 +305,10 @@ class VmapRunner:
     [k, layers, B, heads, T, head_dim] from which a DynamicCache is rebuilt inside every call."""
 
     name = "vmap"
+    pads = False
+
+    def select(self, state: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return state[0].index_select(2, rows), state[1].index_select(2, rows)
 
     def __init__(self, models: list[Any]) -> None:
         from torch.func import stack_module_state

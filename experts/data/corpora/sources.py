@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from pydoc_data.topics import topics
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -76,8 +78,6 @@ def _docstrings(node: ast.AST, prefix: str) -> Iterator[str]:
 
 
 def _extract_python_docs() -> Iterator[tuple[str, str]]:
-    from pydoc_data.topics import topics
-
     for key in sorted(topics):
         yield f"topic:{key}", topics[key]
     for rel, path in _stdlib_files():

@@ -1,0 +1,173 @@
+"""The engine: one thread that runs all torch work of the serving path.
+
+It steps every model's scheduler in turn (one iteration each, round robin), and between steps runs
+other torch work handed to it (`call` / `run`: model loads, scoring, merge-session evaluation,
+black-box members' steps). One thread is right on a CPU: torch already uses every core inside each
+op, and a second thread brings a second OpenMP team that fights the first.
+
+Requests are submitted from any thread; their events come back through the request's sink, once
+per step. `stream()` is the asyncio face: an async iterator of a request's events that cancels the
+request when the consumer stops early (a client disconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from experts.base import GenerationParams, StreamDelta, StreamEnd
+from experts.errors import ExpertUnavailableError
+from experts.hf.engine.choices import Event, Request
+from experts.hf.engine.scheduler import Limits, ModelScheduler, StepStats
+
+log = logging.getLogger("mergegate.engine")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A tokenized prompt: the text (echoed back), its ids, and how many count as prompt tokens."""
+
+    text: str
+    ids: list[int]
+    n_prompt: int
+
+
+class Observer(Protocol):
+    """What the engine reports (the app turns it into Prometheus metrics)."""
+
+    def admitted(self, model: str, waited_s: float) -> None: ...
+
+    def stepped(self, model: str, stats: StepStats, running: int, waiting: int) -> None: ...
+
+
+class Engine:
+    def __init__(self, limits: Limits | None = None, *, observer: Observer | None = None,
+                 name: str = "mergegate-torch") -> None:
+        self.limits = limits or Limits()
+        self.observer = observer
+        self._cv = threading.Condition()
+        self._work: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._schedulers: dict[int, tuple[str, Any, ModelScheduler]] = {}  # id(model) -> (label, model, scheduler)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- submission (any thread) ------------------------------------------------------------------
+    def submit(self, label: str, model: Any, tokenizer: Any, request: Request) -> None:
+        """Queue a request for `model` (served under `label`); raises EngineOverloadedError when full."""
+        with self._cv:
+            if self._closed:
+                raise ExpertUnavailableError("the gateway is shutting down")
+            entry = self._schedulers.get(id(model))
+            if entry is None or entry[1] is not model:
+                on_admit = (lambda w: self.observer.admitted(label, w)) if self.observer else None
+                entry = (label, model, ModelScheduler(model, tokenizer, self.limits, on_admit=on_admit))
+                self._schedulers[id(model)] = entry
+            entry[2].add(request)
+            self._cv.notify()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> Future:
+        """Run `fn(*args)` on the engine thread between steps; a concurrent.futures.Future of its result."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise ExpertUnavailableError("the gateway is shutting down")
+            self._work.append((lambda: fn(*args), fut))
+            self._cv.notify()
+        return fut
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self.call(fn, *args))
+
+    def stream(self, label: str, model: Any, tokenizer: Any, prompts: Sequence[Prompt],
+               params: GenerationParams) -> AsyncIterator[StreamDelta | StreamEnd]:
+        """Submit now (so a full queue raises here) and return the request's events as they come."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+
+        def sink(events: list[Event]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, events)
+
+        request = Request(params, tokenizer, sink)
+        for p in prompts:
+            request.add_prompt(p.text, p.ids, p.n_prompt)
+        self.submit(label, model, tokenizer, request)
+        return _events(request, queue)
+
+    # -- the thread -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._work and not self._busy():
+                    self._cv.wait()
+                if self._closed and not self._work:
+                    break
+                work = list(self._work)
+                self._work.clear()
+                active = [e for e in self._schedulers.values() if e[2].has_work()]
+                for key in [k for k, e in self._schedulers.items() if not e[2].has_work()]:
+                    del self._schedulers[key]  # idle: no state worth keeping (a new one is cheap)
+            for fn, fut in work:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+            for label, _, sched in active:
+                try:
+                    stats = sched.step()
+                except Exception:  # noqa: BLE001 - a scheduler bug must not kill the thread
+                    log.exception("engine step failed for %s", label)
+                    continue
+                if self.observer is not None:
+                    self.observer.stepped(label, stats, sched.rows, len(sched.waiting))
+        self._fail_all(ExpertUnavailableError("the gateway is shutting down"))
+
+    def _busy(self) -> bool:
+        return any(e[2].has_work() for e in self._schedulers.values())
+
+    def _fail_all(self, err: BaseException) -> None:
+        for _, _, sched in self._schedulers.values():
+            for g in list(sched.waiting):
+                g.request.fail(err)
+            for g in sched.prefill.groups if sched.prefill else []:
+                g.request.fail(err)
+            for g, _ in sched.running.lanes if sched.running else []:
+                g.request.fail(err)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per model label: rows decoding and prompts waiting (a snapshot)."""
+        with self._cv:
+            entries = list(self._schedulers.values())
+        out: dict[str, dict[str, int]] = {}
+        for label, _, s in entries:
+            cur = out.setdefault(label, {"running": 0, "waiting": 0})
+            cur["running"] += s.rows
+            cur["waiting"] += len(s.waiting)
+        return out
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+
+async def _events(request: Request, queue: asyncio.Queue[list[Event]]) -> AsyncIterator[StreamDelta | StreamEnd]:
+    try:
+        while True:
+            for ev in await queue.get():
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, StreamEnd):
+                    return
+    finally:
+        request.cancel()  # a consumer that stops early (client gone) frees the rows at the next step

@@ -1,0 +1,343 @@
+"""One model's batch: iteration-level scheduling (Orca / vLLM style).
+
+Each `step()`: drop cancelled requests; admit waiting prompts (first come, first served) into the
+prefill batch while the batch has room; run one chunk of the prefill (at most `max_batched_tokens`
+minus the decoding rows, so a long prompt never stalls the rows that are decoding); when a prefill
+is complete, sample each prompt's first tokens and join its choices to the running batch; then one
+decode step for every running row. Rows leave the batch the step they finish.
+
+A prompt of a request with `n` choices is prefilled once and its cache copied to n rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from experts.errors import EngineOverloadedError, ExpertUnavailableError
+from experts.hf.engine.choices import Event, Group, Request
+from experts.hf.engine.kv import BatchAdapter, adapter_for
+
+
+@dataclass
+class Limits:
+    """Batch limits of one model (settings `MERGEGATE_MAX_BATCH_SIZE`, `..._MAX_BATCHED_TOKENS`, `..._MAX_QUEUE`)."""
+
+    max_batch_size: int = 64  # rows (choices) decoding at once
+    max_batched_tokens: int = 1024  # tokens through the model per step: decoding rows + the prefill chunk
+    max_queue: int = 256  # prompts waiting for a place; beyond it, submissions are refused (429)
+    max_prefill_padded: int = 8192  # prefill batch size x longest prompt (padding included)
+
+
+@dataclass
+class Prefill:
+    """Prompts being prefilled together, left-padded to the longest; one chunk of columns per step."""
+
+    groups: list[Group]
+    ids: torch.Tensor  # [b, P]
+    mask: torch.Tensor  # [b, P]
+    positions: torch.Tensor  # [b, P]
+    offsets: list[int]  # padding columns on the left of each row
+    done: int = 0  # columns fed so far
+    cache: Any = None
+    last: torch.Tensor | None = None  # [b, V] logits after the last column
+
+
+@dataclass
+class Running:
+    """Rows decoding together. `lanes[i]` is (group, choice) of row i."""
+
+    cache: Any
+    mask: torch.Tensor  # [B, L]
+    lengths: torch.Tensor  # [B] real tokens in the cache + the one fed next (its position)
+    next_ids: torch.Tensor  # [B] the token each row feeds next
+    lanes: list[tuple[Group, int]] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    prefill_tokens: int = 0
+    decode_rows: int = 0
+    generated: int = 0
+
+
+class ModelScheduler:
+    def __init__(self, model: Any, tokenizer: Any, limits: Limits | None = None, *,
+                 on_admit: Callable[[float], None] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits or Limits()
+        self.adapter: BatchAdapter = adapter_for(model)
+        self.waiting: deque[Group] = deque()
+        self._lock = threading.Lock()  # `waiting` is appended to from other threads
+        self.prefill: Prefill | None = None
+        self.running: Running | None = None
+        self.on_admit = on_admit
+
+    # -- queue ----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request's prompts (any thread)."""
+        with self._lock:
+            if len(self.waiting) + len(request.groups) > self.limits.max_queue:
+                raise EngineOverloadedError(f"the model's queue is full ({self.limits.max_queue} prompts waiting)",
+                                            retry_after=1.0)
+            self.waiting.extend(request.groups)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefill or self.running)
+
+    @property
+    def rows(self) -> int:
+        """Rows decoding now."""
+        return len(self.running.lanes) if self.running else 0
+
+    # -- one iteration --------------------------------------------------------------------------
+    def step(self) -> StepStats:
+        stats = StepStats()
+        self._drop_cancelled()
+        if self.prefill is None:
+            self._admit()
+        with torch.inference_mode():
+            if self.prefill is not None:
+                self._guarded(self._prefill_chunk, [g.request for g in self.prefill.groups], stats)
+            if self.running is not None:
+                self._guarded(self._decode, [g.request for g, _ in self.running.lanes], stats)
+        return stats
+
+    def _guarded(self, fn: Callable[[StepStats], None], requests: list[Request], stats: StepStats) -> None:
+        """A failure of the model itself fails every request in that batch (and nothing else)."""
+        try:
+            fn(stats)
+        except Exception as e:  # noqa: BLE001 - reported to each request, then the batch is dropped
+            err = e if isinstance(e, ExpertUnavailableError) else ExpertUnavailableError(
+                f"generation failed: {type(e).__name__}: {e}")
+            for r in {id(r): r for r in requests}.values():
+                r.fail(err)
+            if fn == self._prefill_chunk:
+                self.prefill = None
+            else:
+                self.running = None
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            if any(g.request.cancelled for g in self.waiting):
+                self.waiting = deque(g for g in self.waiting if not g.request.cancelled)
+        p = self.prefill
+        if p is not None and any(g.request.cancelled for g in p.groups):
+            keep = [i for i, g in enumerate(p.groups) if not g.request.cancelled]
+            self._select_prefill(keep)
+        r = self.running
+        if r is not None and any(g.request.cancelled for g, _ in r.lanes):
+            self._keep_running([i for i, (g, _) in enumerate(r.lanes) if not g.request.cancelled])
+
+    # -- admission --------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        room = self.limits.max_batch_size - self.rows
+        chosen: list[Group] = []
+        with self._lock:
+            self._take(chosen, room)
+        if not chosen:
+            return
+        longest = max(len(g.ids) for g in chosen)
+        self._start_prefill(chosen, longest)
+
+    def _take(self, chosen: list[Group], room: int) -> None:
+        """First come, first served, while the batch and the padded prefill have room."""
+        lim = self.limits
+        longest = 0
+        while self.waiting and room > 0:
+            g = self.waiting[0]
+            if chosen and (not self.adapter.paddable or g.n > room
+                           or (len(chosen) + 1) * max(longest, len(g.ids)) > lim.max_prefill_padded):
+                break
+            if not chosen and not self.adapter.paddable and self.running is not None:
+                break  # without padding, one prompt's choices at a time
+            self.waiting.popleft()
+            chosen.append(g)
+            room -= g.n
+            longest = max(longest, len(g.ids))
+
+    def _start_prefill(self, chosen: list[Group], longest: int) -> None:
+        now = time.monotonic()
+        for g in chosen:
+            if g.request.admitted is None:
+                g.request.admitted = now
+                if self.on_admit is not None:
+                    self.on_admit(now - g.request.created)
+        b = len(chosen)
+        ids = torch.zeros(b, longest, dtype=torch.long)
+        mask = torch.zeros(b, longest, dtype=torch.long)
+        offsets = []
+        for i, g in enumerate(chosen):
+            off = longest - len(g.ids)
+            ids[i, off:] = torch.tensor(g.ids)
+            mask[i, off:] = 1
+            offsets.append(off)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        self.prefill = Prefill(chosen, ids, mask, positions, offsets)
+
+    def _select_prefill(self, keep: list[int]) -> None:
+        p = self.prefill
+        assert p is not None
+        if not keep:
+            self.prefill = None
+            return
+        idx = torch.tensor(keep)
+        p.groups = [p.groups[i] for i in keep]
+        p.ids, p.mask, p.positions = p.ids[idx], p.mask[idx], p.positions[idx]
+        p.offsets = [p.offsets[i] for i in keep]
+        if p.cache is not None:
+            p.cache = self.adapter.select(p.cache, idx)
+        if p.last is not None:
+            p.last = p.last[idx]
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def _prefill_chunk(self, stats: StepStats) -> None:
+        p = self.prefill
+        assert p is not None
+        b, total = p.ids.shape
+        budget = max(1, (self.limits.max_batched_tokens - self.rows) // b)
+        c0, c1 = p.done, min(total, p.done + budget)
+        echo = [i for i, g in enumerate(p.groups) if g.echo_lp]
+        logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1], p.positions[:, c0:c1], p.cache,
+                                               last_only=not echo)
+        stats.prefill_tokens += b * (c1 - c0)
+        for i in echo:
+            lo = max(c0, p.offsets[i])  # the row's real columns in this chunk
+            if lo < c1:
+                lp = torch.log_softmax(logits[i, lo - c0:].float(), dim=-1)
+                p.groups[i].record_prompt_logprobs(range(lo - p.offsets[i], c1 - p.offsets[i]), lp)
+        p.done = c1
+        if c1 == total:
+            p.last = logits[:, -1].float()
+            self._finish_prefill(stats)
+
+    def _finish_prefill(self, stats: StepStats) -> None:
+        """First tokens of every prompt; its surviving choices join the running batch."""
+        p = self.prefill
+        assert p is not None and p.last is not None
+        self.prefill = None
+        by_request: dict[int, list[Event]] = {}
+        lanes: list[tuple[Group, int]] = []
+        source: list[int] = []
+        first: list[int] = []
+        for i, g in enumerate(p.groups):
+            events = by_request.setdefault(id(g.request), [])
+            events.extend(g.echo_events())
+            if g.params.max_tokens == 0:
+                events.extend(g.finish_length())
+                continue
+            logits = p.last[i:i + 1].expand(g.n, -1)
+            if not bool(torch.isfinite(logits[0]).all()):
+                self._nonfinite(g, events)
+                continue
+            tokens = g.sample(logits).tolist()
+            events.extend(g.accept(range(g.n), tokens, logits))
+            stats.generated += g.n
+            for choice in g.live():
+                lanes.append((g, choice))
+                source.append(i)
+                first.append(tokens[choice])
+        self._deliver(p.groups, by_request)
+        if not lanes:
+            return
+        idx = torch.tensor(source)
+        cache = self.adapter.select(p.cache, idx)
+        mask = torch.cat([p.mask[idx], torch.ones(len(idx), 1, dtype=p.mask.dtype)], dim=1)
+        lengths = p.mask[idx].sum(1)  # the first sampled token goes at this position
+        self._join(cache, mask, lengths, torch.tensor(first), lanes)
+
+    def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, next_ids: torch.Tensor,
+              lanes: list[tuple[Group, int]]) -> None:
+        r = self.running
+        if r is None:
+            self.running = Running(cache, mask, lengths, next_ids, lanes)
+            return
+        la, lb = r.mask.shape[1], mask.shape[1]
+        width = max(la, lb)
+        r.cache = self.adapter.concat(self.adapter.pad_left(r.cache, width - la), self.adapter.pad_left(cache, width - lb))
+        r.mask = torch.cat([_pad_mask(r.mask, width - la), _pad_mask(mask, width - lb)])
+        r.lengths = torch.cat([r.lengths, lengths])
+        r.next_ids = torch.cat([r.next_ids, next_ids])
+        r.lanes = r.lanes + lanes
+
+    # -- decode -----------------------------------------------------------------------------------
+    def _decode(self, stats: StepStats) -> None:
+        """The cache holds every row's tokens but the last sampled one; `mask` already counts it."""
+        r = self.running
+        assert r is not None
+        logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask, r.lengths[:, None], r.cache,
+                                               last_only=True)
+        logits = logits[:, -1].float()
+        stats.decode_rows += len(r.lanes)
+        by_request: dict[int, list[Event]] = {}
+        groups: dict[int, tuple[Group, list[int], list[int]]] = {}
+        for lane, (g, choice) in enumerate(r.lanes):
+            groups.setdefault(id(g), (g, [], []))
+            groups[id(g)][1].append(choice)
+            groups[id(g)][2].append(lane)
+        finite = torch.isfinite(logits).all(dim=-1)
+        next_ids = r.next_ids.clone()
+        for g, choices, lanes in groups.values():
+            events = by_request.setdefault(id(g.request), [])
+            idx = torch.tensor(lanes)
+            if not bool(finite[idx].all()):
+                self._nonfinite(g, events)
+                continue
+            rows = logits[idx]
+            tokens = g.sample(rows)
+            next_ids[idx] = tokens
+            events.extend(g.accept(choices, tokens.tolist(), rows))
+            stats.generated += len(lanes)
+        self._deliver([g for g, _, _ in groups.values()], by_request)
+        r.next_ids = next_ids
+        r.lengths = r.lengths + 1
+        keep = [i for i, (g, choice) in enumerate(r.lanes) if not g.failed and g.rows[choice].finish is None]
+        self._keep_running(keep)
+        if self.running is not None:
+            self.running.mask = torch.cat([self.running.mask, torch.ones(len(keep), 1, dtype=r.mask.dtype)], dim=1)
+
+    def _keep_running(self, keep: list[int]) -> None:
+        r = self.running
+        assert r is not None
+        if len(keep) == len(r.lanes):
+            return
+        if not keep:
+            self.running = None
+            return
+        idx = torch.tensor(keep)
+        r.cache = self.adapter.select(r.cache, idx)
+        r.mask, r.lengths, r.next_ids = r.mask[idx], r.lengths[idx], r.next_ids[idx]
+        r.lanes = [r.lanes[i] for i in keep]
+        lead = int((r.mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every row
+        if lead > 0:
+            r.cache = self.adapter.trim_left(r.cache, lead)
+            r.mask = r.mask[:, lead:]
+
+    # -- events -----------------------------------------------------------------------------------
+    @staticmethod
+    def _nonfinite(g: Group, events: list[Event]) -> None:
+        g.failed = True
+        g.request.fail(ExpertUnavailableError("the model produced non-finite logits (NaN or inf) for this request"))
+
+    @staticmethod
+    def _deliver(groups: list[Group], by_request: dict[int, list[Event]]) -> None:
+        seen: set[int] = set()
+        for g in groups:
+            key = id(g.request)
+            if key in seen:
+                continue
+            seen.add(key)
+            if g.request.cancelled:
+                continue
+            g.request.emit(by_request.get(key, []))
+
+
+def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    return mask if n <= 0 else torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
