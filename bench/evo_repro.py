@@ -279,7 +279,7 @@ def realize(wb: WhiteBox, cand: dict[str, Any], seed: int) -> None:
 
 def split_check(btm: Any, task: str, st: Settings) -> dict[str, Any]:
     """Split sizes and exact-duplicate counts between them (validation/test vs train, and each other)."""
-    from experts.data.tasks import load_task
+    from experts.data.datasets import load_task
 
     key = lambda e: (e.get("prompt"), e.get("completion"))  # noqa: E731
     tr = {key(e) for e in load_task(btm, task, "train")}

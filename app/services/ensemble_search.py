@@ -25,7 +25,7 @@ from experts.blackbox.weight_search import (DEFAULT_OBJECTIVE, OBJECTIVES, colle
 from experts.errors import InvalidExpertError, JobCancelledError
 from experts.repository.jobs import JobContext
 from experts.evo.search_job import Progress
-from experts.data.tasks import TASKS, load_task
+from experts.data.datasets import TASKS, load_task
 
 if TYPE_CHECKING:  # pragma: no cover
     from app.services.searches import SearchService

@@ -18,7 +18,7 @@ from experts.repository.jobs import JobContext
 from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
 from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
 from experts.repository.store import check_expert_id
-from experts.data.tasks import TASKS
+from experts.data.datasets import TASKS
 
 
 def _examples(examples: list[Any] | None) -> tuple[dict[str, Any], ...] | None:

@@ -26,7 +26,7 @@ from experts.repository.jobs import JobContext
 from experts.repository.registry import ExpertRecord
 from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
 from experts.repository.store import check_expert_id
-from experts.data.tasks import TASKS
+from experts.data.datasets import TASKS
 
 SPEC_FIELDS = ("method", "seed", "budget_stage1", "budget_stage2", "budget", "popsize", "sigma0", "l1",
                "early_stop", "early_stop_min_delta", "denoise", "scale", "negative", "selection", "optimizer")

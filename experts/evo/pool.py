@@ -2,11 +2,12 @@
 
 `build_pool` trains (if missing) a base LM on a uniform mixture of the local domains (the BTM seed
 operation), then N >= 20 LoRA adapters on it, each briefly on a different slice of the data: the pool
-tasks of :mod:`experts.data.tasks` (``POOL_TASKS``: continue a Python function, define a word in dictionary
-style, continue a licence clause, ...) and contiguous parts of the domains' train splits. The tasks
-in ``experts.data.tasks.HELD_OUT`` (and the jargon domain) are never trained on: they are the unseen target
-tasks. Every adapter is tagged ``pool`` (and the prefix), registered with its lineage, and the build
-is resumable: adapters already registered are kept. Not run at server start (``bench/build_pool.py``).
+tasks of :mod:`experts.data.datasets` (``POOL_TASKS``: continue a Python function, define a word in
+dictionary style, continue a licence clause, ...) and contiguous parts of the domains' train splits.
+The tasks in ``experts.data.datasets.HELD_OUT`` (and the jargon domain) are never trained on: they are
+the unseen target tasks. Every adapter is tagged ``pool`` (and the prefix), registered with its lineage,
+and the build is resumable: adapters already registered are kept. Not run at server start
+(``bench/build_pool.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from experts.btm.operations import BTM, Budget, ModelSize
 from experts.data.corpora import available_domains
 from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
-from experts.data.tasks import POOL_TASKS, TASKS
+from experts.data.datasets import POOL_TASKS, TASKS
 
 __all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
 

@@ -17,7 +17,7 @@ import torch
 from experts.errors import InvalidExpertError
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, MAX_BATCH_CANDIDATES, BudgetExhaustedError,
                                   InvalidCandidateError, LossOptions, ValidationSpec)
-from experts.data.tasks import Batch, encode_examples, make_batches, masked_ce_sum
+from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
 
 __all__ = ["MergeSession"]
 

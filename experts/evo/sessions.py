@@ -43,7 +43,7 @@ from experts.evo.session import MergeSession
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, DEFAULT_REGISTERED_EXAMPLES, MAX_BATCH_CANDIDATES,
                                   MAX_POOL, BudgetExhaustedError, InvalidCandidateError, LossOptions,
                                   MergeSessionError, SessionLimitError, SessionNotFoundError, ValidationSpec, _cap)
-from experts.data.tasks import load_task
+from experts.data.datasets import load_task
 
 __all__ = [
     "ALPHA_RANGE",

@@ -1,7 +1,8 @@
 """Training LoRA adapters on a registered local base, and registering them as `lora` experts.
 
 Data is one of: a corpus (a domain name; optionally only part k of K contiguous parts of its train
-split), a task of :mod:`experts.data.tasks` (prompt/completion pairs from a corpus), or inline examples.
+split), a task of :mod:`experts.data.datasets` (prompt/completion pairs from a corpus), or inline
+examples.
 Token streams train with :func:`experts.training.lm.train_causal_lm` (random windows); pairs train with
 :func:`train_on_examples` below (random batches of examples, right padding, loss on completion
 tokens only), with the same optimiser, schedule, clipping, budgets, progress and cancellation
@@ -24,16 +25,9 @@ import torch
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.repository.registry import ExpertRecord
 from experts.repository.store import check_expert_id
-from experts.data.tasks import (
-    TASKS,
-    Encoded,
-    encode_examples,
-    load_task,
-    make_batches,
-    masked_ce_sum,
-    mean_loss,
-    validate_examples,
-)
+from experts.data.datasets import TASKS, load_task
+from experts.data.scoring import (Encoded, encode_examples, make_batches, masked_ce_sum, mean_loss,
+                                  validate_examples)
 from experts.training.lm import (
     PROGRESS_INTERVAL_S,
     TrainConfig,

@@ -17,7 +17,7 @@ from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, L
 from experts.repository.registry import Registry
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import ArtifactStore
-from experts.data.tasks import HELD_OUT, POOL_TASKS, TASKS, load_task
+from experts.data.datasets import HELD_OUT, POOL_TASKS, TASKS, load_task
 from tests.helpers import build_adapter_dir, build_model_dir
 
 TARGETS = ("c_attn", "c_proj", "c_fc")
