@@ -12,19 +12,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experts.btm.operations import BTM, Budget, ModelSize
+from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import available_domains
 from experts.repository.registry import Registry
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import ArtifactStore
+from experts.training.config import TrainConfig
 
 PREFIX = "demo"
 WANTED = ["code", "python_docs", "legal", "scripture"]
 FULL = (ModelSize(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=4096),
-        Budget(max_seconds=420, batch_size=8, seq_len=128, lr=2e-3), 2_000_000)
+        TrainConfig(max_seconds=420, batch_size=8, seq_len=128, lr=2e-3), 2_000_000)
 QUICK = (ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512),
-         Budget(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3), 200_000)
+         TrainConfig(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3), 200_000)
 
 
 def _bar(fraction: float, width: int = 30) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from experts.errors import InvalidExpertError, JobCancelledError
 from experts.repository.merges import MergeRunner
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
+from experts.training.config import TrainConfig
 from merging.recipe import MergeRecipe
 
 Progress = Callable[[float, str], None]
@@ -37,30 +38,6 @@ class ModelSize:
     n_head: int = 4
     n_positions: int = 256
     vocab_size: int = 4096
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A training budget: tokens and/or seconds (training stops at whichever comes first)."""
-
-    max_tokens: int | None = None
-    max_seconds: float | None = None
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 2e-3
-    seed: int = 0
-
-    def scaled(self, fraction: float) -> Budget:
-        return Budget(int(self.max_tokens * fraction) if self.max_tokens else None,
-                      self.max_seconds * fraction if self.max_seconds else None,
-                      self.batch_size, self.seq_len, self.lr, self.seed)
-
-    def train_config(self, *, seed_offset: int = 0) -> Any:
-        from experts.training.lm import TrainConfig
-
-        return TrainConfig(max_tokens=self.max_tokens, max_seconds=self.max_seconds, batch_size=self.batch_size,
-                           seq_len=self.seq_len, lr=self.lr, seed=self.seed + seed_offset, eval_every=100,
-                           eval_tokens=8192)
 
 
 @dataclass
@@ -138,7 +115,7 @@ class BTM:
         return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     def _train_and_register(self, model: Any, tok: Any, expert_id: str, train_ids: torch.Tensor,
-                            val_ids: torch.Tensor | None, budget: Budget, lineage: dict[str, Any],
+                            val_ids: torch.Tensor | None, budget: TrainConfig, lineage: dict[str, Any],
                             domain: str | None, tags: list[str], progress: Progress | None,
                             should_stop: ShouldStop | None, seed_offset: int = 0) -> ExpertRecord:
         from experts.training.lm import save_model_atomic, train_causal_lm
@@ -149,8 +126,8 @@ class BTM:
                 progress(p.fraction, f"{expert_id}: loss {p.train_loss:.3f}{val}, {p.tokens_per_s:,.0f} tok/s, "
                                      f"eta {p.eta_s or 0:.0f}s")
 
-        result = train_causal_lm(model, train_ids, val_ids, budget.train_config(seed_offset=seed_offset),
-                                 on_progress=report, should_stop=should_stop)
+        config = replace(budget, seed=budget.seed + seed_offset)
+        result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report, should_stop=should_stop)
         if result.cancelled:
             raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
         staging = self.repo.store.new_staging()
@@ -161,7 +138,7 @@ class BTM:
         return self.repo.register_staged(expert_id, staging, domain=domain, tags=tags, lineage=lineage)
 
     # -- the four operations ------------------------------------------------------------------
-    def seed(self, expert_id: str, domains: list[str], budget: Budget, size: ModelSize = ModelSize(), *,
+    def seed(self, expert_id: str, domains: list[str], budget: TrainConfig, size: ModelSize = ModelSize(), *,
              progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ExpertRecord:
         """Train a seed LM on a uniform mixture of `domains`."""
         from experts.training.lm import new_gpt2
@@ -212,7 +189,8 @@ class BTM:
         lineage = {**(record.lineage or {}), "op": "btm.branch"}
         return self.repo.registry.update_expert(expert_id, lineage=lineage)
 
-    def train(self, expert_id: str, source: str, domain: str, budget: Budget, *, progress: Progress | None = None,
+    def train(self, expert_id: str, source: str, domain: str, budget: TrainConfig, *,
+              progress: Progress | None = None,
               should_stop: ShouldStop | None = None, seed_offset: int = 0) -> ExpertRecord:
         """Continue training `source` on `domain` only; registers the result as `expert_id`."""
         model, tok = self._fresh_model(source)

@@ -44,7 +44,7 @@ from experts.training.lm import (
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]
 
-__all__ = ["LoraData", "LoraSpec", "LoraBudget", "train_lora", "train_on_examples"]
+__all__ = ["LoraData", "LoraSpec", "train_lora", "train_on_examples"]
 
 
 @dataclass(frozen=True)
@@ -100,29 +100,6 @@ class LoraData:
         if self.task is not None:
             return {"task": self.task}
         return {"examples": len(self.examples or ()), "validation": len(self.validation or ())}
-
-
-@dataclass(frozen=True)
-class LoraBudget:
-    """Tokens and/or seconds (stops at whichever comes first), batch, sequence length (for pairs: the
-    maximum tokens per example), learning rate, warm-up, seed."""
-
-    max_tokens: int | None = None
-    max_seconds: float | None = None
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    seed: int = 0
-    eval_every: int = 100
-    eval_tokens: int = 8192
-    bf16: bool = True
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(max_tokens=self.max_tokens, max_seconds=self.max_seconds,
-                           batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                           warmup_steps=self.warmup_steps, weight_decay=0.0, seed=self.seed,
-                           eval_every=self.eval_every, eval_tokens=self.eval_tokens, bf16=self.bf16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +222,7 @@ class _Prepared:
     val_ex: list[Encoded] = field(default_factory=list)
 
 
-def _prepare(btm: Any, tokenizer: Any, data: LoraData, budget: LoraBudget, n_positions: int) -> _Prepared:
+def _prepare(btm: Any, tokenizer: Any, data: LoraData, budget: TrainConfig, n_positions: int) -> _Prepared:
     max_tok = min(budget.seq_len, n_positions)
     if data.corpus is not None:
         if btm is None:
@@ -279,7 +256,7 @@ def train_lora(
     data: LoraData,
     *,
     lora: LoraSpec = LoraSpec(),
-    budget: LoraBudget = LoraBudget(max_tokens=8 * 128 * 50),
+    budget: TrainConfig = TrainConfig.lora(max_tokens=8 * 128 * 50),
     btm: Any = None,
     tags: Sequence[str] = (),
     domain: str | None = None,
@@ -291,6 +268,8 @@ def train_lora(
     Args:
         repo: the ExpertRepository; `base` must be a registered local expert.
         data: corpus, task or inline examples (see :class:`LoraData`).
+        budget: the training config; :meth:`TrainConfig.lora` is the LoRA preset (higher learning rate,
+            shorter warm-up, no weight decay). For pairs, `seq_len` is the maximum tokens per example.
         btm: an :class:`experts.btm.operations.BTM` for corpus and task data (corpora root, tokenized streams).
         progress: ``progress(fraction, message)``; should_stop: cancellation (raises JobCancelledError,
             nothing registered).
@@ -325,7 +304,6 @@ def train_lora(
         peft_model = get_peft_model(model, lcfg)
     except ValueError as e:  # e.g. target modules not found in the base
         raise InvalidExpertError(f"cannot attach LoRA to {base!r}: {e}") from None
-    config = budget.train_config()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     def report(p: TrainProgress) -> None:
@@ -339,13 +317,13 @@ def train_lora(
                                  max_tokens=budget.eval_tokens, batch_size=budget.batch_size)
 
         initial = stream_val() if prep.val_ids is not None and prep.val_ids.numel() >= 2 else None
-        result = train_causal_lm(peft_model, prep.train_ids, prep.val_ids, config, on_progress=report,
+        result = train_causal_lm(peft_model, prep.train_ids, prep.val_ids, budget, on_progress=report,
                                  should_stop=should_stop)
         final = stream_val() if initial is not None and not result.cancelled else result.final_val_loss
     else:
         val_batches = make_batches(prep.val_ex, pad_id=pad) if prep.val_ex else None
         initial = mean_loss(peft_model, val_batches) if val_batches else None
-        result = train_on_examples(peft_model, prep.train_ex, prep.val_ex or None, config, pad_id=pad,
+        result = train_on_examples(peft_model, prep.train_ex, prep.val_ex or None, budget, pad_id=pad,
                                    on_progress=report, should_stop=should_stop)
         final = mean_loss(peft_model, val_batches) if val_batches and not result.cancelled else None
     if result.cancelled:
@@ -359,7 +337,7 @@ def train_lora(
 
 
 def _save_and_register(repo: Any, peft_model: Any, expert_id: str, base: str, data: LoraData, lora: LoraSpec,
-                       budget: LoraBudget, train: dict[str, Any], tags: list[str],
+                       budget: TrainConfig, train: dict[str, Any], tags: list[str],
                        domain: str | None) -> ExpertRecord:
     """save_pretrained into a staging dir, then register (the staging is discarded on any failure)."""
     staging = repo.store.new_staging()
