@@ -127,7 +127,8 @@ class BTM:
                                      f"eta {p.eta_s or 0:.0f}s")
 
         config = replace(budget, seed=budget.seed + seed_offset)
-        result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report, should_stop=should_stop)
+        result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report,
+                                 should_stop=should_stop)
         if result.cancelled:
             raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
         staging = self.repo.store.new_staging()

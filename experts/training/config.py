@@ -41,8 +41,8 @@ class TrainConfig:
     - AdamW (`betas`, `weight_decay` on matrices and embeddings only, not on biases and LayerNorm weights),
       gradient-norm clipping at `grad_clip` (0 disables).
     - Validation (when `val_ids` is given): every `eval_every` steps (default 100) and at the end, on the
-      first `eval_tokens` (default 8192) tokens of the validation stream (`evaluate_loss`, so the numbers are comparable between
-      evaluations).
+      first `eval_tokens` (default 8192) tokens of the validation stream (`evaluate_loss`, so the numbers
+      are comparable between evaluations).
     - `bf16`: `torch.autocast(dtype=torch.bfloat16)` for the training forward pass and the evaluations when
       the device supports bf16 natively (on CPU: avx512_bf16 or AMX); silently fp32 otherwise.
     - `attn_implementation`: attention kernel used while training ("eager" is the fastest on CPU for small
@@ -97,7 +97,7 @@ class TrainConfig:
         return cls(**{**LORA_PRESET, **fields})
 
     def scaled(self, fraction: float) -> TrainConfig:
-        """The same config with its token and time budgets multiplied by `fraction` (BTM's pipeline splits)."""
+        """This config with its token and time budgets multiplied by `fraction` (BTM's pipeline splits)."""
         return replace(self, max_tokens=int(self.max_tokens * fraction) if self.max_tokens else None,
                        max_seconds=self.max_seconds * fraction if self.max_seconds else None)
 

@@ -18,7 +18,8 @@ def test_the_api_budget_is_a_subset_of_train_config_with_its_defaults():
     for name, field in BudgetIn.model_fields.items():
         assert field.default == DEFAULTS[name], name
     schema = BudgetIn.model_json_schema()["properties"]
-    assert schema["lr"]["default"] == TrainConfig.lr and schema["batch_size"]["default"] == TrainConfig.batch_size
+    assert schema["lr"]["default"] == TrainConfig.lr
+    assert schema["batch_size"]["default"] == TrainConfig.batch_size
 
 
 def test_conversion_is_by_name_never_by_position():
