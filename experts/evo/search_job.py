@@ -23,71 +23,36 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from merging.search import SearchResult, Trial, baseline, evo_merging, lorahub
-from merging.search.baselines import DEFAULT_LAMBDAS
+from merging.search import SearchResult, Trial, run_method
+from merging.search.settings import DEFAULTS, SearchSettings
 
 __all__ = ["HttpProvider", "LocalProvider", "Provider", "SearchSpec", "run_search", "search_budget"]
 
-Method = Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"]
 MAX_POOL_QUERIES = 1024  # best_single over a tag selector: one query per adapter, at most a pool's size
 MAX_SERIES = 20_000  # points kept in the loss-vs-queries series (the budgets are capped below this)
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """What to search and how (the method's arguments; see :func:`merging.search.evo_merging` and
-    :func:`merging.search.lorahub`).
+    """What to search and how: the provider's session-create body and the search's settings.
 
     ``session`` is the provider's session-create body: {base, pool, validation, loss}; its ``budget``
-    is set here to the search's total budget.
+    is set here to the search's total budget. ``settings`` (the method and its arguments) are declared
+    once in :class:`merging.search.settings.SearchSettings`.
     """
 
     session: Mapping[str, Any]
-    method: Method = "evo_merging"
-    seed: int | None = 42
-    budget_stage1: int = 400
-    budget_stage2: int = 800
-    budget: int = 40  # lorahub
-    popsize: int = 20
-    sigma0: float = 0.05
-    l1: float = 0.05
-    early_stop: int | None = None
-    early_stop_min_delta: float = 0.0
-    denoise: bool = True
-    scale: bool = True
-    negative: bool = True
-    beta_bound: float = 1.5
-    selection: Literal["shared", "last_stage"] = "shared"
-    optimizer: str = "NGOpt"  # lorahub
-    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # task_arithmetic
-
-    def arguments(self) -> dict[str, Any]:
-        """Keyword arguments of the search function (everything but the evaluator, n and callbacks)."""
-        if self.method in ("uniform", "task_arithmetic", "best_single"):
-            return {"name": self.method, "lambdas": self.lambdas}
-        common = {"seed": self.seed, "l1": self.l1, "early_stop": self.early_stop,
-                  "early_stop_min_delta": self.early_stop_min_delta}
-        if self.method == "lorahub":
-            return {**common, "budget": self.budget, "bound": self.beta_bound, "optimizer": self.optimizer}
-        return {**common, "budget_stage1": self.budget_stage1, "budget_stage2": self.budget_stage2,
-                "popsize": self.popsize, "sigma0": self.sigma0, "denoise": self.denoise, "scale": self.scale,
-                "negative": self.negative, "beta_bound": self.beta_bound, "selection": self.selection}
+    settings: SearchSettings = DEFAULTS
 
 
 def search_budget(spec: SearchSpec, n: int | None = None) -> int:
     """Queries the search may spend (a skipped Evo stage spends nothing); `n`: the pool's size, if known."""
-    if spec.method == "uniform":
-        return 1
-    if spec.method == "task_arithmetic":
-        return len(spec.lambdas)
-    if spec.method == "best_single":
+    if not n and spec.settings.method == "best_single":
         pool = spec.session.get("pool")
-        return n or (len(pool) if isinstance(pool, list | tuple) else MAX_POOL_QUERIES)
-    if spec.method == "lorahub":
-        return spec.budget
-    return spec.budget_stage1 * spec.denoise + spec.budget_stage2 * spec.scale
+        n = len(pool) if isinstance(pool, list | tuple) else MAX_POOL_QUERIES
+    return spec.settings.queries(n or 0)
 
 
 class Provider(Protocol):
@@ -279,8 +244,7 @@ def run_search(provider: Provider, spec: SearchSpec, *,
     n = int(view.get("n") or len(view.get("experts") or []))
     progress.total = search_budget(spec, n)
     try:
-        search = {"lorahub": lorahub, "evo_merging": evo_merging}.get(spec.method, baseline)
-        result = search(evaluator, n, on_trial=on_trial, should_stop=should_stop, **spec.arguments())
+        result = run_method(evaluator, n, spec.settings, on_trial=on_trial, should_stop=should_stop)
     except BaseException:
         provider.close(str(view.get("id")))
         raise

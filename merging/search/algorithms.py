@@ -23,9 +23,9 @@ a deterministic loss.
 from __future__ import annotations
 
 import math
-from importlib.metadata import version
 from collections.abc import Callable
-from typing import Any, Literal
+from importlib.metadata import version
+from typing import Any
 
 import nevergrad as ng
 import numpy as np
@@ -34,10 +34,9 @@ from merging.errors import MergeError
 from merging.search.optimizers import FloatArray, make_cma, make_ngopt
 from merging.search.result import Evaluator, SearchResult, StageResult, Trial
 from merging.search.runner import SearchRunner, StageSpec
+from merging.search.settings import BETA_BOUND, DEFAULTS, Selection
 
 __all__ = ["SearchSettingsError", "evo_merging", "lorahub"]
-
-Selection = Literal["shared", "last_stage"]
 
 
 class SearchSettingsError(MergeError):
@@ -48,24 +47,26 @@ def evo_merging(
     evaluator: Evaluator,
     n: int,
     *,
-    budget_stage1: int = 400,
-    budget_stage2: int = 800,
-    popsize: int = 20,
-    sigma0: float = 0.05,
-    l1: float = 0.05,
-    seed: int | None = 42,
-    early_stop: int | None = None,
-    early_stop_min_delta: float = 0.0,
+    budget_stage1: int = DEFAULTS.budget_stage1,
+    budget_stage2: int = DEFAULTS.budget_stage2,
+    popsize: int = DEFAULTS.popsize,
+    sigma0: float = DEFAULTS.sigma0,
+    l1: float = DEFAULTS.l1,
+    seed: int | None = DEFAULTS.seed,
+    early_stop: int | None = DEFAULTS.early_stop,
+    early_stop_min_delta: float = DEFAULTS.early_stop_min_delta,
     on_trial: Callable[[Trial], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     workers: int = 1,
-    denoise: bool = True,
-    scale: bool = True,
-    negative: bool = True,
-    beta_bound: float = 1.5,
-    selection: Selection = "shared",
+    denoise: bool = DEFAULTS.denoise,
+    scale: bool = DEFAULTS.scale,
+    negative: bool = DEFAULTS.negative,
+    beta_bound: float = BETA_BOUND,
+    selection: Selection = DEFAULTS.selection,
 ) -> SearchResult:
     """Two-stage Evo-Merging search (CMA-ES via nevergrad ask/tell).
+
+    The defaults are declared once, in :class:`merging.search.settings.SearchSettings`.
 
     Args:
         evaluator: the black-box provider (loss per (alpha, beta)).
@@ -136,13 +137,13 @@ def lorahub(
     evaluator: Evaluator,
     n: int,
     *,
-    budget: int = 40,
-    l1: float = 0.05,
-    bound: float = 1.5,
-    optimizer: str = "NGOpt",
-    seed: int | None = 42,
-    early_stop: int | None = None,
-    early_stop_min_delta: float = 0.0,
+    budget: int = DEFAULTS.budget,
+    l1: float = DEFAULTS.l1,
+    bound: float = BETA_BOUND,
+    optimizer: str = DEFAULTS.optimizer,
+    seed: int | None = DEFAULTS.seed,
+    early_stop: int | None = DEFAULTS.early_stop,
+    early_stop_min_delta: float = DEFAULTS.early_stop_min_delta,
     on_trial: Callable[[Trial], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SearchResult:
