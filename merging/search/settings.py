@@ -52,7 +52,22 @@ def _setting(default: Any, doc: str, methods: tuple[str, ...], *, keyword: Mappi
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How to search: the method and its settings (each documented by the `help` of its metadata)."""
+    """How to search: the method and its settings (each documented by the `help` of its metadata).
+
+    Details of the Evo-Merging settings (see :func:`~merging.search.algorithms.evo_merging`):
+
+    * budgets: evaluations per stage (paper: 400, 800); a skipped stage spends nothing, so give an
+      ablation the whole budget through the stage it keeps;
+    * popsize: a CMA generation, evaluated as one population; sigma0: CMA's initial step in value
+      units (see :mod:`merging.search.optimizers`); seed: seeds each stage's CMA (the authors use 42
+      for both), same seed, same result;
+    * l1: weight of ``mean(|x|)`` of the stage's vector in the objective;
+    * early_stop: end a stage after this many generations (LoraHub: evaluations) without an
+      improvement of its best objective by more than early_stop_min_delta (None: budgets only);
+    * selection: ``"shared"`` (the authors' code): one best-ever candidate by objective across both
+      stages, so a stage-2 candidate replaces stage 1's best only if its objective is lower, else
+      beta stays 1/N; ``"last_stage"``: the best of the last stage that ran, unconditionally.
+    """
 
     method: Method = _setting(
         "evo_merging", "evo_merging or lorahub (searches), or a black-box baseline: uniform (beta = 1/N), "
