@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the implementation (torch, the repository) is imported when the subcommand runs, not to build the parser
     from experts.btm.operations import BTM, ModelSize
     from experts.btm.pipeline import run_pipeline
     from experts.repository.registry import Registry

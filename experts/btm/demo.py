@@ -36,7 +36,7 @@ def _bar(fraction: float, width: int = 30) -> str:
 def build_demo(data_dir: Path, *, db_url: str, quick: bool = False,
                echo: Callable[[str], None] | None = None) -> dict | None:
     """Build the demo forest if it is missing; returns the pipeline's result (None when already built)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: imported when the demo is built
 
     hf_logging.disable_progress_bar()
     size, budget, corpus_bytes = QUICK if quick else FULL

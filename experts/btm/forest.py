@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from experts.btm.mixture import EnsembleLM, estimate_prior
 from experts.errors import InvalidExpertError
 from experts.hf.loading import LoadedModel, model_nbytes
 from experts.repository.merges import MergeRunner
@@ -40,8 +41,6 @@ def _members(repo: ExpertRepository, ids: list[str]) -> list[ExpertRecord]:
 
 def estimate_forest_prior(repo: ExpertRepository, ids: list[str], sequences: list[list[int]], *,
                           mode: str = "paper") -> list[float]:
-    from experts.btm.mixture import estimate_prior
-
     models = [repo.cache.get(i).model for i in ids]
     return [float(x) for x in estimate_prior(models, sequences, decay=0.3, mode=mode)]
 
@@ -86,8 +85,6 @@ def create_forest(repo: ExpertRepository, forest_id: str, member_ids: list[str],
 
 
 def load_forest(repo: ExpertRepository, record: ExpertRecord) -> LoadedModel:
-    from experts.btm.mixture import EnsembleLM
-
     members = [repo.cache.get(m["id"]) for m in record.spec["members"]]
     ens = EnsembleLM([m.model for m in members], torch.tensor(record.spec["prior"]), top_k=record.spec.get("top_k"),
                      mode=record.spec.get("posterior", "paper"))

@@ -19,12 +19,15 @@ from typing import Any
 
 import torch
 
-from experts.data.corpora import build_corpus, load_split
+from experts.btm.mixture import estimate_prior
+from experts.data.corpora import DOMAINS, build_corpus, get_corpus, load_split
 from experts.errors import InvalidExpertError, JobCancelledError
+from experts.hf.tokenizer import train_bpe_tokenizer
 from experts.repository.merges import MergeRunner
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
 from experts.training.config import TrainConfig
+from experts.training.lm import new_gpt2, save_model_atomic, tokenize_text, train_causal_lm
 from merging.recipe import MergeRecipe
 
 Progress = Callable[[float, str], None]
@@ -57,16 +60,12 @@ class BTM:
 
     # -- data ---------------------------------------------------------------------------------
     def ensure_corpus(self, domain: str) -> None:
-        from experts.data.corpora import DOMAINS, get_corpus
-
         if domain in DOMAINS:
             build_corpus(domain, self.corpora_root, self.corpus_bytes)
         else:
             get_corpus(self.corpora_root, domain)  # UnknownCorpusError for a name that is neither
 
     def token_ids(self, tokenizer: Any, domain: str, split: str) -> torch.Tensor:
-        from experts.training.lm import tokenize_text
-
         self.ensure_corpus(domain)
         key = (_tok_key(tokenizer), domain, split)
         if key not in self._ids_cache:
@@ -89,9 +88,7 @@ class BTM:
     def tokenizer(self, domains: list[str], vocab_size: int) -> Any:
         """One byte-level BPE per (domains, vocab) trained on the mixture and kept under the data dir,
         shared by every expert of a forest so they can be merged and ensembled."""
-        from transformers import AutoTokenizer
-
-        from experts.hf.tokenizer import train_bpe_tokenizer
+        from transformers import AutoTokenizer  # heavy: imported on first use (the app starts without it)
 
         tag = hashlib.sha256(f"{sorted(domains)}:{vocab_size}:{self.corpus_bytes}".encode()).hexdigest()[:12]
         path = self.data_dir / "tokenizers" / tag
@@ -108,7 +105,7 @@ class BTM:
     # -- helpers ------------------------------------------------------------------------------
     def _fresh_model(self, expert_id: str) -> tuple[Any, Any]:
         """A private, trainable copy of an expert loaded from disk (the served copy is untouched)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: on first use
 
         path = self.repo.artifact_dir(self.repo.record(expert_id))
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -118,8 +115,6 @@ class BTM:
                             val_ids: torch.Tensor | None, budget: TrainConfig, lineage: dict[str, Any],
                             domain: str | None, tags: list[str], progress: Progress | None,
                             should_stop: ShouldStop | None, seed_offset: int = 0) -> ExpertRecord:
-        from experts.training.lm import save_model_atomic, train_causal_lm
-
         def report(p: Any) -> None:
             if progress:
                 val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
@@ -142,8 +137,6 @@ class BTM:
     def seed(self, expert_id: str, domains: list[str], budget: TrainConfig, size: ModelSize = ModelSize(), *,
              progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ExpertRecord:
         """Train a seed LM on a uniform mixture of `domains`."""
-        from experts.training.lm import new_gpt2
-
         if not domains:
             raise InvalidExpertError("seed needs at least one domain")
         tok = self.tokenizer(domains, size.vocab_size)
@@ -158,8 +151,6 @@ class BTM:
 
     def branch_weights(self, parents: list[str], domain: str, *, sequences: int = 8, seq_len: int = 128) -> list[float]:
         """The parents' domain posterior on a sample of the new domain's text (the cached-prior EMA)."""
-        from experts.btm.mixture import estimate_prior
-
         models, tok = [], None
         for p in parents:
             m, t = self._fresh_model(p)

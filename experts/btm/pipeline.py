@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from experts.btm.operations import BTM, ModelSize
 from experts.btm.forest import average_forest, create_forest
+from experts.btm.operations import BTM, ModelSize
 from experts.training.config import TrainConfig
 
 Progress = Callable[[float, str], None]

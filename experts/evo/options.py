@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from experts.errors import ExpertError, InvalidExpertError
 from experts.data.scoring import validate_examples
+from experts.errors import ExpertError, InvalidExpertError
 
 __all__ = [
     "ALPHA_RANGE",

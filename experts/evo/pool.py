@@ -21,9 +21,12 @@ from typing import Any
 
 from experts.btm.operations import BTM, ModelSize
 from experts.data.corpora import available_domains
+from experts.data.datasets import POOL_TASKS, TASKS
+from experts.repository.registry import Registry
+from experts.repository.repo import ExpertRepository
+from experts.repository.store import ArtifactStore
 from experts.training.config import TrainConfig
 from experts.training.lora import LoraData, LoraSpec, train_lora
-from experts.data.datasets import POOL_TASKS, TASKS
 
 __all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
 
@@ -80,11 +83,7 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
         quick: tiny base, a few seconds per adapter (CI).
         seconds_per_adapter: overrides the adapter budget with a time budget; base_seconds: the base's.
     """
-    from transformers.utils import logging as hf_logging
-
-    from experts.repository.registry import Registry
-    from experts.repository.repo import ExpertRepository
-    from experts.repository.store import ArtifactStore
+    from transformers.utils import logging as hf_logging  # heavy: imported when a pool is built
 
     hf_logging.disable_progress_bar()
     cfg = config or (QUICK if quick else FULL)

@@ -25,6 +25,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
+
+from experts.evo.http import EvaluationRejectedError, create_session, session_evaluator
+from experts.evo.sessions import LossOptions, ValidationSpec
+from experts.remote.upstream import error_fields, redact
 from merging.search import SearchResult, Trial, run_method
 from merging.search.settings import DEFAULTS, SearchSettings
 
@@ -85,8 +90,6 @@ class _OnExecutor:
 def _session_args(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any, int]:
     """(base, pool, ValidationSpec, LossOptions, budget) from a session-create body (already
     validated at the boundary: ``app.protocol.merge_sessions.SessionCreateRequest``)."""
-    from experts.evo.sessions import LossOptions, ValidationSpec
-
     v, lo = dict(body["validation"]), dict(body.get("loss") or {})
     examples = v.get("examples")
     validation = ValidationSpec(examples=None if examples is None else tuple(dict(e) for e in examples),
@@ -140,19 +143,12 @@ class HttpProvider:
         self.name = self.url
 
     def open(self, body: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from experts.evo.http import create_session, session_evaluator
-
         view = create_session(self.url, self.api_key, body, timeout=max(self.timeout, 300.0))
         ev = session_evaluator(self.url, self.api_key, view, timeout=self.timeout, retries=self.retries,
                                **self.evaluator_kw)
         return ev, view
 
     def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        import httpx
-
-        from experts.evo.http import EvaluationRejectedError
-        from experts.remote.upstream import error_fields, redact
-
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         r = httpx.request(method, self.url + path, json=body, headers=headers, timeout=max(self.timeout, 300.0))
         if r.status_code >= 400:

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
 from experts.errors import InvalidExpertError
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, MAX_BATCH_CANDIDATES, BudgetExhaustedError,
                                   InvalidCandidateError, LossOptions, ValidationSpec)
-from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
+from merging.evo import EvoPlan
+from merging.lora import lora_modules, lora_scaling
 
 __all__ = ["MergeSession"]
 
@@ -46,8 +48,6 @@ class MergeSession:
                  adapters: list[dict[str, torch.Tensor]], adapter_config: Mapping[str, Any],
                  examples: list[dict[str, Any]], validation: ValidationSpec, loss: LossOptions, budget: int,
                  mode: str = "auto") -> None:
-        from merging.evo import EvoPlan
-
         self.id = session_id
         self.base = base
         self.experts = list(experts)
@@ -73,8 +73,6 @@ class MergeSession:
 
     # -- set-up helpers -----------------------------------------------------------------------
     def _choose_mode(self, mode: str, first: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> str:
-        from merging.lora import lora_modules
-
         patterns = bool(cfg.get("rank_pattern") or cfg.get("alpha_pattern"))
         modules = lora_modules(first.keys()).values()
         dense_ok = not patterns and all(self._dense_module(a) is not None for a, _ in modules)
@@ -89,8 +87,6 @@ class MergeSession:
 
     def _setup_dense(self, first: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> None:
         """Targets: the plan's own float32 buffers; per module (W, W0 copy, A, B, transposed, scaling)."""
-        from merging.lora import lora_modules, lora_scaling
-
         self._targets = self.plan.allocate_targets()
         s = lora_scaling(cfg)
         self._dense = []
@@ -102,7 +98,7 @@ class MergeSession:
 
     def _setup_peft(self, adapter_config: Mapping[str, Any]) -> None:
         """Attach a peft LoRA structure like the pool's; targets: its LoRA parameters."""
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy: imported when a session uses peft mode
 
         known = set(LoraConfig.__dataclass_fields__)
         skip = ("peft_type", "base_model_name_or_path", "task_type")
@@ -131,7 +127,7 @@ class MergeSession:
         self.n_tokens = sum(b.n_targets for b in self.batches)
 
     def _dense_module(self, a_key: str) -> tuple[Any, bool] | None:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D  # heavy: imported on first use
 
         if ".lora_A" not in a_key or "lora_embedding" in a_key:
             return None

@@ -37,13 +37,15 @@ from typing import Any
 
 import torch
 
+from experts.data.datasets import load_task
 from experts.errors import InvalidExpertError
-from experts.repository.registry import ExpertRecord
-from experts.evo.session import MergeSession
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, DEFAULT_REGISTERED_EXAMPLES, MAX_BATCH_CANDIDATES,
                                   MAX_POOL, BudgetExhaustedError, InvalidCandidateError, LossOptions,
                                   MergeSessionError, SessionLimitError, SessionNotFoundError, ValidationSpec, _cap)
-from experts.data.datasets import load_task
+from experts.evo.session import MergeSession
+from experts.repository.merges import MergeRunner
+from experts.repository.registry import ExpertRecord
+from merging.recipe import load_recipe
 
 __all__ = [
     "ALPHA_RANGE",
@@ -152,6 +154,7 @@ class MergeSessionManager:
                loss: LossOptions = LossOptions(), budget: int = 2000,
                mode: str | None = None) -> MergeSession:
         """Check everything, load the base privately, build the plan and the batches; register the session."""
+        # heavy: imported when the first session is created (the app starts without them)
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,9 +214,6 @@ class MergeSessionManager:
                     extra_lineage: Mapping[str, Any] | None = None) -> ExpertRecord:
         """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe (no query counted);
         its lineage (recipe, session, `extra_lineage`) is written with the record, in one step."""
-        from experts.repository.merges import MergeRunner
-        from merging.recipe import load_recipe
-
         s = self.get(session_id)
         a, b = s.check_vectors(alpha, beta)
         experts = [{"id": e, "alpha": x, "beta": y} for e, x, y in zip(s.experts, a, b, strict=True)]

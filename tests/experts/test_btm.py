@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experts.btm.operations import BTM, ModelSize
-from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
-from experts.data.evaluation import evaluate_ids
 from experts.btm.forest import average_forest, create_forest, sample_sequences
+from experts.btm.operations import BTM, ModelSize
+from experts.data.evaluation import evaluate_ids
+from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
 from experts.repository.registry import Registry
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import ArtifactStore

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from experts.btm.operations import BTM
+from experts.data.datasets import HELD_OUT, POOL_TASKS, TASKS, load_task
 from experts.errors import ExpertNotFoundError, InvalidExpertError, JobCancelledError
-from experts.training.config import TrainConfig
-from experts.training.lora import LoraData, LoraSpec, train_lora
 from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
                                     SessionLimitError, SessionNotFoundError, ValidationSpec)
 from experts.repository.registry import Registry
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import ArtifactStore
-from experts.data.datasets import HELD_OUT, POOL_TASKS, TASKS, load_task
+from experts.training.config import TrainConfig
+from experts.training.lora import LoraData, LoraSpec, train_lora
 from tests.helpers import build_adapter_dir, build_model_dir
 
 TARGETS = ("c_attn", "c_proj", "c_fc")
