@@ -29,6 +29,7 @@ from merging.search.settings import SearchSettings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The `search` subcommand: where to search, on what data, and one flag per search setting."""
     p = sub.add_parser("search", help="run an Evo-Merging search against a merge-session provider (URL)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="the provider's root URL (without /v1)")
@@ -71,7 +72,7 @@ def _add_setting_flag(p: Any, f: Any) -> None:
         return
     if get_origin(hint) is Literal:
         kind: dict[str, Any] = {"choices": list(get_args(hint))}
-    elif get_origin(hint) is tuple:
+    elif get_origin(hint) is tuple:  # tuple[float, ...]
         kind = {"type": _floats, "metavar": "X,Y,..."}
     elif isinstance(hint, UnionType):  # X | None
         kind = {"type": next(a for a in get_args(hint) if a is not NoneType)}
@@ -86,10 +87,12 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _shown(value: Any) -> str:
+    """A default as the flag would take it (tuples comma-separated)."""
     return ",".join(str(x) for x in value) if isinstance(value, tuple) else str(value)
 
 
 def _request(args: argparse.Namespace) -> SearchRequest:
+    """The request body from the flags, validated by the API's own model (ValidationError when bad)."""
     if args.examples is not None:
         lines = args.examples.read_text(encoding="utf-8").splitlines()
         validation: dict[str, Any] = {"examples": [json.loads(x) for x in lines if x.strip()]}
