@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from app.settings import Settings
+from experts.training.config import TrainConfig
 from experts.runtime import open_repository
 
 
@@ -18,12 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data-dir", type=Path, help="data directory (default ./data; env MERGEGATE_DATA_DIR)")
 
-    def budget(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--tokens", type=int, help="token budget")
-        q.add_argument("--seconds", type=float, help="time budget")
-        q.add_argument("--batch-size", type=int, default=8)
-        q.add_argument("--seq-len", type=int, default=128)
-        q.add_argument("--seed", type=int, default=0)
+    def budget(q: argparse.ArgumentParser) -> None:  # TrainConfig's fields, with its defaults
+        q.add_argument("--tokens", type=int, help="token budget (TrainConfig.max_tokens)")
+        q.add_argument("--seconds", type=float, help="time budget (TrainConfig.max_seconds)")
+        q.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+        q.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+        q.add_argument("--seed", type=int, default=TrainConfig.seed)
 
     q = ops.add_parser("pipeline", help="seed -> branch -> train for every domain -> forest (+ average)")
     common(q), budget(q)
@@ -49,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from experts.btm.operations import BTM, Budget, ModelSize
+    # the implementation (torch, the repository) is imported when the subcommand runs, not to build the parser
+    from experts.btm.operations import BTM, ModelSize
     from experts.btm.pipeline import run_pipeline
 
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             if args.tokens is None and args.seconds is None:
                 raise SystemExit("give --tokens or --seconds")
-            budget = Budget(args.tokens, args.seconds, args.batch_size, args.seq_len, seed=args.seed)
+            budget = TrainConfig(max_tokens=args.tokens, max_seconds=args.seconds, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, seed=args.seed)
             if args.op == "train":
                 out = btm.train(args.id, args.source, args.domain, budget, progress=show).to_dict()
             else:

@@ -15,13 +15,21 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import ValidationError
 
+from app.protocol.searches import SearchRequest
+from experts.evo.http import EvaluationError
+from experts.evo.search_job import HttpProvider, Progress, SearchSpec, run_search
+from merging.search.settings import SearchSettings
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The `search` subcommand: where to search, on what data, and one flag per search setting."""
     p = sub.add_parser("search", help="run an Evo-Merging search against a merge-session provider (URL)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="the provider's root URL (without /v1)")
@@ -38,17 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     p.add_argument("--max-examples", type=int)
     p.add_argument("--max-tokens-per-example", type=int, default=128)
-    p.add_argument("--method", default="evo_merging",
-                   choices=["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"])
-    p.add_argument("--lambdas", help="task_arithmetic: comma-separated lambdas (default 0.05,0.1,0.3,0.5,0.7,1)")
-    p.add_argument("--seed", type=int, default=42)
-    for name, default in (("budget-stage1", 400), ("budget-stage2", 800), ("budget", 40), ("popsize", 20),
-                          ("early-stop", None)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    for name, default in (("sigma0", 0.05), ("l1", 0.05)):
-        p.add_argument(f"--{name}", type=float, default=default)
-    for flag in ("denoise", "scale", "negative"):
-        p.add_argument(f"--no-{flag}", dest=flag, action="store_false", help=f"ablation: {flag} off")
+    settings = p.add_argument_group("search settings (as POST /admin/searches; omitted: its defaults)")
+    for f in fields(SearchSettings):
+        _add_setting_flag(settings, f)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP exchange")
     p.add_argument("--retries", type=int, default=4)
     p.add_argument("--name", help="register the winner on the provider under this id")
@@ -58,9 +58,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_search)
 
 
-def _request(args: argparse.Namespace) -> Any:
-    from app.protocol.searches import SearchRequest
+def _add_setting_flag(p: Any, f: Any) -> None:
+    """The flag of one SearchSettings field: --budget-stage1 N, --no-denoise, --lambdas 0.1,0.5, ...
 
+    Its default is not set here (argparse.SUPPRESS): an omitted flag takes the request model's default,
+    that is SearchSettings'."""
+    flag, hint = f.name.replace("_", "-"), get_type_hints(SearchSettings)[f.name]
+    text = f"{f.metadata['help']} (default: {_shown(f.default)})"
+    if hint is bool:
+        name, action = (f"--no-{flag}", "store_false") if f.default else (f"--{flag}", "store_true")
+        text = f"{f.name} = {not f.default}: {f.metadata['help']}"
+        p.add_argument(name, dest=f.name, action=action, default=argparse.SUPPRESS, help=text)
+        return
+    if get_origin(hint) is Literal:
+        kind: dict[str, Any] = {"choices": list(get_args(hint))}
+    elif get_origin(hint) is tuple:  # tuple[float, ...]
+        kind = {"type": _floats, "metavar": "X,Y,..."}
+    elif isinstance(hint, UnionType):  # X | None
+        kind = {"type": next(a for a in get_args(hint) if a is not NoneType)}
+    else:
+        kind = {"type": hint}
+    p.add_argument(f"--{flag}", dest=f.name, default=argparse.SUPPRESS, help=text, **kind)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers."""
+    return tuple(float(x) for x in text.split(","))
+
+
+def _shown(value: Any) -> str:
+    """A default as the flag would take it (tuples comma-separated)."""
+    return ",".join(str(x) for x in value) if isinstance(value, tuple) else str(value)
+
+
+def _request(args: argparse.Namespace) -> SearchRequest:
+    """The request body from the flags, validated by the API's own model (ValidationError when bad)."""
     if args.examples is not None:
         lines = args.examples.read_text(encoding="utf-8").splitlines()
         validation: dict[str, Any] = {"examples": [json.loads(x) for x in lines if x.strip()]}
@@ -72,21 +104,13 @@ def _request(args: argparse.Namespace) -> Any:
     body = {"provider": {"url": args.url, "timeout_s": args.timeout, "retries": args.retries},
             "base": args.base, "pool": args.pool.split(",") if args.pool else {"tags": args.pool_tag},
             "validation": validation, "loss": {"max_tokens_per_example": args.max_tokens_per_example},
-            "method": args.method, "seed": args.seed, "budget_stage1": args.budget_stage1,
-            "budget_stage2": args.budget_stage2, "budget": args.budget, "popsize": args.popsize,
-            "sigma0": args.sigma0, "l1": args.l1, "early_stop": args.early_stop, "denoise": args.denoise,
-            "scale": args.scale, "negative": args.negative, "name": args.name,
-            "tags": [t for t in args.tags.split(",") if t]}
-    if args.lambdas:
-        body["lambdas"] = [float(x) for x in args.lambdas.split(",")]
+            "name": args.name, "tags": [t for t in args.tags.split(",") if t]}
+    body.update({f.name: getattr(args, f.name) for f in fields(SearchSettings) if hasattr(args, f.name)})
     return SearchRequest.model_validate(body)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from app.services.searches import spec_fields
-    from experts.evo.http import EvaluationError
-    from experts.evo.search_job import HttpProvider, Progress, SearchSpec, run_search
-
+    """Run the search, print progress to stderr and the result JSON to stdout (or --out)."""
     try:
         req = _request(args)
     except (ValidationError, ValueError, OSError) as e:
@@ -94,7 +118,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     key = os.environ.get(args.api_key_env) or None
     provider = HttpProvider(str(req.provider.url), key, timeout=req.provider.timeout_s, retries=req.provider.retries)
     spec = SearchSpec(session=req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True),
-                      **spec_fields(req))
+                      settings=req.settings())
     shown = [0.0]
 
     def report(p: Progress, force: bool) -> None:

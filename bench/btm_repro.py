@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from experts.btm.operations import BTM, Budget, ModelSize  # noqa: E402
-from experts.data.corpora import load_split  # noqa: E402
+from experts.btm.operations import BTM, ModelSize  # noqa: E402
 from experts.btm.mixture import EnsembleLM, estimate_prior  # noqa: E402
 from experts.data.evaluation import evaluate_ids  # noqa: E402
 from experts.btm.forest import sample_sequences  # noqa: E402
+from experts.training.config import TrainConfig  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from experts.runtime import open_repository  # noqa: E402
 
@@ -77,7 +78,7 @@ def main() -> None:
     repo = open_repository(data, database_url=f"sqlite:///{data / 'r.db'}", max_loaded_models=32,
                            max_loaded_bytes=16 << 30)
     btm = BTM(repo, data, corpus_bytes)
-    budget = lambda tokens: Budget(max_tokens=int(tokens), batch_size=8, seq_len=seq, lr=2e-3, seed=args.seed)  # noqa: E731
+    budget = lambda tokens: TrainConfig(max_tokens=int(tokens), batch_size=8, seq_len=seq, lr=2e-3, seed=args.seed)  # noqa: E731
     n = len(TRAIN)
     log = lambda s: print(f"[{time.time() - t_start:6.0f}s] {s}", flush=True)  # noqa: E731
 
@@ -101,7 +102,8 @@ def main() -> None:
     for i in range(n):
         part = blocks[order[i::n]].reshape(-1)
         model, _ = btm._fresh_model("seed")
-        train_causal_lm(model, part, None, budget(T / (2 * n)).train_config(seed_offset=100 + i))
+        config = budget(T / (2 * n))
+        train_causal_lm(model, part, None, replace(config, seed=config.seed + 100 + i))
         rand_models.append(model.eval())
     log("random-split experts done")
     del save_model_atomic

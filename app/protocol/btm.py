@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from experts.training.config import TrainConfig
+
 
 class BudgetIn(BaseModel):
-    max_tokens: int | None = Field(None, gt=0, description="Training tokens (steps x batch x sequence length)")
-    max_seconds: float | None = Field(None, gt=0, description="Wall-clock budget")
-    batch_size: int = Field(8, ge=1, le=512)
-    seq_len: int = Field(128, ge=8, le=8192)
-    lr: float = Field(2e-3, gt=0, le=1)
-    seed: int = Field(0, ge=0)
+    """A training budget on the wire: the fields of :class:`experts.training.config.TrainConfig` a client
+    sets, under the same names and with TrainConfig's own defaults (read from the dataclass, never restated
+    here); the rest of the config keeps TrainConfig's (or the preset's) values. :meth:`config` validates it
+    into a TrainConfig by name, and TrainConfig's own checks run at the boundary (a 4xx, not a failed job)."""
+
+    max_tokens: int | None = Field(TrainConfig.max_tokens, gt=0,
+                                   description="Training tokens (steps x batch x sequence length)")
+    max_seconds: float | None = Field(TrainConfig.max_seconds, gt=0, description="Wall-clock budget")
+    batch_size: int = Field(TrainConfig.batch_size, ge=1, le=512)
+    seq_len: int = Field(TrainConfig.seq_len, ge=8, le=8192)
+    lr: float = Field(TrainConfig.lr, gt=0, le=1)
+    seed: int = Field(TrainConfig.seed, ge=0)
 
     @model_validator(mode="after")
-    def _some_budget(self) -> BudgetIn:
-        if self.max_tokens is None and self.max_seconds is None:
-            raise ValueError("set max_tokens or max_seconds (a budget of zero is not allowed)")
+    def _valid_config(self) -> BudgetIn:
+        self.config()  # ValueError (e.g. neither max_tokens nor max_seconds) -> a validation error
         return self
+
+    def config(self, preset: Callable[..., TrainConfig] = TrainConfig) -> TrainConfig:
+        """This budget as a TrainConfig, by field name: `preset` (TrainConfig, or TrainConfig.lora) with the
+        budget's fields on top."""
+        return preset(**self.model_dump())
 
 
 class SizeIn(BaseModel):

@@ -165,6 +165,7 @@ class LoraTrainRequest(BaseModel):
     base: str = Field(..., examples=["pool-base"])
     data: LoraDataIn
     lora: LoraIn = LoraIn()
-    budget: BudgetIn
+    budget: BudgetIn = Field(..., description="The LoRA preset (TrainConfig.lora: shorter warm-up, no weight "
+                             "decay) with these fields on top")
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import fields
+from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, create_model,
+                      field_validator, model_validator)
 
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
-
-MAX_QUERIES = 20_000
+from merging.search.settings import MAX_QUERIES, SearchSettings
 
 
 class ProviderIn(BaseModel):
@@ -31,7 +32,29 @@ class ProviderIn(BaseModel):
         return v.rstrip("/") if v else v
 
 
-class SearchRequest(BaseModel):
+def _settings_fields() -> dict[str, Any]:
+    """One pydantic field per :class:`SearchSettings` field: its type, default, bounds and help."""
+    hints = get_type_hints(SearchSettings)
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"], **f.metadata["bounds"]))
+            for f in fields(SearchSettings)}
+
+
+class _SearchTarget(BaseModel):
+    """What a search runs against: the provider, the base and pool, the validation data and the loss."""
+
+    provider: ProviderIn = ProviderIn()
+    base: str = Field(..., description="The base expert (on the provider)")
+    pool: list[str] | PoolSelector = Field(..., description="Adapter ids in order, or a tag selector")
+    validation: ValidationIn
+    loss: LossIn = LossIn()
+
+
+# the settings, derived from their one declaration (merging.search.settings), after the target's fields
+_SearchSettingsIn = create_model("_SearchSettingsIn", __base__=_SearchTarget, **_settings_fields())
+SETTING_NAMES = frozenset(f.name for f in fields(SearchSettings))
+
+
+class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
     """A black-box merge search over a pool of LoRA adapters on one base.
 
     Evo-Merging (default): stage 1 searches the keep fractions alpha with beta = 1/N, stage 2 the
@@ -40,40 +63,14 @@ class SearchRequest(BaseModel):
     Baselines through the same job: `uniform`, `task_arithmetic`, `best_single`.
     """
 
+    # the search settings (method ... lambdas) are inherited: the fields of SearchSettings
+
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "base": "pool-base", "pool": {"tags": ["pool"]},
         "validation": {"task": "dictionary_word", "split": "validation", "max_examples": 32},
         "method": "evo_merging", "budget_stage1": 400, "budget_stage2": 800, "seed": 42,
         "name": "evo-dictionary-word"}]})
 
-    provider: ProviderIn = ProviderIn()
-    base: str = Field(..., description="The base expert (on the provider)")
-    pool: list[str] | PoolSelector = Field(..., description="Adapter ids in order, or a tag selector")
-    validation: ValidationIn
-    loss: LossIn = LossIn()
-    method: Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"] = Field(
-        "evo_merging", description="evo_merging or lorahub (searches), or a black-box baseline: uniform "
-        "(beta = 1/N), task_arithmetic (beta = lambda for all, best lambda of `lambdas`), best_single "
-        "(the best adapter alone)")
-    seed: int | None = Field(42, description="Seeds the optimisers: same request and seed, same result")
-    budget_stage1: int = Field(400, ge=0, le=MAX_QUERIES, description="Evo stage 1 (alpha) evaluations")
-    budget_stage2: int = Field(800, ge=0, le=MAX_QUERIES, description="Evo stage 2 (beta) evaluations")
-    budget: int = Field(40, ge=1, le=MAX_QUERIES, description="LoraHub evaluations")
-    popsize: int = Field(20, ge=2, le=1000, description="CMA-ES population (a generation)")
-    sigma0: float = Field(0.05, gt=0, le=10, description="CMA-ES initial step, in value units")
-    l1: float = Field(0.05, ge=0, le=100, description="Weight of mean(|x|) in the objective")
-    early_stop: int | None = Field(None, ge=1, description="End a stage after this many generations without "
-                                   "improvement")
-    early_stop_min_delta: float = Field(0.0, ge=0)
-    denoise: bool = Field(True, description="Run stage 1 (False: alpha = 1; ablation)")
-    scale: bool = Field(True, description="Run stage 2 (False: beta = 1/N; ablation)")
-    negative: bool = Field(True, description="Allow beta < 0 (False: beta in [0, 1.5]; ablation)")
-    selection: Literal["shared", "last_stage"] = Field(
-        "shared", description="shared: best-ever candidate across stages (authors' code); last_stage: the "
-        "last stage's best")
-    optimizer: str = Field("NGOpt", description="LoraHub's nevergrad optimizer")
-    lambdas: list[float] = Field([0.05, 0.1, 0.3, 0.5, 0.7, 1.0], min_length=1, max_length=100,
-                                 description="task_arithmetic: the lambdas tried (each in [-1.5, 1.5])")
     name: str | None = Field(None, description="Register the winner under this id (omit: search only)",
                              examples=["evo-merged"])
     tags: list[str] = Field(default_factory=list)
@@ -81,7 +78,7 @@ class SearchRequest(BaseModel):
 
     @field_validator("lambdas")
     @classmethod
-    def _lambdas(cls, v: list[float]) -> list[float]:
+    def _lambdas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
         if not all(-1.5 <= x <= 1.5 for x in v):
             raise ValueError("every lambda must be in [-1.5, 1.5]")
         return v
@@ -94,6 +91,10 @@ class SearchRequest(BaseModel):
             if self.budget_stage1 * self.denoise + self.budget_stage2 * self.scale < 1:
                 raise ValueError("the search budget is zero")
         return self
+
+    def settings(self) -> SearchSettings:
+        """The request's search settings, by name."""
+        return SearchSettings(**self.model_dump(include=SETTING_NAMES))
 
 
 class EnsembleSearchRequest(BaseModel):

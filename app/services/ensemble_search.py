@@ -27,7 +27,7 @@ from experts.errors import InvalidExpertError, JobCancelledError
 from experts.repository.jobs import JobContext
 from experts.btm.operations import BTM
 from experts.evo.search_job import Progress
-from experts.data.tasks import TASKS, load_task
+from experts.data.datasets import TASKS, load_task
 
 DEFAULT_TASK_EXAMPLES = 32
 

@@ -15,10 +15,11 @@ from app.protocol.merge_sessions import LoraTrainRequest, SessionCreateRequest
 from app.services.admin import AdminService
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.repository.jobs import JobContext
-from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
+from experts.training.config import TrainConfig
+from experts.training.lora import LoraData, LoraSpec, train_lora
 from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
 from experts.repository.store import check_expert_id
-from experts.data.tasks import TASKS
+from experts.data.datasets import TASKS
 
 
 def _examples(examples: list[Any] | None) -> tuple[dict[str, Any], ...] | None:
@@ -105,9 +106,7 @@ class MergeSessionService:
             await run_sync(btm.ensure_corpus, TASKS[d.task].domain)
         targets = tuple(req.lora.target_modules) if req.lora.target_modules else None
         lora = LoraSpec(req.lora.r, req.lora.lora_alpha, targets)
-        b = req.budget
-        budget = LoraBudget(max_tokens=b.max_tokens, max_seconds=b.max_seconds, batch_size=b.batch_size,
-                            seq_len=b.seq_len, lr=b.lr, seed=b.seed)
+        budget = req.budget.config(TrainConfig.lora)
 
         def run(ctx: JobContext) -> dict[str, Any]:
             r = train_lora(self.repo, req.id, req.base, data, lora=lora, budget=budget, btm=btm,

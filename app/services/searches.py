@@ -29,16 +29,7 @@ from experts.evo.search_job import HttpProvider, LocalProvider, Progress, Search
 from experts.evo.sessions import MergeSessionManager
 from experts.remote.upstream import RemoteSpec
 from experts.repository.store import check_expert_id
-from experts.data.tasks import TASKS
-
-SPEC_FIELDS = ("method", "seed", "budget_stage1", "budget_stage2", "budget", "popsize", "sigma0", "l1",
-               "early_stop", "early_stop_min_delta", "denoise", "scale", "negative", "selection", "optimizer")
-
-
-def spec_fields(req: SearchRequest) -> dict[str, Any]:
-    """The SearchSpec keyword arguments of a request."""
-    return {**{k: getattr(req, k) for k in SPEC_FIELDS}, "lambdas": tuple(req.lambdas)}
-
+from experts.data.datasets import TASKS
 
 class SearchService:
     def __init__(self, admin: AdminService, manager: MergeSessionManager, remote: RemoteAdminService | None,
@@ -79,7 +70,7 @@ class SearchService:
             return await self.ensembles.start(req, background)
         await run_sync(self._precheck, req)
         session_body = req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True)
-        spec = SearchSpec(session=session_body, **spec_fields(req))
+        spec = SearchSpec(session=session_body, settings=req.settings())
         provider = self._provider(req)
         params = req.model_dump(mode="json", exclude={"provider"})
         params["provider"] = {"url": req.provider.url or "local", "timeout_s": req.provider.timeout_s,

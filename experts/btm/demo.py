@@ -12,17 +12,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experts.btm.operations import BTM, Budget, ModelSize
+from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import available_domains
+from experts.training.config import TrainConfig
 from experts.runtime import open_repository
 
 PREFIX = "demo"
 WANTED = ["code", "python_docs", "legal", "scripture"]
 FULL = (ModelSize(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=4096),
-        Budget(max_seconds=420, batch_size=8, seq_len=128, lr=2e-3), 2_000_000)
+        TrainConfig(max_seconds=420, batch_size=8, seq_len=128, lr=2e-3), 2_000_000)
 QUICK = (ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512),
-         Budget(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3), 200_000)
+         TrainConfig(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3), 200_000)
 
 
 def _bar(fraction: float, width: int = 30) -> str:
@@ -33,7 +34,7 @@ def _bar(fraction: float, width: int = 30) -> str:
 def build_demo(data_dir: Path, *, db_url: str, quick: bool = False,
                echo: Callable[[str], None] | None = None) -> dict | None:
     """Build the demo forest if it is missing; returns the pipeline's result (None when already built)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: imported when the demo is built
 
     hf_logging.disable_progress_bar()
     size, budget, corpus_bytes = QUICK if quick else FULL

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from experts.data.corpora import build_corpus, load_split
+from experts.btm.mixture import estimate_prior
+from experts.data.corpora import DOMAINS, build_corpus, get_corpus, load_split
 from experts.errors import InvalidExpertError, JobCancelledError
+from experts.hf.tokenizer import train_bpe_tokenizer
 from experts.repository.merges import MergeRunner
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
+from experts.training.config import TrainConfig
+from experts.training.lm import new_gpt2, save_model_atomic, tokenize_text, train_causal_lm
 from merging.recipe import MergeRecipe
 
 Progress = Callable[[float, str], None]
@@ -37,30 +41,6 @@ class ModelSize:
     n_head: int = 4
     n_positions: int = 256
     vocab_size: int = 4096
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A training budget: tokens and/or seconds (training stops at whichever comes first)."""
-
-    max_tokens: int | None = None
-    max_seconds: float | None = None
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 2e-3
-    seed: int = 0
-
-    def scaled(self, fraction: float) -> Budget:
-        return Budget(int(self.max_tokens * fraction) if self.max_tokens else None,
-                      self.max_seconds * fraction if self.max_seconds else None,
-                      self.batch_size, self.seq_len, self.lr, self.seed)
-
-    def train_config(self, *, seed_offset: int = 0) -> Any:
-        from experts.training.lm import TrainConfig
-
-        return TrainConfig(max_tokens=self.max_tokens, max_seconds=self.max_seconds, batch_size=self.batch_size,
-                           seq_len=self.seq_len, lr=self.lr, seed=self.seed + seed_offset, eval_every=100,
-                           eval_tokens=8192)
 
 
 @dataclass
@@ -80,16 +60,12 @@ class BTM:
 
     # -- data ---------------------------------------------------------------------------------
     def ensure_corpus(self, domain: str) -> None:
-        from experts.data.corpora import DOMAINS, get_corpus
-
         if domain in DOMAINS:
             build_corpus(domain, self.corpora_root, self.corpus_bytes)
         else:
             get_corpus(self.corpora_root, domain)  # UnknownCorpusError for a name that is neither
 
     def token_ids(self, tokenizer: Any, domain: str, split: str) -> torch.Tensor:
-        from experts.training.lm import tokenize_text
-
         self.ensure_corpus(domain)
         key = (_tok_key(tokenizer), domain, split)
         if key not in self._ids_cache:
@@ -112,9 +88,7 @@ class BTM:
     def tokenizer(self, domains: list[str], vocab_size: int) -> Any:
         """One byte-level BPE per (domains, vocab) trained on the mixture and kept under the data dir,
         shared by every expert of a forest so they can be merged and ensembled."""
-        from transformers import AutoTokenizer
-
-        from experts.hf.tokenizer import train_bpe_tokenizer
+        from transformers import AutoTokenizer  # heavy: imported on first use (the app starts without it)
 
         tag = hashlib.sha256(f"{sorted(domains)}:{vocab_size}:{self.corpus_bytes}".encode()).hexdigest()[:12]
         path = self.data_dir / "tokenizers" / tag
@@ -131,26 +105,25 @@ class BTM:
     # -- helpers ------------------------------------------------------------------------------
     def _fresh_model(self, expert_id: str) -> tuple[Any, Any]:
         """A private, trainable copy of an expert loaded from disk (the served copy is untouched)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: on first use
 
         path = self.repo.artifact_dir(self.repo.record(expert_id))
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     def _train_and_register(self, model: Any, tok: Any, expert_id: str, train_ids: torch.Tensor,
-                            val_ids: torch.Tensor | None, budget: Budget, lineage: dict[str, Any],
+                            val_ids: torch.Tensor | None, budget: TrainConfig, lineage: dict[str, Any],
                             domain: str | None, tags: list[str], progress: Progress | None,
                             should_stop: ShouldStop | None, seed_offset: int = 0) -> ExpertRecord:
-        from experts.training.lm import save_model_atomic, train_causal_lm
-
         def report(p: Any) -> None:
             if progress:
                 val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
                 progress(p.fraction, f"{expert_id}: loss {p.train_loss:.3f}{val}, {p.tokens_per_s:,.0f} tok/s, "
                                      f"eta {p.eta_s or 0:.0f}s")
 
-        result = train_causal_lm(model, train_ids, val_ids, budget.train_config(seed_offset=seed_offset),
-                                 on_progress=report, should_stop=should_stop)
+        config = replace(budget, seed=budget.seed + seed_offset)
+        result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report,
+                                 should_stop=should_stop)
         if result.cancelled:
             raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
         staging = self.repo.store.new_staging()
@@ -161,11 +134,9 @@ class BTM:
         return self.repo.register_staged(expert_id, staging, domain=domain, tags=tags, lineage=lineage)
 
     # -- the four operations ------------------------------------------------------------------
-    def seed(self, expert_id: str, domains: list[str], budget: Budget, size: ModelSize = ModelSize(), *,
+    def seed(self, expert_id: str, domains: list[str], budget: TrainConfig, size: ModelSize = ModelSize(), *,
              progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ExpertRecord:
         """Train a seed LM on a uniform mixture of `domains`."""
-        from experts.training.lm import new_gpt2
-
         if not domains:
             raise InvalidExpertError("seed needs at least one domain")
         tok = self.tokenizer(domains, size.vocab_size)
@@ -180,8 +151,6 @@ class BTM:
 
     def branch_weights(self, parents: list[str], domain: str, *, sequences: int = 8, seq_len: int = 128) -> list[float]:
         """The parents' domain posterior on a sample of the new domain's text (the cached-prior EMA)."""
-        from experts.btm.mixture import estimate_prior
-
         models, tok = [], None
         for p in parents:
             m, t = self._fresh_model(p)
@@ -212,7 +181,8 @@ class BTM:
         lineage = {**(record.lineage or {}), "op": "btm.branch"}
         return self.repo.registry.update_expert(expert_id, lineage=lineage)
 
-    def train(self, expert_id: str, source: str, domain: str, budget: Budget, *, progress: Progress | None = None,
+    def train(self, expert_id: str, source: str, domain: str, budget: TrainConfig, *,
+              progress: Progress | None = None,
               should_stop: ShouldStop | None = None, seed_offset: int = 0) -> ExpertRecord:
         """Continue training `source` on `domain` only; registers the result as `expert_id`."""
         model, tok = self._fresh_model(source)

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from experts.btm.operations import BTM, Budget, ModelSize
 from experts.btm.forest import average_forest, create_forest
+from experts.btm.operations import BTM, ModelSize
+from experts.training.config import TrainConfig
 
 Progress = Callable[[float, str], None]
 
 
-def run_pipeline(btm: BTM, prefix: str, domains: list[str], budget: Budget, *, size: ModelSize = ModelSize(),
+def run_pipeline(btm: BTM, prefix: str, domains: list[str], budget: TrainConfig, *,
+                 size: ModelSize = ModelSize(),
                  seed_fraction: float = 0.5, top_k: int | None = None, averages: bool = True,
                  branch_from: str = "posterior", progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:

@@ -1,1 +1,2 @@
-"""Data: domain corpora, task datasets and their scoring, perplexity evaluation."""
+"""Data: domain corpora (``corpora/``), task datasets (``datasets``), their scoring (``scoring``: encoding,
+batches, the masked loss) and perplexity evaluation (``evaluation``)."""

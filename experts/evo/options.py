@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from experts.data.scoring import validate_examples
 from experts.errors import ExpertError, InvalidExpertError
-from experts.data.tasks import validate_examples
 
 __all__ = [
     "ALPHA_RANGE",
@@ -81,7 +81,7 @@ class LossOptions:
     """How the validation loss is computed.
 
     max_examples: cap on validation examples (the first ones, in the source's deterministic order).
-    max_tokens_per_example: truncation (see :func:`experts.data.tasks.encode_examples`), capped at the
+    max_tokens_per_example: truncation (see :func:`experts.data.scoring.encode_examples`), capped at the
         base's context length. batch_tokens: padded tokens per forward pass. append_eos: score an EOS
         after each completion.
     """
@@ -98,8 +98,8 @@ class ValidationSpec:
 
     Inline: {"prompt", "completion"} pairs or {"text"} (all of them unless `max_examples`). Corpus: the
     split's token stream cut into consecutive windows of max_tokens_per_example tokens (text examples),
-    the first `max_examples` (default 32). Task: :func:`experts.data.tasks.load_task` on the split, the first
-    `max_examples` (default 32).
+    the first `max_examples` (default 32). Task: :func:`experts.data.datasets.load_task` on the split, the
+    first `max_examples` (default 32).
     """
 
     examples: tuple[Mapping[str, Any], ...] | None = None

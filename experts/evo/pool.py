@@ -2,11 +2,12 @@
 
 `build_pool` trains (if missing) a base LM on a uniform mixture of the local domains (the BTM seed
 operation), then N >= 20 LoRA adapters on it, each briefly on a different slice of the data: the pool
-tasks of :mod:`experts.data.tasks` (``POOL_TASKS``: continue a Python function, define a word in dictionary
-style, continue a licence clause, ...) and contiguous parts of the domains' train splits. The tasks
-in ``experts.data.tasks.HELD_OUT`` (and the jargon domain) are never trained on: they are the unseen target
-tasks. Every adapter is tagged ``pool`` (and the prefix), registered with its lineage, and the build
-is resumable: adapters already registered are kept. Not run at server start (``bench/build_pool.py``).
+tasks of :mod:`experts.data.datasets` (``POOL_TASKS``: continue a Python function, define a word in
+dictionary style, continue a licence clause, ...) and contiguous parts of the domains' train splits.
+The tasks in ``experts.data.datasets.HELD_OUT`` (and the jargon domain) are never trained on: they are
+the unseen target tasks. Every adapter is tagged ``pool`` (and the prefix), registered with its lineage,
+and the build is resumable: adapters already registered are kept. Not run at server start
+(``bench/build_pool.py``).
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from experts.btm.operations import BTM, Budget, ModelSize
+from experts.btm.operations import BTM, ModelSize
 from experts.data.corpora import available_domains
-from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
-from experts.data.tasks import POOL_TASKS, TASKS
+from experts.data.datasets import POOL_TASKS, TASKS
+from experts.training.config import TrainConfig
+from experts.training.lora import LoraData, LoraSpec, train_lora
 from experts.runtime import open_repository
 
 __all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
@@ -32,19 +34,19 @@ SLICE_DOMAINS = ["code", "python_docs", "legal", "scripture", "dictionary"]  # j
 @dataclass(frozen=True)
 class PoolConfig:
     size: ModelSize
-    base_budget: Budget
-    adapter_budget: LoraBudget
+    base_budget: TrainConfig
+    adapter_budget: TrainConfig  # TrainConfig.lora: the LoRA preset
     lora: LoraSpec
     corpus_bytes: int
 
 
 FULL = PoolConfig(ModelSize(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=4096),
-                  Budget(max_seconds=240, batch_size=8, seq_len=128, lr=2e-3),
-                  LoraBudget(max_seconds=25, batch_size=8, seq_len=128, lr=3e-3),
+                  TrainConfig(max_seconds=240, batch_size=8, seq_len=128, lr=2e-3),
+                  TrainConfig.lora(max_seconds=25, batch_size=8, seq_len=128, lr=3e-3),
                   LoraSpec(r=8, lora_alpha=16, target_modules=("c_attn", "c_proj", "c_fc")), 2_000_000)
 QUICK = PoolConfig(ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512),
-                   Budget(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3),
-                   LoraBudget(max_tokens=8 * 64 * 20, batch_size=8, seq_len=64, lr=1e-2),
+                   TrainConfig(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3),
+                   TrainConfig.lora(max_tokens=8 * 64 * 20, batch_size=8, seq_len=64, lr=1e-2),
                    LoraSpec(r=4, lora_alpha=8, target_modules=("c_attn", "c_proj", "c_fc")), 200_000)
 
 
@@ -79,7 +81,7 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
         quick: tiny base, a few seconds per adapter (CI).
         seconds_per_adapter: overrides the adapter budget with a time budget; base_seconds: the base's.
     """
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: imported when a pool is built
 
     hf_logging.disable_progress_bar()
     cfg = config or (QUICK if quick else FULL)
@@ -109,15 +111,15 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
             say(f"training the base {base_id} on a mixture of {', '.join(mix)}")
             bb = cfg.base_budget
             if base_seconds is not None:
-                bb = Budget(None, base_seconds, bb.batch_size, bb.seq_len, bb.lr, bb.seed)
+                bb = replace(bb, max_tokens=None, max_seconds=base_seconds)
             btm.seed(base_id, mix, bb, cfg.size)
         budget = cfg.adapter_budget
         if seconds_per_adapter is not None:
-            budget = LoraBudget(max_seconds=seconds_per_adapter, batch_size=budget.batch_size,
-                                seq_len=budget.seq_len, lr=budget.lr)
+            budget = TrainConfig.lora(max_seconds=seconds_per_adapter, batch_size=budget.batch_size,
+                                      seq_len=budget.seq_len, lr=budget.lr)
         n_pos = repo.record(base_id).context_length or budget.seq_len
         if budget.seq_len > n_pos:
-            budget = LoraBudget(**{**budget.__dict__, "seq_len": n_pos})
+            budget = replace(budget, seq_len=n_pos)
         tags = sorted({"pool", prefix})
         ids, trained = [], 0
         plan = pool_plan(n, prefix, domains)
@@ -126,7 +128,7 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
             if repo.registry.has_expert(eid):
                 continue
             t = time.perf_counter()
-            b = LoraBudget(**{**budget.__dict__, "seed": i})
+            b = replace(budget, seed=i)
             rec = train_lora(repo, eid, base_id, data, lora=cfg.lora, budget=b, btm=btm, tags=tags + extra,
                              domain=domain)
             trained += 1

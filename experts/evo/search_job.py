@@ -23,71 +23,41 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-from merging.search import SearchResult, Trial, baseline, evo_merging, lorahub
-from merging.search.baselines import DEFAULT_LAMBDAS
+import httpx
+
+from experts.evo.http import EvaluationRejectedError, create_session, session_evaluator
+from experts.evo.sessions import LossOptions, ValidationSpec
+from experts.remote.upstream import error_fields, redact
+from merging.search import SearchResult, Trial, run_method
+from merging.search.settings import DEFAULTS, SearchSettings
 
 __all__ = ["HttpProvider", "LocalProvider", "Provider", "SearchSpec", "run_search", "search_budget"]
 
-Method = Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"]
 MAX_POOL_QUERIES = 1024  # best_single over a tag selector: one query per adapter, at most a pool's size
 MAX_SERIES = 20_000  # points kept in the loss-vs-queries series (the budgets are capped below this)
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """What to search and how (the method's arguments; see :func:`merging.search.evo_merging` and
-    :func:`merging.search.lorahub`).
+    """What to search and how: the provider's session-create body and the search's settings.
 
     ``session`` is the provider's session-create body: {base, pool, validation, loss}; its ``budget``
-    is set here to the search's total budget.
+    is set here to the search's total budget. ``settings`` (the method and its arguments) are declared
+    once in :class:`merging.search.settings.SearchSettings`.
     """
 
     session: Mapping[str, Any]
-    method: Method = "evo_merging"
-    seed: int | None = 42
-    budget_stage1: int = 400
-    budget_stage2: int = 800
-    budget: int = 40  # lorahub
-    popsize: int = 20
-    sigma0: float = 0.05
-    l1: float = 0.05
-    early_stop: int | None = None
-    early_stop_min_delta: float = 0.0
-    denoise: bool = True
-    scale: bool = True
-    negative: bool = True
-    beta_bound: float = 1.5
-    selection: Literal["shared", "last_stage"] = "shared"
-    optimizer: str = "NGOpt"  # lorahub
-    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # task_arithmetic
-
-    def arguments(self) -> dict[str, Any]:
-        """Keyword arguments of the search function (everything but the evaluator, n and callbacks)."""
-        if self.method in ("uniform", "task_arithmetic", "best_single"):
-            return {"name": self.method, "lambdas": self.lambdas}
-        common = {"seed": self.seed, "l1": self.l1, "early_stop": self.early_stop,
-                  "early_stop_min_delta": self.early_stop_min_delta}
-        if self.method == "lorahub":
-            return {**common, "budget": self.budget, "bound": self.beta_bound, "optimizer": self.optimizer}
-        return {**common, "budget_stage1": self.budget_stage1, "budget_stage2": self.budget_stage2,
-                "popsize": self.popsize, "sigma0": self.sigma0, "denoise": self.denoise, "scale": self.scale,
-                "negative": self.negative, "beta_bound": self.beta_bound, "selection": self.selection}
+    settings: SearchSettings = DEFAULTS
 
 
 def search_budget(spec: SearchSpec, n: int | None = None) -> int:
     """Queries the search may spend (a skipped Evo stage spends nothing); `n`: the pool's size, if known."""
-    if spec.method == "uniform":
-        return 1
-    if spec.method == "task_arithmetic":
-        return len(spec.lambdas)
-    if spec.method == "best_single":
+    if not n and spec.settings.method == "best_single":
         pool = spec.session.get("pool")
-        return n or (len(pool) if isinstance(pool, list | tuple) else MAX_POOL_QUERIES)
-    if spec.method == "lorahub":
-        return spec.budget
-    return spec.budget_stage1 * spec.denoise + spec.budget_stage2 * spec.scale
+        n = len(pool) if isinstance(pool, list | tuple) else MAX_POOL_QUERIES
+    return spec.settings.queries(n or 0)
 
 
 class Provider(Protocol):
@@ -120,8 +90,6 @@ class _OnExecutor:
 def _session_args(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any, int]:
     """(base, pool, ValidationSpec, LossOptions, budget) from a session-create body (already
     validated at the boundary: ``app.protocol.merge_sessions.SessionCreateRequest``)."""
-    from experts.evo.sessions import LossOptions, ValidationSpec
-
     v, lo = dict(body["validation"]), dict(body.get("loss") or {})
     examples = v.get("examples")
     validation = ValidationSpec(examples=None if examples is None else tuple(dict(e) for e in examples),
@@ -175,19 +143,12 @@ class HttpProvider:
         self.name = self.url
 
     def open(self, body: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from experts.evo.http import create_session, session_evaluator
-
         view = create_session(self.url, self.api_key, body, timeout=max(self.timeout, 300.0))
         ev = session_evaluator(self.url, self.api_key, view, timeout=self.timeout, retries=self.retries,
                                **self.evaluator_kw)
         return ev, view
 
     def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        import httpx
-
-        from experts.evo.http import EvaluationRejectedError
-        from experts.remote.upstream import error_fields, redact
-
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         r = httpx.request(method, self.url + path, json=body, headers=headers, timeout=max(self.timeout, 300.0))
         if r.status_code >= 400:
@@ -279,8 +240,7 @@ def run_search(provider: Provider, spec: SearchSpec, *,
     n = int(view.get("n") or len(view.get("experts") or []))
     progress.total = search_budget(spec, n)
     try:
-        search = {"lorahub": lorahub, "evo_merging": evo_merging}.get(spec.method, baseline)
-        result = search(evaluator, n, on_trial=on_trial, should_stop=should_stop, **spec.arguments())
+        result = run_method(evaluator, n, spec.settings, on_trial=on_trial, should_stop=should_stop)
     except BaseException:
         provider.close(str(view.get("id")))
         raise

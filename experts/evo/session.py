@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
 from experts.errors import InvalidExpertError
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, MAX_BATCH_CANDIDATES, BudgetExhaustedError,
                                   InvalidCandidateError, LossOptions, ValidationSpec)
-from experts.data.tasks import Batch, encode_examples, make_batches, masked_ce_sum
 from merging.evo import EvoPlan
 from merging.lora import lora_modules, lora_scaling
 
@@ -98,7 +98,7 @@ class MergeSession:
 
     def _setup_peft(self, adapter_config: Mapping[str, Any]) -> None:
         """Attach a peft LoRA structure like the pool's; targets: its LoRA parameters."""
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy: imported when a session uses peft mode
 
         known = set(LoraConfig.__dataclass_fields__)
         skip = ("peft_type", "base_model_name_or_path", "task_type")
@@ -127,7 +127,7 @@ class MergeSession:
         self.n_tokens = sum(b.n_targets for b in self.batches)
 
     def _dense_module(self, a_key: str) -> tuple[Any, bool] | None:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D  # heavy: imported on first use
 
         if ".lora_A" not in a_key or "lora_embedding" in a_key:
             return None

@@ -37,14 +37,14 @@ from typing import Any
 
 import torch
 
+from experts.data.datasets import load_task
 from experts.errors import InvalidExpertError
-from experts.repository.registry import ExpertRecord
-from experts.evo.session import MergeSession
 from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, DEFAULT_REGISTERED_EXAMPLES, MAX_BATCH_CANDIDATES,
                                   MAX_POOL, BudgetExhaustedError, InvalidCandidateError, LossOptions,
                                   MergeSessionError, SessionLimitError, SessionNotFoundError, ValidationSpec, _cap)
-from experts.data.tasks import load_task
+from experts.evo.session import MergeSession
 from experts.repository.merges import MergeRunner
+from experts.repository.registry import ExpertRecord
 from merging.recipe import load_recipe
 
 __all__ = [
@@ -154,6 +154,7 @@ class MergeSessionManager:
                loss: LossOptions = LossOptions(), budget: int = 2000,
                mode: str | None = None) -> MergeSession:
         """Check everything, load the base privately, build the plan and the batches; register the session."""
+        # heavy: imported when the first session is created (the app starts without them)
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,8 +7,6 @@ The serving loop itself is the batching engine (:mod:`experts.hf.engine`).
 from __future__ import annotations
 
 import inspect
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch

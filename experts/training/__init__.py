@@ -1,1 +1,3 @@
-"""Training: one config, the causal-LM loop and the LoRA loop."""
+"""Training: one config (``config``: TrainConfig and its LoRA preset), the causal-LM loop on token streams
+(``lm``, with its I/O in ``lm_io``), the prompt/completion loop (``examples``), what both loops share
+(``optim``) and LoRA adapter training (``lora``). May import ``experts.data`` and ``experts.repository``."""

@@ -1,15 +1,26 @@
 """The values of a training run: its configuration, progress reports and result.
 
-Split from :mod:`experts.training.lm` (which re-exports them).
+:class:`TrainConfig` is the one training budget/config type: BTM (:mod:`experts.btm.operations`),
+LoRA training (:mod:`experts.training.lora`), the API (``app.protocol.btm.BudgetIn``, validated into
+it by field name, with its defaults read from here) and the CLI all use it. LoRA's different
+defaults are one named preset, :meth:`TrainConfig.lora` (:data:`LORA_PRESET`).
+Re-exported by :mod:`experts.training.lm`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
-__all__ = ["TrainConfig", "TrainProgress", "TrainResult", "TrainingCancelled"]
+__all__ = ["LORA_PRESET", "TrainConfig", "TrainProgress", "TrainResult", "TrainingCancelled"]
+
+LORA_PRESET: Final = MappingProxyType({"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0})
+"""What a LoRA adapter trains with unless told otherwise (see :meth:`TrainConfig.lora`): a higher
+learning rate (the factors start at zero, B = 0, and only a few thousand parameters move, so they
+need larger steps than a full model), a shorter warm-up (adapters train for a few hundred steps) and
+no weight decay (decaying the low-rank factors shrinks the adapter itself towards "no change")."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +40,9 @@ class TrainConfig:
       warm-up is not clipped to the budget: with very small budgets the peak rate is simply not reached.
     - AdamW (`betas`, `weight_decay` on matrices and embeddings only, not on biases and LayerNorm weights),
       gradient-norm clipping at `grad_clip` (0 disables).
-    - Validation (when `val_ids` is given): every `eval_every` steps and at the end, on the first
-      `eval_tokens` tokens of the validation stream (`evaluate_loss`, so the numbers are comparable between
-      evaluations).
+    - Validation (when `val_ids` is given): every `eval_every` steps (default 100) and at the end, on the
+      first `eval_tokens` (default 8192) tokens of the validation stream (`evaluate_loss`, so the numbers
+      are comparable between evaluations).
     - `bf16`: `torch.autocast(dtype=torch.bfloat16)` for the training forward pass and the evaluations when
       the device supports bf16 natively (on CPU: avx512_bf16 or AMX); silently fp32 otherwise.
     - `attn_implementation`: attention kernel used while training ("eager" is the fastest on CPU for small
@@ -51,8 +62,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_tokens: int = 16384
+    eval_every: int = 100
+    eval_tokens: int = 8192
     bf16: bool = True
     seed: int = 0
     attn_implementation: str | None = "eager"
@@ -79,6 +90,16 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    @classmethod
+    def lora(cls, **fields: Any) -> TrainConfig:
+        """The LoRA preset: these defaults with :data:`LORA_PRESET` on top, then `fields` on top of both."""
+        return cls(**{**LORA_PRESET, **fields})
+
+    def scaled(self, fraction: float) -> TrainConfig:
+        """This config with its token and time budgets multiplied by `fraction` (BTM's pipeline splits)."""
+        return replace(self, max_tokens=int(self.max_tokens * fraction) if self.max_tokens else None,
+                       max_seconds=self.max_seconds * fraction if self.max_seconds else None)
 
     def lr_at(self, step: int, fraction: float) -> float:
         """Learning rate for optimizer step `step` (0-based) taken at `fraction` (0..1) of the budget."""

@@ -1,10 +1,12 @@
 """Causal-LM training for experts: a small, fast, seeded loop on a 1-D token stream.
 
-`train_causal_lm` trains any transformers causal LM (GPT-2 from `experts.training.lm_io.new_gpt2` in practice) on random windows of a
-token stream, with AdamW, warm-up then linear (or cosine) decay, gradient clipping, a token and/or wall-clock
-budget, periodic validation loss, progress callbacks, cooperative cancellation and periodic checkpoint
-callbacks. `evaluate_loss` is the matching deterministic validation loss. The I/O around it (`tokenize_text`,
-`new_gpt2`, `save_model_atomic`) lives in :mod:`experts.training.lm_io` and is re-exported here.
+`train_causal_lm` trains any transformers causal LM (GPT-2 from `experts.training.lm_io.new_gpt2` in
+practice) on random windows of a token stream, with AdamW, warm-up then linear (or cosine) decay, gradient
+clipping, a token and/or wall-clock budget, periodic validation loss, progress callbacks, cooperative
+cancellation and periodic checkpoint callbacks; its steps are the methods of `_StreamRun`. `evaluate_loss`
+is the matching deterministic validation loss. The I/O around it (`tokenize_text`, `new_gpt2`,
+`save_model_atomic`) lives in :mod:`experts.training.lm_io`, the optimiser side shared with the LoRA loop
+in :mod:`experts.training.optim`; the I/O and the config values are re-exported here.
 
 Speed notes (2 CPU cores, measured; see `bench/training.py`): bf16 autocast is a real 1.6x on CPUs with
 avx512_bf16; the "eager" attention kernel is about 10% faster than "sdpa" for these small models on CPU, and
@@ -25,55 +27,28 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from experts.training.lm_io import new_gpt2, save_model_atomic, tokenize_text
 from experts.training.config import TrainConfig, TrainingCancelled, TrainProgress, TrainResult
+from experts.training.lm_io import new_gpt2, save_model_atomic, tokenize_text
+from experts.training.optim import (PROGRESS_INTERVAL_S, autocast, bf16_supported, make_optimizer,
+                                   model_device, optimizer_step)
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
-__all__ = [
-    "TrainConfig",
-    "TrainProgress",
-    "TrainResult",
-    "TrainingCancelled",
-    "evaluate_loss",
-    "new_gpt2",
-    "save_model_atomic",
-    "tokenize_text",
-    "train_causal_lm",
-]
+__all__ = ["TrainConfig", "TrainProgress", "TrainResult", "TrainingCancelled", "evaluate_loss", "new_gpt2",
+           "optimizer_step", "save_model_atomic", "tokenize_text", "train_causal_lm"]
 
 logger = logging.getLogger(__name__)
 
-# on_progress is called at most this often (plus after every evaluation and at the end)
-PROGRESS_INTERVAL_S = 0.5
+Checkpoint = Callable[["PreTrainedModel", int], None]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return False
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def _max_positions(model: Any) -> int | None:
+    """The model's context length from its config (None when it does not say)."""
     cfg = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(cfg, name, None)
@@ -83,6 +58,7 @@ def _max_positions(model: Any) -> int | None:
 
 
 def _check_stream(ids: torch.Tensor, name: str) -> torch.Tensor:
+    """`ids` as a 1-D int64 tensor; ValueError when it is not a 1-D tensor of integer ids."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         raise ValueError(f"{name} must be a 1-D tensor of token ids")
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -91,41 +67,9 @@ def _check_stream(ids: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _token_ce(model: Any, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (fp32) of `model` on inputs `x` against targets `y`."""
     logits = model(input_ids=x, use_cache=False).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction=reduction)
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, lr: float,
-                   grad_clip: float) -> None:
-    """One update: backward, clip the gradient norm (if grad_clip > 0), step at `lr`, clear the gradients."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():  # shared (tied) parameters are listed once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    betas = (float(config.betas[0]), float(config.betas[1]))
-    if _model_device(model).type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # fused unsupported for these parameters
-            pass
-    return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,16 +104,16 @@ def evaluate_loss(
         raise ValueError("need at least 2 tokens to evaluate")
     if max_tokens is not None:
         n_pred = min(n_pred, max_tokens)
-    device = _model_device(model)
+    device = model_device(model)
     ids = ids[: n_pred + 1].to(device)
-    use_bf16 = bf16 and _bf16_supported(device)
+    use_bf16 = bf16 and bf16_supported(device)
     n_full, rest = divmod(n_pred, seq_len)
 
     was_training = model.training
     model.eval()
     try:
         total = torch.zeros((), dtype=torch.float64, device=device)
-        with _autocast(device, use_bf16):
+        with autocast(device, use_bf16):
             if n_full:
                 windows = ids[: n_full * seq_len + 1]
                 x_all = windows[:-1].view(n_full, seq_len)
@@ -200,7 +144,7 @@ def train_causal_lm(
     *,
     on_progress: Callable[[TrainProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    checkpoint: Callable[[PreTrainedModel, int], None] | None = None,
+    checkpoint: Checkpoint | None = None,
     checkpoint_every: int = 0,
 ) -> TrainResult:
     """Train `model` in place on random windows of `train_ids` (see `TrainConfig` for budgets and schedule).
@@ -215,6 +159,19 @@ def train_causal_lm(
       it.
     - The model is left in eval mode, also when a callback raises (the exception propagates).
     """
+    train_ids, val_ids = _checked_inputs(model, train_ids, val_ids, config, checkpoint_every)
+    run = _StreamRun(model, train_ids, val_ids, config, on_progress)
+    try:
+        run.loop(should_stop, checkpoint, checkpoint_every)
+        run.finish()
+    finally:
+        run.close()
+    return run.result()
+
+
+def _checked_inputs(model: Any, train_ids: torch.Tensor, val_ids: torch.Tensor | None, config: TrainConfig,
+                    checkpoint_every: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refuse what cannot train (TypeError/ValueError); the streams as int64 tensors."""
     if not isinstance(config, TrainConfig):
         raise TypeError("config must be a TrainConfig")
     if checkpoint_every < 0:
@@ -224,191 +181,217 @@ def train_causal_lm(
         val_ids = _check_stream(val_ids, "val_ids")
         if val_ids.numel() < 2:
             raise ValueError("val_ids must hold at least 2 tokens")
-    B, T = config.batch_size, config.seq_len
+    T = config.seq_len
     if train_ids.numel() < T + 1:
         raise ValueError(f"train_ids has {train_ids.numel()} tokens; need at least seq_len + 1 = {T + 1}")
     max_pos = _max_positions(model)
     if max_pos is not None and T > max_pos:
         raise ValueError(f"seq_len {T} exceeds the model's {max_pos} positions")
+    return train_ids, val_ids
 
-    t_start = time.perf_counter()
-    device = _model_device(model)
-    use_bf16 = config.bf16 and _bf16_supported(device)
-    tokens_per_step = B * T
-    total_steps = math.ceil(config.max_tokens / tokens_per_step) if config.max_tokens is not None else None
-    max_seconds = config.max_seconds
 
-    torch.manual_seed(config.seed)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    data = train_ids.to(device)
-    n_starts = data.numel() - T  # valid window starts: 0 .. n - (T + 1)
-    offsets = torch.arange(T + 1, device=device)
-
-    old_attn = None
+def _switch_attention(model: Any, implementation: str | None) -> str | None:
+    """Switch the model to `implementation` for training; returns the one to restore (None: nothing to do)."""
     cfg: Any = getattr(model, "config", None)
-    if config.attn_implementation and getattr(cfg, "_attn_implementation", None) not in (
-        None,
-        config.attn_implementation,
-    ):
-        try:
-            old_attn = cfg._attn_implementation
-            model.set_attn_implementation(config.attn_implementation)
-            if cfg._attn_implementation != config.attn_implementation:  # refused (logged by transformers)
-                old_attn = None
-        except Exception:  # noqa: BLE001 - not every model can switch; train with what it has
-            old_attn = None
+    if not implementation or getattr(cfg, "_attn_implementation", None) in (None, implementation):
+        return None
+    try:
+        old = cfg._attn_implementation
+        model.set_attn_implementation(implementation)
+        if cfg._attn_implementation != implementation:  # refused (logged by transformers)
+            return None
+        return old
+    except Exception:  # noqa: BLE001 - not every model can switch; train with what it has
+        return None
 
-    optimizer = _make_optimizer(model, config)
-    eval_tokens = config.eval_tokens
-    val_history: list[tuple[int, float]] = []
-    recent_losses: list[torch.Tensor] = []  # losses since the last progress report (detached)
-    tail_losses: list[torch.Tensor] = []  # last <= 20 losses, for final_train_loss
-    step = 0
-    lr = config.lr_at(0, 0.0)
-    cancelled = False
-    last_report = t_start
-    reported = (-1, 0)  # (step, number of evaluations) of the latest report
-    step_time = None  # EMA of the duration of one step (s)
-    eval_time = None  # duration of the latest evaluation (s)
 
-    def fraction_now(now: float) -> float:
+class _StreamRun:
+    """One `train_causal_lm` call: its clock, sampler, optimiser, losses, evaluations and reports."""
+
+    def __init__(self, model: Any, train_ids: torch.Tensor, val_ids: torch.Tensor | None, config: TrainConfig,
+                 on_progress: Callable[[TrainProgress], None] | None) -> None:
+        """Start the clock, seed the sampler, move the data, switch attention, build the optimiser."""
+        self.model, self.val_ids, self.config, self.on_progress = model, val_ids, config, on_progress
+        self.t_start = time.perf_counter()
+        self.device = model_device(model)
+        self.use_bf16 = config.bf16 and bf16_supported(self.device)
+        self.tokens_per_step = config.batch_size * config.seq_len
+        self.total_steps = (math.ceil(config.max_tokens / self.tokens_per_step)
+                            if config.max_tokens is not None else None)
+        torch.manual_seed(config.seed)
+        self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.data = train_ids.to(self.device)
+        self.n_starts = self.data.numel() - config.seq_len  # valid window starts: 0 .. n - (T + 1)
+        self.offsets = torch.arange(config.seq_len + 1, device=self.device)
+        self.old_attn = _switch_attention(model, config.attn_implementation)
+        self.optimizer = make_optimizer(model, config)
+        self.val_history: list[tuple[int, float]] = []
+        self.recent_losses: list[torch.Tensor] = []  # losses since the last progress report (detached)
+        self.tail_losses: list[torch.Tensor] = []  # last <= 20 losses, for final_train_loss
+        self.step = 0
+        self.lr = config.lr_at(0, 0.0)
+        self.cancelled = False
+        self.last_report = self.t_start
+        self.reported = (-1, 0)  # (step, number of evaluations) of the latest report
+        self.step_time: float | None = None  # EMA of the duration of one step (s)
+        self.eval_time: float | None = None  # duration of the latest evaluation (s)
+
+    def fraction(self, now: float) -> float:
+        """How much of the budget is spent: the larger of the step and time fractions, at most 1."""
         f = 0.0
-        if total_steps is not None:
-            f = max(f, step / total_steps)
-        if max_seconds is not None:
-            f = max(f, (now - t_start) / max_seconds)
+        if self.total_steps is not None:
+            f = max(f, self.step / self.total_steps)
+        if self.config.max_seconds is not None:
+            f = max(f, (now - self.t_start) / self.config.max_seconds)
         return min(f, 1.0)
 
-    def report(now: float, force_val: float | None = None, done: bool = False) -> None:
-        nonlocal last_report, recent_losses, reported
-        if on_progress is None:
-            recent_losses = []
-            return
-        reported = (step, len(val_history))
-        elapsed = now - t_start
-        if recent_losses:
-            train_loss = float(torch.stack(recent_losses).float().mean().item())
-        elif tail_losses:
-            train_loss = float(tail_losses[-1].item())
-        else:
-            train_loss = float("nan")
-        recent_losses = []
-        frac = 1.0 if done else fraction_now(now)
-        eta = 0.0 if done else None
-        if step > 0 and not done:
-            etas = []
-            if total_steps is not None:
-                etas.append(max(0.0, elapsed * (total_steps - step) / step))
-            if max_seconds is not None:
-                etas.append(max(0.0, max_seconds - elapsed))
-            eta = min(etas)
-        val = force_val if force_val is not None else (val_history[-1][1] if val_history else None)
-        tokens = step * tokens_per_step
-        on_progress(
-            TrainProgress(
-                step=step,
-                tokens=tokens,
-                elapsed_s=elapsed,
-                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-                train_loss=train_loss,
-                val_loss=val,
-                lr=lr,
-                fraction=frac,
-                eta_s=eta,
-            )
-        )
-        last_report = time.perf_counter()
+    def _train_loss(self) -> float:
+        """Mean loss since the previous report (else the latest loss; nan before the first step)."""
+        if self.recent_losses:
+            return float(torch.stack(self.recent_losses).float().mean().item())
+        if self.tail_losses:
+            return float(self.tail_losses[-1].item())
+        return float("nan")
 
-    def run_eval() -> float:
-        nonlocal eval_time
-        assert val_ids is not None
+    def _eta(self, elapsed: float, done: bool) -> float | None:
+        """Seconds left: 0 when done, None before the first step, else the sooner of the two budgets' ends."""
+        if done:
+            return 0.0
+        if self.step == 0:
+            return None
+        etas = []
+        if self.total_steps is not None:
+            etas.append(max(0.0, elapsed * (self.total_steps - self.step) / self.step))
+        if self.config.max_seconds is not None:
+            etas.append(max(0.0, self.config.max_seconds - elapsed))
+        return min(etas)
+
+    def report(self, now: float, force_val: float | None = None, done: bool = False) -> None:
+        """Send one TrainProgress (without a listener, only forget the recent losses)."""
+        if self.on_progress is None:
+            self.recent_losses = []
+            return
+        self.reported = (self.step, len(self.val_history))
+        elapsed = now - self.t_start
+        train_loss = self._train_loss()
+        self.recent_losses = []
+        val = force_val if force_val is not None else (self.val_history[-1][1] if self.val_history else None)
+        tokens = self.step * self.tokens_per_step
+        self.on_progress(TrainProgress(
+            step=self.step, tokens=tokens, elapsed_s=elapsed,
+            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, train_loss=train_loss, val_loss=val,
+            lr=self.lr, fraction=1.0 if done else self.fraction(now), eta_s=self._eta(elapsed, done),
+        ))
+        self.last_report = time.perf_counter()
+
+    def run_eval(self) -> float:
+        """Validation loss now (timed, for the time budget), appended to the history."""
+        assert self.val_ids is not None
         t0 = time.perf_counter()
-        loss = evaluate_loss(model, val_ids, seq_len=T, max_tokens=eval_tokens, batch_size=B, bf16=use_bf16)
-        eval_time = time.perf_counter() - t0
-        val_history.append((step, loss))
+        c = self.config
+        loss = evaluate_loss(self.model, self.val_ids, seq_len=c.seq_len, max_tokens=c.eval_tokens,
+                             batch_size=c.batch_size, bf16=self.use_bf16)
+        self.eval_time = time.perf_counter() - t0
+        self.val_history.append((self.step, loss))
         return loss
 
-    def final_eval_estimate() -> float:
-        if val_ids is None:
+    def final_eval_estimate(self) -> float:
+        """Predicted duration of the final evaluation (s), for the time budget."""
+        if self.val_ids is None:
             return 0.0
-        if eval_time is not None:
-            return eval_time
-        if step_time is None:
+        if self.eval_time is not None:
+            return self.eval_time
+        if self.step_time is None:
             return 0.0
         # a forward pass costs about a third of a training step per token
-        return step_time * min(eval_tokens, val_ids.numel()) / tokens_per_step / 3.0
+        n_eval = min(self.config.eval_tokens, self.val_ids.numel())
+        return self.step_time * n_eval / self.tokens_per_step / 3.0
 
-    try:
-        model.train()
-        model.zero_grad(set_to_none=True)
+    def out_of_budget(self, now: float) -> bool:
+        """True when the token budget is spent, or the next step (plus the final evaluation) would overrun
+        the time budget (never before the first step)."""
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return True
+        if self.config.max_seconds is not None and self.step > 0:
+            predicted_end = now - self.t_start + (self.step_time or 0.0) + self.final_eval_estimate()
+            return predicted_end > self.config.max_seconds
+        return False
+
+    def train_step(self, t_step: float) -> float:
+        """One optimiser step on a random batch of windows; returns the time it ended."""
+        B, c = self.config.batch_size, self.config
+        self.lr = c.lr_at(self.step, self.fraction(t_step))
+        starts = torch.randint(0, self.n_starts, (B,), generator=self.gen).to(self.device)
+        window = self.data[starts.unsqueeze(1) + self.offsets]
+        x, y = window[:, :-1], window[:, 1:]
+        with autocast(self.device, self.use_bf16):
+            loss = _token_ce(self.model, x, y)
+        optimizer_step(self.model, self.optimizer, loss, lr=self.lr, grad_clip=c.grad_clip)
+        self.step += 1
+        detached = loss.detach()
+        self.recent_losses.append(detached)
+        self.tail_losses.append(detached)
+        if len(self.tail_losses) > 20:
+            del self.tail_losses[0]
+        now = time.perf_counter()
+        dt = now - t_step
+        # EMA of the step time; the second step replaces the first, which carries one-time costs
+        self.step_time = dt if self.step <= 2 or self.step_time is None else 0.8 * self.step_time + 0.2 * dt
+        return now
+
+    def after_step(self, now: float, checkpoint: Checkpoint | None, checkpoint_every: int) -> None:
+        """Checkpoint, evaluate and report when due."""
+        if checkpoint is not None and checkpoint_every > 0 and self.step % checkpoint_every == 0:
+            checkpoint(self.model, self.step)
+            self.model.train()
+        if self.val_ids is not None and self.step % self.config.eval_every == 0:
+            val = self.run_eval()
+            self.report(time.perf_counter(), force_val=val)
+        elif now - self.last_report >= PROGRESS_INTERVAL_S:
+            self.report(now)
+
+    def loop(self, should_stop: Callable[[], bool] | None, checkpoint: Checkpoint | None,
+             checkpoint_every: int) -> None:
+        """Train until the budget is spent or `should_stop()` says so."""
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
         while True:
             now = time.perf_counter()
-            if total_steps is not None and step >= total_steps:
+            if self.out_of_budget(now):
                 break
-            if max_seconds is not None and step > 0:
-                predicted_end = now - t_start + (step_time or 0.0) + final_eval_estimate()
-                if predicted_end > max_seconds:
-                    break
             if should_stop is not None and should_stop():
-                cancelled = True
+                self.cancelled = True
                 break
+            now = self.train_step(now)
+            self.after_step(now, checkpoint, checkpoint_every)
 
-            t_step = now
-            lr = config.lr_at(step, fraction_now(now))
-            starts = torch.randint(0, n_starts, (B,), generator=gen).to(device)
-            window = data[starts.unsqueeze(1) + offsets]
-            x, y = window[:, :-1], window[:, 1:]
-            with _autocast(device, use_bf16):
-                loss = _token_ce(model, x, y)
-            optimizer_step(model, optimizer, loss, lr=lr, grad_clip=config.grad_clip)
-            step += 1
+    def finish(self) -> None:
+        """The final evaluation (unless cancelled or just done) and the final report (unless the latest one
+        said it all)."""
+        v, step = self.val_history, self.step
+        if not self.cancelled and self.val_ids is not None and step > 0 and (not v or v[-1][0] != step):
+            self.run_eval()
+        finished = not self.cancelled
+        said_it_all = self.reported == (self.step, len(self.val_history))
+        if not said_it_all or (finished and self.config.max_seconds is not None):
+            self.report(time.perf_counter(), done=finished)
 
-            detached = loss.detach()
-            recent_losses.append(detached)
-            tail_losses.append(detached)
-            if len(tail_losses) > 20:
-                del tail_losses[0]
-            now = time.perf_counter()
-            dt = now - t_step
-            # EMA of the step time; the second step replaces the first, which carries one-time costs
-            step_time = dt if step <= 2 or step_time is None else 0.8 * step_time + 0.2 * dt
-
-            if checkpoint is not None and checkpoint_every > 0 and step % checkpoint_every == 0:
-                checkpoint(model, step)
-                model.train()
-            if val_ids is not None and step % config.eval_every == 0:
-                val = run_eval()
-                report(time.perf_counter(), force_val=val)
-            elif now - last_report >= PROGRESS_INTERVAL_S:
-                report(now)
-
-        if (
-            not cancelled
-            and val_ids is not None
-            and step > 0
-            and (not val_history or val_history[-1][0] != step)
-        ):
-            run_eval()
-        finished = not cancelled
-        if reported != (step, len(val_history)) or (finished and max_seconds is not None):
-            report(time.perf_counter(), done=finished)  # the final report, unless the latest one said it all
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.eval()
-        if old_attn is not None:
+    def close(self) -> None:
+        """Leave the model in eval mode without gradients, with its own attention implementation."""
+        self.model.zero_grad(set_to_none=True)
+        self.model.eval()
+        if self.old_attn is not None:
             try:
-                model.set_attn_implementation(old_attn)
+                self.model.set_attn_implementation(self.old_attn)
             except Exception:
-                logger.warning("could not restore attention implementation %r", old_attn, exc_info=True)
+                logger.warning("could not restore attention implementation %r", self.old_attn, exc_info=True)
 
-    elapsed = time.perf_counter() - t_start
-    final_train = float(torch.stack(tail_losses).float().mean().item()) if tail_losses else float("nan")
-    return TrainResult(
-        steps=step,
-        tokens=step * tokens_per_step,
-        elapsed_s=elapsed,
-        final_train_loss=final_train,
-        final_val_loss=val_history[-1][1] if val_history else None,
-        val_history=val_history,
-        cancelled=cancelled,
-    )
+    def result(self) -> TrainResult:
+        """The TrainResult of the run."""
+        elapsed = time.perf_counter() - self.t_start
+        tail = self.tail_losses
+        final_train = float(torch.stack(tail).float().mean().item()) if tail else float("nan")
+        return TrainResult(steps=self.step, tokens=self.step * self.tokens_per_step, elapsed_s=elapsed,
+                           final_train_loss=final_train,
+                           final_val_loss=self.val_history[-1][1] if self.val_history else None,
+                           val_history=self.val_history, cancelled=self.cancelled)

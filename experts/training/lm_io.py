@@ -94,7 +94,7 @@ def new_gpt2(
     """A freshly initialised GPT-2 (tied embeddings), deterministic for a given seed; the global RNG is left
     as it was. Dropout defaults to 0: every run here is token-starved (far less than one epoch), where dropout
     only slows learning."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # heavy: imported on first use
 
     if vocab_size <= 0:
         raise ValueError("vocab_size must be positive")

@@ -1,56 +1,40 @@
 """Training LoRA adapters on a registered local base, and registering them as `lora` experts.
 
 Data is one of: a corpus (a domain name; optionally only part k of K contiguous parts of its train
-split), a task of :mod:`experts.data.tasks` (prompt/completion pairs from a corpus), or inline examples.
-Token streams train with :func:`experts.training.lm.train_causal_lm` (random windows); pairs train with
-:func:`train_on_examples` below (random batches of examples, right padding, loss on completion
-tokens only), with the same optimiser, schedule, clipping, budgets, progress and cancellation
-semantics. Only the LoRA factors train (peft ``get_peft_model`` on a private copy of the base;
-dropout 0, no weight decay). The adapter is saved with ``save_pretrained`` into a staging dir and
-registered with lineage ``{"op": "lora.train", "parents": [{"id": base}], "recipe": {...}}``.
-A cancelled or failed run registers nothing.
+split), a task of :mod:`experts.data.datasets` (prompt/completion pairs from a corpus), or inline
+examples. Token streams train with :func:`experts.training.lm.train_causal_lm` (random windows); pairs
+train with :func:`experts.training.examples.train_on_examples` (random batches of examples, right
+padding, loss on completion tokens only), with the same optimiser, schedule, clipping, budgets,
+progress and cancellation semantics. The budget is a :class:`~experts.training.config.TrainConfig`,
+by default the LoRA preset :meth:`TrainConfig.lora` (no weight decay). Only the LoRA factors train
+(peft ``get_peft_model`` on a private copy of the base; dropout 0). The adapter is saved with
+``save_pretrained`` into a staging dir and registered with lineage
+``{"op": "lora.train", "parents": [{"id": base}], "recipe": {...}}``. A cancelled or failed run
+registers nothing.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from experts.data.datasets import TASKS, load_task
+from experts.data.scoring import Encoded, encode_examples, make_batches, mean_loss, validate_examples
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.repository.registry import ExpertRecord
 from experts.repository.store import check_expert_id
-from experts.data.tasks import (
-    TASKS,
-    Encoded,
-    encode_examples,
-    load_task,
-    make_batches,
-    masked_ce_sum,
-    mean_loss,
-    validate_examples,
-)
-from experts.training.lm import (
-    PROGRESS_INTERVAL_S,
-    TrainConfig,
-    TrainProgress,
-    TrainResult,
-    _autocast,
-    _bf16_supported,
-    _make_optimizer,
-    evaluate_loss,
-    optimizer_step,
-    train_causal_lm,
-)
+from experts.training.config import TrainConfig, TrainProgress, TrainResult
+from experts.training.examples import train_on_examples
+from experts.training.lm import evaluate_loss, train_causal_lm
 
 Progress = Callable[[float, str], None]
 ShouldStop = Callable[[], bool]
 
-__all__ = ["LoraData", "LoraSpec", "LoraBudget", "train_lora", "train_on_examples"]
+__all__ = ["LoraData", "LoraSpec", "train_lora"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +47,8 @@ class LoraSpec:
     target_modules: tuple[str, ...] | None = None
 
     def config(self) -> Any:
-        from peft import LoraConfig
+        """The peft LoraConfig (dropout 0, causal LM); InvalidExpertError for a rank below 1."""
+        from peft import LoraConfig  # heavy: imported on first use (see _load_base)
 
         if self.r < 1:
             raise InvalidExpertError("LoRA rank r must be >= 1")
@@ -84,6 +69,7 @@ class LoraData:
     max_val_examples: int = 64
 
     def check(self) -> None:
+        """InvalidExpertError unless exactly one source is given and it is well-formed."""
         given = [x is not None for x in (self.corpus, self.task, self.examples)]
         if sum(given) != 1:
             raise InvalidExpertError("give exactly one of corpus, task or examples")
@@ -101,141 +87,12 @@ class LoraData:
             validate_examples(self.validation)
 
     def describe(self) -> dict[str, Any]:
+        """The data as recorded in the lineage and the job's parameters (inline examples as counts)."""
         if self.corpus is not None:
             return {"corpus": self.corpus, "part": list(self.part) if self.part else None}
         if self.task is not None:
             return {"task": self.task}
         return {"examples": len(self.examples or ()), "validation": len(self.validation or ())}
-
-
-@dataclass(frozen=True)
-class LoraBudget:
-    """Tokens and/or seconds (stops at whichever comes first), batch, sequence length (for pairs: the
-    maximum tokens per example), learning rate, warm-up, seed."""
-
-    max_tokens: int | None = None
-    max_seconds: float | None = None
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    seed: int = 0
-    eval_every: int = 100
-    eval_tokens: int = 8192
-    bf16: bool = True
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(max_tokens=self.max_tokens, max_seconds=self.max_seconds,
-                           batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                           warmup_steps=self.warmup_steps, weight_decay=0.0, seed=self.seed,
-                           eval_every=self.eval_every, eval_tokens=self.eval_tokens, bf16=self.bf16)
-
-
-# ------------------------------------------------------------------------------------------------
-# the prompt/completion loop
-
-
-def train_on_examples(
-    model: Any,
-    train: Sequence[Encoded],
-    val: Sequence[Encoded] | None,
-    config: TrainConfig,
-    *,
-    pad_id: int,
-    on_progress: Callable[[TrainProgress], None] | None = None,
-    should_stop: ShouldStop | None = None,
-) -> TrainResult:
-    """Train `model` in place on random batches of encoded examples (loss on the scored tokens only).
-
-    `config.batch_size` examples per step, drawn with a generator seeded by `config.seed`; a step
-    consumes the examples' real tokens (no padding) from the `max_tokens` budget; the learning-rate
-    schedule follows the budget fraction (`TrainConfig.lr_at`). Validation (masked mean loss over
-    `val`) every `config.eval_every` steps and at the end. Returns like `train_causal_lm`; on
-    `should_stop()` it returns promptly with `cancelled=True`. The model is left in eval mode.
-    """
-    if not train:
-        raise InvalidExpertError("no training examples")
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    use_bf16 = config.bf16 and _bf16_supported(device)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    optimizer = _make_optimizer(model, config)
-    val_batches = make_batches(val, batch_tokens=4096, pad_id=pad_id) if val else None
-    step, tokens, lr = 0, 0, config.lr
-    history: list[tuple[int, float]] = []
-    recent: list[float] = []
-    tail: list[float] = []
-    last_report = t0
-    cancelled = False
-    step_time: float | None = None
-
-    def fraction(now: float) -> float:
-        f = 0.0
-        if config.max_tokens is not None:
-            f = max(f, tokens / config.max_tokens)
-        if config.max_seconds is not None:
-            f = max(f, (now - t0) / config.max_seconds)
-        return min(f, 1.0)
-
-    def report(now: float, done: bool = False) -> None:
-        nonlocal last_report, recent
-        if on_progress is not None:
-            el = now - t0
-            f = 1.0 if done else fraction(now)
-            eta = 0.0 if done else (el / max(f, 1e-9) - el if step else None)
-            on_progress(TrainProgress(step=step, tokens=tokens, elapsed_s=el, tokens_per_s=tokens / el if el else 0.0,
-                                      train_loss=sum(recent) / len(recent) if recent else float("nan"),
-                                      val_loss=history[-1][1] if history else None, lr=lr, fraction=f, eta_s=eta))
-        recent = []
-        last_report = now
-
-    def run_eval() -> None:
-        if val_batches is not None:
-            history.append((step, mean_loss(model, val_batches)))
-            model.train()
-
-    try:
-        model.train()
-        while True:
-            now = time.perf_counter()
-            if config.max_tokens is not None and tokens >= config.max_tokens:
-                break
-            late = config.max_seconds is not None and now - t0 + (step_time or 0.0) > config.max_seconds
-            if late and step > 0:
-                break
-            if should_stop is not None and should_stop():
-                cancelled = True
-                break
-            lr = config.lr_at(step, fraction(now))
-            pick = torch.randint(0, len(train), (config.batch_size,), generator=gen).tolist()
-            batch = make_batches([train[i] for i in pick], batch_tokens=1 << 30, pad_id=pad_id)[0]
-            with _autocast(device, use_bf16):
-                loss = masked_ce_sum(model, batch) / batch.n_targets
-            optimizer_step(model, optimizer, loss, lr=lr, grad_clip=config.grad_clip)
-            step += 1
-            tokens += sum(len(train[i].ids) for i in pick)
-            value = float(loss.detach())
-            recent.append(value)
-            tail = (tail + [value])[-20:]
-            dt = time.perf_counter() - now
-            step_time = dt if step <= 2 or step_time is None else 0.8 * step_time + 0.2 * dt
-            if val_batches is not None and step % config.eval_every == 0:
-                run_eval()
-                report(time.perf_counter())
-            elif time.perf_counter() - last_report >= PROGRESS_INTERVAL_S:
-                report(time.perf_counter())
-        if not cancelled and step > 0 and val_batches is not None and (not history or history[-1][0] != step):
-            run_eval()
-        if not cancelled:
-            report(time.perf_counter(), done=True)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    return TrainResult(steps=step, tokens=tokens, elapsed_s=time.perf_counter() - t0,
-                       final_train_loss=sum(tail) / len(tail) if tail else float("nan"),
-                       final_val_loss=history[-1][1] if history else None, val_history=history,
-                       cancelled=cancelled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +101,8 @@ def train_on_examples(
 
 @dataclass
 class _Prepared:
+    """The training data ready for a loop: a token stream, or encoded prompt/completion pairs."""
+
     kind: str  # "stream" | "pairs"
     train_ids: torch.Tensor | None = None
     val_ids: torch.Tensor | None = None
@@ -251,7 +110,8 @@ class _Prepared:
     val_ex: list[Encoded] = field(default_factory=list)
 
 
-def _prepare(btm: Any, tokenizer: Any, data: LoraData, budget: LoraBudget, n_positions: int) -> _Prepared:
+def _prepare(btm: Any, tokenizer: Any, data: LoraData, budget: TrainConfig, n_positions: int) -> _Prepared:
+    """Tokenize the data: a corpus (part) as a stream, a task or inline examples as encoded pairs."""
     max_tok = min(budget.seq_len, n_positions)
     if data.corpus is not None:
         if btm is None:
@@ -285,7 +145,7 @@ def train_lora(
     data: LoraData,
     *,
     lora: LoraSpec = LoraSpec(),
-    budget: LoraBudget = LoraBudget(max_tokens=8 * 128 * 50),
+    budget: TrainConfig = TrainConfig.lora(max_tokens=8 * 128 * 50),
     btm: Any = None,
     tags: Sequence[str] = (),
     domain: str | None = None,
@@ -297,7 +157,10 @@ def train_lora(
     Args:
         repo: the ExpertRepository; `base` must be a registered local expert.
         data: corpus, task or inline examples (see :class:`LoraData`).
-        btm: an :class:`experts.btm.operations.BTM` for corpus and task data (corpora root, tokenized streams).
+        budget: the training config; :meth:`TrainConfig.lora` is the LoRA preset (higher learning rate,
+            shorter warm-up, no weight decay). For pairs, `seq_len` is the maximum tokens per example.
+        btm: an :class:`experts.btm.operations.BTM` for corpus and task data (corpora root, tokenized
+            streams).
         progress: ``progress(fraction, message)``; should_stop: cancellation (raises JobCancelledError,
             nothing registered).
 
@@ -305,14 +168,36 @@ def train_lora(
         The registered record; its lineage holds the recipe and the training numbers, including the
         validation loss of the base before training (`initial_val_loss`) and after (`final_val_loss`).
     """
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.pytorch_utils import Conv1D
+    _check_request(repo, expert_id, data)
+    model, tok, n_pos = _load_base(repo, base, budget)
+    prep = _prepare(btm, tok, data, budget, n_pos)
+    peft_model = _attach_lora(model, lora, base)
+    report = _reporter(expert_id, progress)
+    result, initial, final = _train_prepared(peft_model, tok, prep, budget, report, should_stop)
+    if result.cancelled:
+        raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
+    if progress:
+        progress(0.98, "saving the adapter")
+    train = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 2),
+             "final_train_loss": _finite(result.final_train_loss), "initial_val_loss": initial,
+             "final_val_loss": final}
+    return _save_and_register(repo, peft_model, expert_id, base, data, lora, budget, train, list(tags),
+                              domain)
 
+
+def _check_request(repo: Any, expert_id: str, data: LoraData) -> None:
+    """Refuse a bad or taken id and inconsistent data before loading anything."""
     check_expert_id(expert_id)
     if repo.registry.has_expert(expert_id):
         raise ExpertExistsError(expert_id)
     data.check()
+
+
+def _load_base(repo: Any, base: str, budget: TrainConfig) -> tuple[Any, Any, int]:
+    """A private fp32 copy of the local expert `base`, its tokenizer and its context length."""
+    # transformers is heavy: imported on first use, so importing this module (the API's start) stays fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base_rec = repo.record(base)
     if base_rec.kind != "local":
         raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {base!r} is "
@@ -324,48 +209,58 @@ def train_lora(
     n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1 << 30
     if budget.seq_len > n_pos:
         raise InvalidExpertError(f"seq_len {budget.seq_len} exceeds the base's {n_pos} positions")
-    prep = _prepare(btm, tok, data, budget, n_pos)
+    return model, tok, n_pos
+
+
+def _attach_lora(model: Any, lora: LoraSpec, base: str) -> Any:
+    """The base wrapped by peft with fresh LoRA factors (only they train)."""
+    # peft and transformers are heavy: imported on first use (see _load_base)
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
     lcfg = lora.config()
     lcfg.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 stores (in, out)
     try:
-        peft_model = get_peft_model(model, lcfg)
+        return get_peft_model(model, lcfg)
     except ValueError as e:  # e.g. target modules not found in the base
         raise InvalidExpertError(f"cannot attach LoRA to {base!r}: {e}") from None
-    config = budget.train_config()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
+
+def _reporter(expert_id: str, progress: Progress | None) -> Callable[[TrainProgress], None]:
+    """The training loop's progress, as job progress (the last 3% are saving and registering)."""
     def report(p: TrainProgress) -> None:
         if progress:
             val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
             progress(0.97 * p.fraction, f"{expert_id}: step {p.step}, loss {p.train_loss:.3f}{val}")
 
+    return report
+
+
+def _train_prepared(peft_model: Any, tok: Any, prep: _Prepared, budget: TrainConfig,
+                    report: Callable[[TrainProgress], None],
+                    should_stop: ShouldStop | None) -> tuple[TrainResult, float | None, float | None]:
+    """Train on a stream or on pairs; (result, validation loss before, validation loss after)."""
     if prep.kind == "stream":
         def stream_val() -> float:
             return evaluate_loss(peft_model, prep.val_ids, seq_len=budget.seq_len,
                                  max_tokens=budget.eval_tokens, batch_size=budget.batch_size)
 
         initial = stream_val() if prep.val_ids is not None and prep.val_ids.numel() >= 2 else None
-        result = train_causal_lm(peft_model, prep.train_ids, prep.val_ids, config, on_progress=report,
+        result = train_causal_lm(peft_model, prep.train_ids, prep.val_ids, budget, on_progress=report,
                                  should_stop=should_stop)
         final = stream_val() if initial is not None and not result.cancelled else result.final_val_loss
-    else:
-        val_batches = make_batches(prep.val_ex, pad_id=pad) if prep.val_ex else None
-        initial = mean_loss(peft_model, val_batches) if val_batches else None
-        result = train_on_examples(peft_model, prep.train_ex, prep.val_ex or None, config, pad_id=pad,
-                                   on_progress=report, should_stop=should_stop)
-        final = mean_loss(peft_model, val_batches) if val_batches and not result.cancelled else None
-    if result.cancelled:
-        raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
-    if progress:
-        progress(0.98, "saving the adapter")
-    train = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 2),
-             "final_train_loss": _finite(result.final_train_loss), "initial_val_loss": initial,
-             "final_val_loss": final}
-    return _save_and_register(repo, peft_model, expert_id, base, data, lora, budget, train, list(tags), domain)
+        return result, initial, final
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    val_batches = make_batches(prep.val_ex, pad_id=pad) if prep.val_ex else None
+    initial = mean_loss(peft_model, val_batches) if val_batches else None
+    result = train_on_examples(peft_model, prep.train_ex, prep.val_ex or None, budget, pad_id=pad,
+                               on_progress=report, should_stop=should_stop)
+    final = mean_loss(peft_model, val_batches) if val_batches and not result.cancelled else None
+    return result, initial, final
 
 
 def _save_and_register(repo: Any, peft_model: Any, expert_id: str, base: str, data: LoraData, lora: LoraSpec,
-                       budget: LoraBudget, train: dict[str, Any], tags: list[str],
+                       budget: TrainConfig, train: dict[str, Any], tags: list[str],
                        domain: str | None) -> ExpertRecord:
     """save_pretrained into a staging dir, then register (the staging is discarded on any failure)."""
     staging = repo.store.new_staging()
@@ -387,4 +282,5 @@ def _save_and_register(repo: Any, peft_model: Any, expert_id: str, base: str, da
 
 
 def _finite(x: float) -> float | None:
+    """`x`, or None for nan and infinities (JSON has neither)."""
     return x if math.isfinite(x) else None

@@ -9,7 +9,10 @@ Modules: :mod:`~merging.search.result` (Evaluator, Trial, SearchResult),
 :mod:`~merging.search.runner` (ask/evaluate/tell, budgets, stopping, incumbent),
 :mod:`~merging.search.algorithms` (:func:`evo_merging`, :func:`lorahub`),
 :mod:`~merging.search.weights` (:func:`weight_search`: ensemble weights in [0, 1]^N),
-:mod:`~merging.search.baselines` (:func:`baseline`: uniform, task arithmetic, best single adapter).
+:mod:`~merging.search.baselines` (:func:`baseline`: uniform, task arithmetic, best single adapter),
+:mod:`~merging.search.settings` (:class:`SearchSettings`: every setting of the searches and baselines,
+declared once; the API and the CLI derive theirs from it),
+:mod:`~merging.search.dispatch` (:func:`run_method`: run the method a :class:`SearchSettings` names).
 
 Example::
 
@@ -19,19 +22,26 @@ Example::
 
 from merging.search.algorithms import SearchSettingsError, evo_merging, lorahub
 from merging.search.baselines import BASELINES, baseline
+from merging.search.dispatch import METHOD_FUNCTIONS, run_method
 from merging.search.result import Evaluator, HistoryPoint, SearchResult, StageResult, Trial
+from merging.search.settings import DEFAULTS, MAX_QUERIES, SearchSettings
 from merging.search.weights import weight_search
 
 __all__ = [
     "BASELINES",
+    "DEFAULTS",
+    "MAX_QUERIES",
+    "METHOD_FUNCTIONS",
     "Evaluator",
     "HistoryPoint",
     "SearchResult",
+    "SearchSettings",
     "SearchSettingsError",
     "StageResult",
     "Trial",
     "baseline",
     "evo_merging",
     "lorahub",
+    "run_method",
     "weight_search",
 ]

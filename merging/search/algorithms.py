@@ -23,9 +23,9 @@ a deterministic loss.
 from __future__ import annotations
 
 import math
-from importlib.metadata import version
 from collections.abc import Callable
-from typing import Any, Literal
+from importlib.metadata import version
+from typing import Any
 
 import nevergrad as ng
 import numpy as np
@@ -34,10 +34,9 @@ from merging.errors import MergeError
 from merging.search.optimizers import FloatArray, make_cma, make_ngopt
 from merging.search.result import Evaluator, SearchResult, StageResult, Trial
 from merging.search.runner import SearchRunner, StageSpec
+from merging.search.settings import BETA_BOUND, DEFAULTS, Selection
 
 __all__ = ["SearchSettingsError", "evo_merging", "lorahub"]
-
-Selection = Literal["shared", "last_stage"]
 
 
 class SearchSettingsError(MergeError):
@@ -45,83 +44,44 @@ class SearchSettingsError(MergeError):
 
 
 def evo_merging(
-    evaluator: Evaluator,
-    n: int,
-    *,
-    budget_stage1: int = 400,
-    budget_stage2: int = 800,
-    popsize: int = 20,
-    sigma0: float = 0.05,
-    l1: float = 0.05,
-    seed: int | None = 42,
-    early_stop: int | None = None,
-    early_stop_min_delta: float = 0.0,
-    on_trial: Callable[[Trial], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    workers: int = 1,
-    denoise: bool = True,
-    scale: bool = True,
-    negative: bool = True,
-    beta_bound: float = 1.5,
-    selection: Selection = "shared",
+    evaluator: Evaluator, n: int, *,
+    budget_stage1: int = DEFAULTS.budget_stage1, budget_stage2: int = DEFAULTS.budget_stage2,
+    popsize: int = DEFAULTS.popsize, sigma0: float = DEFAULTS.sigma0, l1: float = DEFAULTS.l1,
+    seed: int | None = DEFAULTS.seed, early_stop: int | None = DEFAULTS.early_stop,
+    early_stop_min_delta: float = DEFAULTS.early_stop_min_delta,
+    on_trial: Callable[[Trial], None] | None = None, should_stop: Callable[[], bool] | None = None,
+    workers: int = 1, denoise: bool = DEFAULTS.denoise, scale: bool = DEFAULTS.scale,
+    negative: bool = DEFAULTS.negative, beta_bound: float = BETA_BOUND,
+    selection: Selection = DEFAULTS.selection,
 ) -> SearchResult:
-    """Two-stage Evo-Merging search (CMA-ES via nevergrad ask/tell).
+    """Two-stage Evo-Merging search (CMA-ES via nevergrad ask/tell): stage 1 (denoise) searches alpha,
+    stage 2 (scale) beta with alpha fixed at stage 1's best. Returns a :class:`SearchResult` with
+    stages ``"denoise"`` and/or ``"scale"``.
 
-    Args:
-        evaluator: the black-box provider (loss per (alpha, beta)).
-        n: number of adapters N.
-        budget_stage1, budget_stage2: evaluations per stage (paper: 400, 800; a skipped stage
-            spends nothing, so give an ablation the whole budget through the stage it keeps).
-        popsize: CMA population; a generation is evaluated as one population.
-        sigma0: CMA initial step in value units (see :mod:`merging.search.optimizers`).
-        l1: weight of ``mean(|x|)`` of the stage's vector in the objective.
-        seed: seeds each stage's CMA (the authors use 42 for both); same seed, same result.
-        early_stop: end a stage after this many generations without improvement of its best
-            objective by more than ``early_stop_min_delta`` (None: budgets only).
-        on_trial: called after each evaluation with a :class:`Trial`.
-        should_stop: polled between evaluations (see :mod:`merging.search.runner`); True ends
-            the search with what it has (``SearchResult.stopped``).
-        workers: concurrent ``evaluate`` calls when the evaluator has no ``evaluate_many``.
-        denoise: run stage 1 (False: alpha = 1).
-        scale: run stage 2 (False: beta = 1/N).
-        negative: allow beta < 0 (False: beta in [0, beta_bound]).
-        beta_bound: beta's box is [-beta_bound, beta_bound].
-        selection: ``"shared"`` (the authors' code): one best-ever candidate by objective
-            across both stages, so a stage-2 candidate replaces stage 1's best only if its
-            objective is lower, else beta stays 1/N; ``"last_stage"``: the result is the best of
-            the last stage that ran, unconditionally.
-
-    Returns:
-        A :class:`SearchResult` with stages ``"denoise"`` and/or ``"scale"``.
+    The settings (budgets, popsize, sigma0, l1, seed, early stopping, the ablations ``denoise``,
+    ``scale``, ``negative``, and ``selection``) are documented once, with their defaults, in
+    :class:`merging.search.settings.SearchSettings`. `evaluator`: the black-box provider (loss per
+    (alpha, beta)); `n`: the number of adapters N; `on_trial(Trial)`: after each evaluation;
+    `should_stop()`: polled between evaluations (True ends the search with what it has,
+    ``SearchResult.stopped``); `workers`: concurrent ``evaluate`` calls when the evaluator has no
+    ``evaluate_many``; `beta_bound`: beta's box is [-beta_bound, beta_bound] ([0, beta_bound]
+    without ``negative``).
     """
     _check(evaluator, n, popsize=popsize, sigma0=sigma0, l1=l1, workers=workers, early_stop=early_stop)
-    if budget_stage1 < 0 or budget_stage2 < 0:
-        raise SearchSettingsError("budgets must be >= 0")
-    if not (denoise or scale):
-        raise SearchSettingsError("nothing to search: denoise and scale are both off")
-    if not (math.isfinite(beta_bound) and beta_bound > 0):
-        raise SearchSettingsError("beta_bound must be a positive number")
+    _check_evo(budget_stage1, budget_stage2, denoise, scale, beta_bound)
     runner = SearchRunner(evaluator, on_trial=on_trial, should_stop=should_stop, workers=workers,
                           early_stop=early_stop, early_stop_min_delta=early_stop_min_delta)
-    ones, uniform = np.ones(n), np.full(n, 1.0 / n)
-    alpha, stages, described = ones, [], {}
+    cma = {"popsize": popsize, "sigma0": sigma0, "seed": seed}
+    stages: list[StageResult] = []
+    described: dict[str, Any] = {}
+    alpha = np.ones(n)
     if denoise:
-        spec = StageSpec("denoise", "alpha", uniform, budget_stage1, l1)
-        opt = make_cma(ones, np.zeros(n), ones, budget=max(budget_stage1, 1), popsize=popsize, sigma0=sigma0,
-                       seed=seed)
-        described["denoise"] = opt.describe
-        stages.append(runner.run_stage(spec, opt, ones))
-        alpha = np.asarray(stages[-1].alpha, dtype=np.float64)
+        alpha = _denoise_stage(runner, n, budget_stage1, l1, cma, stages, described)
     if scale and not runner.stopped:
         if selection == "last_stage" and budget_stage2 > 0:
             runner.reset_incumbent()
-        lower = np.full(n, -beta_bound if negative else 0.0)
-        upper = np.full(n, beta_bound)
-        spec = StageSpec("scale", "beta", alpha, budget_stage2, l1)
-        opt = make_cma(uniform, lower, upper, budget=max(budget_stage2, 1), popsize=popsize, sigma0=sigma0,
-                       seed=seed)
-        described["scale"] = opt.describe
-        stages.append(runner.run_stage(spec, opt, uniform))
+        lower = -beta_bound if negative else 0.0
+        _scale_stage(runner, alpha, (lower, beta_bound), budget_stage2, l1, cma, stages, described)
     settings = {
         "method": "evo_merging", "n": n, "budget_stage1": budget_stage1, "budget_stage2": budget_stage2,
         "popsize": popsize, "sigma0": sigma0, "l1": l1, "seed": seed, "early_stop": early_stop,
@@ -129,20 +89,52 @@ def evo_merging(
         "negative": negative, "beta_bound": beta_bound, "selection": selection, "stages": described,
         **_versions(),
     }
-    return _result("evo_merging", runner, stages, (alpha, uniform), settings)
+    return _result("evo_merging", runner, stages, (alpha, np.full(n, 1.0 / n)), settings)
+
+
+def _check_evo(budget_stage1: int, budget_stage2: int, denoise: bool, scale: bool, beta_bound: float) -> None:
+    """SearchSettingsError for Evo-Merging settings that cannot work."""
+    if budget_stage1 < 0 or budget_stage2 < 0:
+        raise SearchSettingsError("budgets must be >= 0")
+    if not (denoise or scale):
+        raise SearchSettingsError("nothing to search: denoise and scale are both off")
+    if not (math.isfinite(beta_bound) and beta_bound > 0):
+        raise SearchSettingsError("beta_bound must be a positive number")
+
+
+def _denoise_stage(runner: SearchRunner, n: int, budget: int, l1: float, cma: dict[str, Any],
+                   stages: list[StageResult], described: dict[str, Any]) -> FloatArray:
+    """Stage 1: CMA-ES over alpha in [0, 1]^N from alpha = 1, beta = 1/N; returns the stage's best alpha."""
+    ones, uniform = np.ones(n), np.full(n, 1.0 / n)
+    spec = StageSpec("denoise", "alpha", uniform, budget, l1)
+    opt = make_cma(ones, np.zeros(n), ones, budget=max(budget, 1), **cma)
+    described["denoise"] = opt.describe
+    stages.append(runner.run_stage(spec, opt, ones))
+    return np.asarray(stages[-1].alpha, dtype=np.float64)
+
+
+def _scale_stage(runner: SearchRunner, alpha: FloatArray, box: tuple[float, float], budget: int, l1: float,
+                 cma: dict[str, Any], stages: list[StageResult], described: dict[str, Any]) -> None:
+    """Stage 2: CMA-ES over beta in the box from beta = 1/N, alpha fixed."""
+    n = len(alpha)
+    uniform = np.full(n, 1.0 / n)
+    spec = StageSpec("scale", "beta", alpha, budget, l1)
+    opt = make_cma(uniform, np.full(n, box[0]), np.full(n, box[1]), budget=max(budget, 1), **cma)
+    described["scale"] = opt.describe
+    stages.append(runner.run_stage(spec, opt, uniform))
 
 
 def lorahub(
     evaluator: Evaluator,
     n: int,
     *,
-    budget: int = 40,
-    l1: float = 0.05,
-    bound: float = 1.5,
-    optimizer: str = "NGOpt",
-    seed: int | None = 42,
-    early_stop: int | None = None,
-    early_stop_min_delta: float = 0.0,
+    budget: int = DEFAULTS.budget,
+    l1: float = DEFAULTS.l1,
+    bound: float = BETA_BOUND,
+    optimizer: str = DEFAULTS.optimizer,
+    seed: int | None = DEFAULTS.seed,
+    early_stop: int | None = DEFAULTS.early_stop,
+    early_stop_min_delta: float = DEFAULTS.early_stop_min_delta,
     on_trial: Callable[[Trial], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SearchResult:

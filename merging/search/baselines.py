@@ -25,12 +25,11 @@ from merging.search.algorithms import SearchSettingsError, _check, _result, _ver
 from merging.search.optimizers import FloatArray, StageOptimizer
 from merging.search.result import Evaluator, SearchResult, Stage, Trial
 from merging.search.runner import SearchRunner, StageSpec
+from merging.search.settings import BASELINES, DEFAULT_LAMBDAS
 
 __all__ = ["BASELINES", "DEFAULT_LAMBDAS", "baseline"]
 
 Baseline = Literal["uniform", "task_arithmetic", "best_single"]
-BASELINES: tuple[str, ...] = ("uniform", "task_arithmetic", "best_single")
-DEFAULT_LAMBDAS: tuple[float, ...] = (0.05, 0.1, 0.3, 0.5, 0.7, 1.0)
 _STAGE = cast(Stage, "baseline")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import CLIENT_KEY, build_model_dir
+from tests.helpers import CLIENT_KEY
 
 
 def artifacts(gw) -> set[str]:

@@ -6,14 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experts.btm.operations import BTM, Budget, ModelSize
-from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
-from experts.data.evaluation import evaluate_ids
 from experts.btm.forest import average_forest, create_forest, sample_sequences
+from experts.btm.operations import BTM, ModelSize
+from experts.data.evaluation import evaluate_ids
+from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
+from experts.training.config import TrainConfig
 from experts.runtime import open_repository
 
 SIZE = ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512)
-BUDGET = Budget(max_tokens=8 * 64 * 30, batch_size=8, seq_len=64, lr=3e-3)
+BUDGET = TrainConfig(max_tokens=8 * 64 * 30, batch_size=8, seq_len=64, lr=3e-3)
 DOMAINS = ["code", "python_docs"]
 
 

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from experts.btm.operations import BTM
+from experts.data.datasets import HELD_OUT, POOL_TASKS, TASKS, load_task
 from experts.errors import ExpertNotFoundError, InvalidExpertError, JobCancelledError
-from experts.training.lora import LoraBudget, LoraData, LoraSpec, train_lora
 from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
                                     SessionLimitError, SessionNotFoundError, ValidationSpec)
+from experts.training.config import TrainConfig
+from experts.training.lora import LoraData, LoraSpec, train_lora
 from experts.runtime import open_repository
-from experts.data.tasks import HELD_OUT, POOL_TASKS, TASKS, load_task
 from tests.helpers import build_adapter_dir, build_model_dir
 
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -205,7 +206,7 @@ def test_lora_training_lowers_validation_loss_and_registers(env):
     data = LoraData(examples=tuple({"prompt": f"{w} (n.)", "completion": f" The {w} of a thing; its {w}ness."}
                                    for w in ("colour", "shape", "weight", "size", "length", "smell")),
                     validation=({"prompt": "width (n.)", "completion": " The width of a thing; its widthness."},))
-    budget = LoraBudget(max_tokens=2400, batch_size=4, seq_len=32, lr=1e-2)
+    budget = TrainConfig.lora(max_tokens=2400, batch_size=4, seq_len=32, lr=1e-2)
     rec = train_lora(repo, "lora-pairs", "tiny", data, lora=LoraSpec(r=4, lora_alpha=8, target_modules=TARGETS),
                      budget=budget, btm=btm, tags=["trained"])
     t = rec.lineage["train"]
