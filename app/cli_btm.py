@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from app.settings import Settings
-from experts.training.config import TrainConfig
 from experts.runtime import open_repository
+from experts.training.config import TrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

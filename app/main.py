@@ -20,8 +20,19 @@ from app.auth import Authenticator
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
-from app.routers import (admin_blackbox, admin_btm, admin_experts, admin_jobs, admin_merges, admin_remote,
-                         admin_searches, completions, health, merge_sessions, model_list)
+from app.routers import (
+    admin_blackbox,
+    admin_btm,
+    admin_experts,
+    admin_jobs,
+    admin_merges,
+    admin_remote,
+    admin_searches,
+    completions,
+    health,
+    merge_sessions,
+    model_list,
+)
 from app.services.admin import AdminService
 from app.services.blackbox import BlackBoxService
 from app.services.btm import BTMService

@@ -58,7 +58,7 @@ class Metrics:
         """A deleted expert's series leave /metrics."""
         for metric in (self.engine_batch, self.engine_queue, self.engine_wait, self.engine_tokens,
                        self.engine_prefill, self.engine_steps, self.tokens):
-            for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no public way
+            for labels in list(metric._metrics):
                 if labels and labels[0] == model:
                     metric.remove(*labels)
 

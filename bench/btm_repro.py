@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from experts.btm.operations import BTM, ModelSize  # noqa: E402
-from experts.btm.mixture import EnsembleLM, estimate_prior  # noqa: E402
-from experts.data.evaluation import evaluate_ids  # noqa: E402
-from experts.btm.forest import sample_sequences  # noqa: E402
-from experts.training.config import TrainConfig  # noqa: E402
-from merging.methods import get_method  # noqa: E402
-from experts.runtime import open_repository  # noqa: E402
+from experts.btm.forest import sample_sequences
+from experts.btm.mixture import EnsembleLM, estimate_prior
+from experts.btm.operations import BTM, ModelSize
+from experts.data.evaluation import evaluate_ids
+from experts.runtime import open_repository
+from experts.training.config import TrainConfig
+from merging.methods import get_method
 
 TRAIN = ["code", "legal", "scripture", "dictionary"]
 HELD_OUT = ["jargon", "python_docs"]
@@ -78,9 +78,9 @@ def main() -> None:
     repo = open_repository(data, database_url=f"sqlite:///{data / 'r.db'}", max_loaded_models=32,
                            max_loaded_bytes=16 << 30)
     btm = BTM(repo, data, corpus_bytes)
-    budget = lambda tokens: TrainConfig(max_tokens=int(tokens), batch_size=8, seq_len=seq, lr=2e-3, seed=args.seed)  # noqa: E731
+    budget = lambda tokens: TrainConfig(max_tokens=int(tokens), batch_size=8, seq_len=seq, lr=2e-3, seed=args.seed)
     n = len(TRAIN)
-    log = lambda s: print(f"[{time.time() - t_start:6.0f}s] {s}", flush=True)  # noqa: E731
+    log = lambda s: print(f"[{time.time() - t_start:6.0f}s] {s}", flush=True)
 
     log(f"T = {T:,} tokens per family; model {size}; train {TRAIN}; held out {HELD_OUT}")
     btm.seed("dense", TRAIN, budget(T), size)
@@ -108,7 +108,7 @@ def main() -> None:
     log("random-split experts done")
     del save_model_atomic
 
-    load = lambda i: repo.cache.get(i).model  # noqa: E731
+    load = lambda i: repo.cache.get(i).model
     experts = [load(f"x-{d}") for d in TRAIN]
     uniform_avg = average_model(experts, [1 / n] * n)
     rows: dict[str, dict[str, float]] = {}

@@ -60,10 +60,10 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from experts.hf import generation
-    from experts.hf.engine import sync
     from experts.base import GenerationParams
     from experts.btm.mixture import EnsembleLM
+    from experts.hf import generation
+    from experts.hf.engine import sync
 
     warnings.filterwarnings("ignore")
     if args.threads:

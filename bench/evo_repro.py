@@ -45,11 +45,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # OpenMP threads that spin while waiting stall badly when another process holds a core (see build_pool.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import warnings  # noqa: E402
+import warnings
 
-import torch  # noqa: E402
+import torch
 
-from bench.evo_whitebox import Metered, WhiteBox  # noqa: E402
+from bench.evo_whitebox import Metered, WhiteBox
 
 SEARCHED = ("evo_merging", "lorahub", "no_denoise", "no_scale", "no_negative", "lorahub_40")
 FIXED = ("uniform", "task_arithmetic_beta", "best_single")  # (alpha, beta) candidates picked on validation
@@ -175,7 +175,7 @@ def split_check(btm: Any, task: str, st: Settings) -> dict[str, Any]:
     """Split sizes and exact-duplicate counts between them (validation/test vs train, and each other)."""
     from experts.data.datasets import load_task
 
-    key = lambda e: (e.get("prompt"), e.get("completion"))  # noqa: E731
+    key = lambda e: (e.get("prompt"), e.get("completion"))
     tr = {key(e) for e in load_task(btm, task, "train")}
     va = {key(e) for e in load_task(btm, task, "validation", st.val_examples)}
     te = {key(e) for e in load_task(btm, task, "test", st.test_examples)}
@@ -273,10 +273,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from experts.btm.operations import BTM
-    from experts.evo.sessions import MergeSessionManager
     from experts.evo.pool import FULL as POOL_FULL
     from experts.evo.pool import QUICK as POOL_QUICK
     from experts.evo.pool import build_pool
+    from experts.evo.sessions import MergeSessionManager
     from experts.runtime import open_repository
 
     hf_logging.disable_progress_bar()

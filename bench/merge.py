@@ -37,9 +37,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merging.evo import EvoPlan  # noqa: E402
-from merging.lora import evo_lora, lora_modules  # noqa: E402
-from merging.methods import merge_tensor  # noqa: E402
+from merging.evo import EvoPlan
+from merging.lora import evo_lora, lora_modules
+from merging.methods import merge_tensor
 
 Candidate = tuple[list[float], list[float]]
 

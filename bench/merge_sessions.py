@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # forward 2-10x slower with 2 threads on a busy 2-core box); passive waiting keeps 2 threads useful.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 TARGETS = ("c_attn", "c_proj", "c_fc")
 
@@ -48,10 +48,12 @@ TARGETS = ("c_attn", "c_proj", "c_fc")
 def build(root: Path, n: int, n_layer: int, n_embd: int, vocab: int, rank: int, seed: int = 0):
     """Repository with a base and n adapters; returns (repo, texts)."""
     import pydoc_data.topics
+
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
-    from experts.runtime import open_repository
+
     from experts.hf.tokenizer import train_bpe_tokenizer
+    from experts.runtime import open_repository
 
     texts = [v for _, v in sorted(pydoc_data.topics.topics.items())]
     tok = train_bpe_tokenizer(texts, vocab_size=vocab)

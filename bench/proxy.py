@@ -73,7 +73,7 @@ MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model",
                                                   "owned_by": "bench"}]}).encode()
 
 
-async def upstream_app(scope, receive, send):  # noqa: ANN001, ANN201 - raw ASGI
+async def upstream_app(scope, receive, send):
     if scope["type"] == "lifespan":
         while True:
             msg = await receive()

@@ -34,6 +34,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def build_model(out: Path, layers: int, embd: int) -> Path:
     import pydoc_data.topics
+
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 

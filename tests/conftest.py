@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import CLIENT_KEY, Gateway, build_model_dir, build_tokenizer  # noqa: E402
+from tests.helpers import CLIENT_KEY, Gateway, build_model_dir, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ class FakeUpstream:
             return StreamingResponse(self._events(body, chat, mode), media_type="text/event-stream")
         return JSONResponse(_answer(body, chat))
 
-    async def _events(self, body: dict[str, Any], chat: bool, mode: str):  # noqa: ANN202
+    async def _events(self, body: dict[str, Any], chat: bool, mode: str):
         usage = (body.get("stream_options") or {}).get("include_usage")
         for i, piece in enumerate(TEXT):
             if mode == "drop" and i == 2:

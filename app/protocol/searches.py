@@ -5,8 +5,17 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated, Any, Literal, get_type_hints
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag, create_model,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
 from merging.search.settings import MAX_QUERIES, SearchSettings

@@ -8,8 +8,16 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 
 from app.deps import BTMDep, require_admin
 from app.protocol.admin import ExpertView
-from app.protocol.btm import (AddMemberRequest, AverageRequest, BranchRequest, EvaluateRequest, ForestRequest,
-                              PipelineRequest, SeedRequest, TrainRequest)
+from app.protocol.btm import (
+    AddMemberRequest,
+    AverageRequest,
+    BranchRequest,
+    EvaluateRequest,
+    ForestRequest,
+    PipelineRequest,
+    SeedRequest,
+    TrainRequest,
+)
 from app.protocol.common import error_responses
 from app.routers.respond import ExpertOrJob, expert_or_job
 
@@ -17,12 +25,6 @@ router = APIRouter(tags=["admin: btm"], dependencies=[Depends(require_admin)])
 ERRS = error_responses(400, 401, 403, 404, 409)
 BACKGROUND = Query(True, description="false: wait for the job and answer with its result")
 JOB = {**ERRS, 202: {"description": "Job accepted; follow it at /admin/jobs/{id}/events"}}
-
-
-
-def _json(status_payload: tuple[int, Any]) -> JSONResponse:
-    status, payload = status_payload
-    return expert_or_job(response, (status, payload))
 
 
 @router.get("/admin/corpora", summary="Domain corpora: built-in domains available here, and built ones")

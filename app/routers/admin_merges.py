@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Depends, Query, Response
 
 from app.deps import MergesDep, require_admin
 from app.protocol.admin import ExpertView
 from app.protocol.common import error_responses
-from app.routers.respond import ExpertOrJob, expert_or_job
 from app.protocol.merges import MergeRequest, MethodView, PreviewRequest, PreviewView
+from app.routers.respond import ExpertOrJob, expert_or_job
 
 router = APIRouter(prefix="/admin/merges", tags=["admin: merges"], dependencies=[Depends(require_admin)])
 

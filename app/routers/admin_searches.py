@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Depends, Query, Response
 
 from app.deps import SearchesDep, require_admin
 from app.protocol.admin import ExpertView, JobView
 from app.protocol.common import error_responses
-from app.routers.respond import ExpertOrJob, expert_or_job
 from app.protocol.searches import AnySearchRequest
+from app.routers.respond import ExpertOrJob, expert_or_job
 
 router = APIRouter(prefix="/admin/searches", tags=["admin: searches"], dependencies=[Depends(require_admin)])
 

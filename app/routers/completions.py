@@ -16,13 +16,13 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _sse(result):  # noqa: ANN001, ANN202 - proxied streams carry their own headers
+def _sse(result):
     if isinstance(result, ProxyStream):
         return StreamingResponse(result.chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _json(result):  # noqa: ANN001, ANN202 - proxied answers are relayed as the upstream sent them
+def _json(result):
     return JSONResponse(result.body, headers=result.headers) if isinstance(result, ProxyResult) else result
 
 
@@ -30,7 +30,7 @@ def _json(result):  # noqa: ANN001, ANN202 - proxied answers are relayed as the 
              responses={**error_responses(400, 401, 404, 413, 503),
                         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
              summary="Create a completion")
-async def create_completion(body: CompletionRequest, service: CompletionsDep, request: Request):  # noqa: ANN201
+async def create_completion(body: CompletionRequest, service: CompletionsDep, request: Request):
     """Text completion with sampling, stop sequences, seeds, logprobs and echo; `stream=true` sends SSE
     chunks ending with `data: [DONE]`."""
     if body.stream:
@@ -42,7 +42,7 @@ async def create_completion(body: CompletionRequest, service: CompletionsDep, re
              responses={**error_responses(400, 401, 404, 413, 503),
                         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
              summary="Create a chat completion")
-async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep, request: Request):  # noqa: ANN201
+async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep, request: Request):
     """Chat completion; the prompt is built with the tokenizer's chat template, or the default
     template documented in docs/api.md."""
     if body.stream:

@@ -22,7 +22,7 @@ async def health() -> dict[str, str]:
 async def ready(repo: RepoDep) -> JSONResponse:
     try:
         await run_sync(repo.registry.ping)
-    except Exception as e:  # noqa: BLE001 - any database failure means not ready
+    except Exception as e:
         raise ApiError(503, f"registry unreachable: {type(e).__name__}", type="server_error", code="not_ready") from None
     return JSONResponse({"status": "ready"})
 

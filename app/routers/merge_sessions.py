@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Depends, Query, Response
 
 from app.deps import MergeSessionsDep, require_admin, require_client
 from app.protocol.admin import ExpertView
 from app.protocol.common import error_responses
+from app.protocol.merge_sessions import (
+    BatchIn,
+    BatchView,
+    CandidateIn,
+    EvaluateView,
+    LoraTrainRequest,
+    MaterializeIn,
+    SessionCreateRequest,
+    SessionDeletedView,
+    SessionView,
+)
 from app.routers.respond import ExpertOrJob, expert_or_job
-from app.protocol.merge_sessions import (BatchIn, BatchView, CandidateIn, EvaluateView, LoraTrainRequest,
-                                         MaterializeIn, SessionCreateRequest, SessionDeletedView, SessionView)
 
 router = APIRouter(prefix="/v1/merge/sessions", tags=["merge sessions"],
                    dependencies=[Depends(require_client)])

@@ -20,13 +20,13 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.hf.lora import is_adapter_dir
+from experts.hf.validation import validate_model_dir
 from experts.repository.jobs import TERMINAL, JobContext, JobService
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
-from experts.hf.lora import is_adapter_dir
 from experts.repository.store import check_expert_id, check_upload_filename, safe_extract
 from experts.runtime import Runtime
-from experts.hf.validation import validate_model_dir
 
 SYNC_WAIT_S = 600.0
 

@@ -25,8 +25,14 @@ from app.metrics import Metrics
 from app.protocol.blackbox import PatchEnsembleRequest, RegisterEnsembleRequest
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
-from app.services.openai_shapes import (chat_choice, chat_delta_choice, chat_head, completion_choice,
-                                        completion_head, usage)
+from app.services.openai_shapes import (
+    chat_choice,
+    chat_delta_choice,
+    chat_head,
+    completion_choice,
+    completion_head,
+    usage,
+)
 from app.services.proxy import ProxyResult, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import ExpertKind, GenerationParams, StreamDelta
@@ -188,7 +194,7 @@ class BlackBoxService:
                                          "ensemble": ev.report})
                     continue
                 yield sse_event(chunk(ev))
-        except Exception as e:  # noqa: BLE001 - mid-stream errors travel as an SSE event
+        except Exception as e:
             yield sse_error(e)
         finally:
             await events.aclose()  # type: ignore[attr-defined]

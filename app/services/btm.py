@@ -7,15 +7,23 @@ from typing import Any
 
 from anyio.to_thread import run_sync
 
-from app.protocol.btm import (BranchRequest, BudgetIn, EvaluateRequest, ForestRequest, PipelineRequest, SeedRequest,
-                              SizeIn, TrainRequest)
+from app.protocol.btm import (
+    BranchRequest,
+    BudgetIn,
+    EvaluateRequest,
+    ForestRequest,
+    PipelineRequest,
+    SeedRequest,
+    SizeIn,
+    TrainRequest,
+)
 from app.services.admin import AdminService
+from experts.btm.forest import average_forest, create_forest, sample_sequences
 from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import add_user_corpus, available_domains, list_corpora
-from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.data.evaluation import evaluate_ids
-from experts.btm.forest import average_forest, create_forest, sample_sequences
+from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.repository.jobs import JobContext
 from experts.repository.store import check_expert_id
 from experts.training.config import TrainConfig

@@ -19,8 +19,14 @@ from app.metrics import Metrics
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
 from app.services.blackbox import BlackBoxService
-from app.services.openai_shapes import (chat_choice, chat_delta_choice, chat_head, completion_choice,
-                                        completion_head, usage)
+from app.services.openai_shapes import (
+    chat_choice,
+    chat_delta_choice,
+    chat_head,
+    completion_choice,
+    completion_head,
+    usage,
+)
 from app.services.proxy import ProxyResult, ProxyService, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import Expert, GenerationParams, StreamEnd
@@ -126,7 +132,7 @@ class CompletionService:
                     choice = completion_choice(ev.index, ev.text, ev.finish_reason,
                                                ev.tokens if req.logprobs is not None else None)
                     yield sse_event({**head, "choices": [choice], "usage": None})
-            except Exception as e:  # noqa: BLE001 - mid-stream errors travel as an SSE event
+            except Exception as e:
                 yield sse_error(e)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
@@ -213,7 +219,7 @@ class CompletionService:
                                                ev.tokens if req.logprobs else None, first=ev.index not in started)
                     started.add(ev.index)
                     yield sse_event({**head, "choices": [choice], "usage": None})
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 yield sse_error(e)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]

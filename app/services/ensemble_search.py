@@ -21,13 +21,19 @@ from anyio.to_thread import run_sync
 from app.protocol.searches import EnsembleSearchRequest
 from app.services.admin import AdminService
 from experts.blackbox.spec import BlackBoxSpec, is_blackbox, update_blackbox
-from experts.blackbox.weight_search import (DEFAULT_OBJECTIVE, OBJECTIVES, collect, new_weights, ordered_weights,
-                                            search_ensemble_weights)
-from experts.errors import InvalidExpertError, JobCancelledError
-from experts.repository.jobs import JobContext
+from experts.blackbox.weight_search import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    collect,
+    new_weights,
+    ordered_weights,
+    search_ensemble_weights,
+)
 from experts.btm.operations import BTM
-from experts.evo.search_job import Progress
 from experts.data.datasets import TASKS, load_task
+from experts.errors import InvalidExpertError, JobCancelledError
+from experts.evo.search_job import Progress
+from experts.repository.jobs import JobContext
 
 DEFAULT_TASK_EXAMPLES = 32
 

@@ -13,13 +13,13 @@ from anyio.to_thread import run_sync
 
 from app.protocol.merge_sessions import LoraTrainRequest, SessionCreateRequest
 from app.services.admin import AdminService
+from experts.data.datasets import TASKS
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
 from experts.repository.jobs import JobContext
+from experts.repository.store import check_expert_id
 from experts.training.config import TrainConfig
 from experts.training.lora import LoraData, LoraSpec, train_lora
-from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
-from experts.repository.store import check_expert_id
-from experts.data.datasets import TASKS
 
 
 def _examples(examples: list[Any] | None) -> tuple[dict[str, Any], ...] | None:

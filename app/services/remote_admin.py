@@ -8,11 +8,11 @@ from typing import Any
 from app.protocol.remote import PatchExpertRequest, RegisterRemoteRequest
 from experts.base import ExpertKind
 from experts.errors import ExpertExistsError, InvalidExpertError
-from experts.repository.registry import ExpertRecord
 from experts.remote.check import check_upstream
+from experts.remote.upstream import RemoteRuntime, RemoteSpec
+from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import check_expert_id
-from experts.remote.upstream import RemoteRuntime, RemoteSpec
 
 REMOTE = ExpertKind.REMOTE.value
 

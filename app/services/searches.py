@@ -22,14 +22,15 @@ from app.protocol.searches import EnsembleSearchRequest, SearchRequest
 from app.services.admin import AdminService
 from app.services.ensemble_search import EnsembleSearchService
 from app.services.remote_admin import RemoteAdminService
+from experts.data.datasets import TASKS
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
-from experts.repository.jobs import JobContext
-from experts.repository.registry import ExpertRecord
 from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
 from experts.evo.sessions import MergeSessionManager
 from experts.remote.upstream import RemoteSpec
+from experts.repository.jobs import JobContext
+from experts.repository.registry import ExpertRecord
 from experts.repository.store import check_expert_id
-from experts.data.datasets import TASKS
+
 
 class SearchService:
     def __init__(self, admin: AdminService, manager: MergeSessionManager, remote: RemoteAdminService | None,

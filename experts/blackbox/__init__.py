@@ -10,8 +10,15 @@
 
 from experts.blackbox.ensemble import BlackBoxEnsemble, EnsembleEnd, word_chunks
 from experts.blackbox.maths import EOS, Dist, candidate_logprobs, choose, mix, select, weighted_score
-from experts.blackbox.spec import (MODES, BlackBoxSpec, MemberSpec, build_spec, create_blackbox, is_blackbox,
-                                   update_blackbox)
+from experts.blackbox.spec import (
+                                   MODES,
+                                   BlackBoxSpec,
+                                   MemberSpec,
+                                   build_spec,
+                                   create_blackbox,
+                                   is_blackbox,
+                                   update_blackbox,
+)
 
 __all__ = ["EOS", "MODES", "BlackBoxEnsemble", "BlackBoxSpec", "Dist", "EnsembleEnd", "MemberSpec", "build_spec",
            "candidate_logprobs", "choose", "create_blackbox", "is_blackbox", "mix", "select", "update_blackbox",

@@ -19,14 +19,23 @@ import anyio
 from anyio.to_thread import run_sync
 
 from experts.base import GenerationParams, GenerationResult, StreamDelta, TokenLogprob
-from experts.blackbox.maths import (EOS, choose, key_bytes, mean_logprob, mix, select, top_alternatives, union,
-                                    weighted_score)
+from experts.blackbox.maths import (
+    EOS,
+    choose,
+    key_bytes,
+    mean_logprob,
+    mix,
+    select,
+    top_alternatives,
+    union,
+    weighted_score,
+)
 from experts.blackbox.members import Candidate, Ledger, LocalMember, RemoteMember, Run
 from experts.blackbox.spec import BlackBoxSpec
-from experts.hf.chat import render_default
 from experts.errors import ExpertError, ExpertUnavailableError, GenerationInputError, UpstreamError
-from experts.repository.registry import ExpertRecord
+from experts.hf.chat import render_default
 from experts.remote.expert import RemoteExpert
+from experts.repository.registry import ExpertRecord
 
 Member = LocalMember | RemoteMember
 _WORDS = re.compile(r"\s*\S+|\s+")

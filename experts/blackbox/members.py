@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from experts.hf import generation
 from experts.base import Expert, GenerationParams
 from experts.blackbox.maths import EOS, NEG_INF, Dist, bytes_key, candidate_logprobs
 from experts.errors import ExpertUnavailableError, GenerationInputError, UpstreamError
+from experts.hf import generation
 from experts.remote.expert import RemoteExpert
 
 Run = Callable[..., Awaitable[Any]]  # await run(blocking_fn, *args)

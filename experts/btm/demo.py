@@ -15,8 +15,8 @@ from pathlib import Path
 from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import available_domains
-from experts.training.config import TrainConfig
 from experts.runtime import open_repository
+from experts.training.config import TrainConfig
 
 PREFIX = "demo"
 WANTED = ["code", "python_docs", "legal", "scripture"]

@@ -22,9 +22,9 @@ from typing import Any
 from experts.btm.operations import BTM, ModelSize
 from experts.data.corpora import available_domains
 from experts.data.datasets import POOL_TASKS, TASKS
+from experts.runtime import open_repository
 from experts.training.config import TrainConfig
 from experts.training.lora import LoraData, LoraSpec, train_lora
-from experts.runtime import open_repository
 
 __all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
 

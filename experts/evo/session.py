@@ -16,8 +16,15 @@ import torch
 
 from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
 from experts.errors import InvalidExpertError
-from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, MAX_BATCH_CANDIDATES, BudgetExhaustedError,
-                                  InvalidCandidateError, LossOptions, ValidationSpec)
+from experts.evo.options import (
+    ALPHA_RANGE,
+    BETA_RANGE,
+    MAX_BATCH_CANDIDATES,
+    BudgetExhaustedError,
+    InvalidCandidateError,
+    LossOptions,
+    ValidationSpec,
+)
 from merging.evo import EvoPlan
 from merging.lora import lora_modules, lora_scaling
 

@@ -39,9 +39,21 @@ import torch
 
 from experts.data.datasets import load_task
 from experts.errors import InvalidExpertError
-from experts.evo.options import (ALPHA_RANGE, BETA_RANGE, DEFAULT_REGISTERED_EXAMPLES, MAX_BATCH_CANDIDATES,
-                                  MAX_POOL, BudgetExhaustedError, InvalidCandidateError, LossOptions,
-                                  MergeSessionError, SessionLimitError, SessionNotFoundError, ValidationSpec, _cap)
+from experts.evo.options import (
+    ALPHA_RANGE,
+    BETA_RANGE,
+    DEFAULT_REGISTERED_EXAMPLES,
+    MAX_BATCH_CANDIDATES,
+    MAX_POOL,
+    BudgetExhaustedError,
+    InvalidCandidateError,
+    LossOptions,
+    MergeSessionError,
+    SessionLimitError,
+    SessionNotFoundError,
+    ValidationSpec,
+    _cap,
+)
 from experts.evo.session import MergeSession
 from experts.repository.merges import MergeRunner
 from experts.repository.registry import ExpertRecord

@@ -23,9 +23,8 @@ import httpx
 
 from experts.base import GenerationParams, GenerationResult, StreamDelta, StreamEnd, TokenLogprob
 from experts.errors import ExpertUnavailableError, UpstreamError
+from experts.remote.upstream import RemoteRuntime, RemoteSpec, Slot, error_fields, redact, retry_after_s, split_events
 from experts.repository.registry import ExpertRecord
-from experts.remote.upstream import (RemoteRuntime, RemoteSpec, Slot, error_fields, redact, retry_after_s,
-                              split_events)
 
 T = TypeVar("T")
 MAX_ERROR_BODY = 64 << 10

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from experts.remote.breaker import CircuitBreaker
 from experts.errors import InvalidExpertError
+from experts.remote.breaker import CircuitBreaker
 from experts.remote.secrets import SecretStore
 
 # Where each flat field of RemoteSpec lives in the stored (and wire) spec, e.g. timeouts.connect.

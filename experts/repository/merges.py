@@ -17,11 +17,11 @@ from typing import Any
 from safetensors.torch import save_file
 
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.hf.st_writer import StreamingSafetensorsWriter
+from experts.hf.validation import model_files
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
-from experts.hf.st_writer import StreamingSafetensorsWriter
 from experts.repository.store import check_expert_id
-from experts.hf.validation import model_files
 from merging.apply import check_tokenizers, estimate, merge_tensors
 from merging.errors import IncompatibleExpertsError
 from merging.recipe import MergeRecipe

@@ -22,9 +22,9 @@ from experts.base import Expert, ExpertKind
 from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
 from experts.hf.loading import LoadedModel, ModelCache
 from experts.hf.lora import is_adapter_dir, validate_adapter_dir
+from experts.hf.validation import model_files, validate_model_dir
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.store import ArtifactStore, check_expert_id
-from experts.hf.validation import model_files, validate_model_dir
 
 log = logging.getLogger("mergegate.repository")
 
@@ -89,7 +89,7 @@ class ExpertRepository:
                 self.cache.pin(r.id)
                 try:
                     self.cache.get(r.id)
-                except Exception as e:  # noqa: BLE001 - a broken expert must not stop the gateway
+                except Exception as e:
                     log.warning("pinned expert %s failed to load: %s", r.id, e)
 
     # -- queries ------------------------------------------------------------------------------

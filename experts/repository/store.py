@@ -136,7 +136,7 @@ def safe_extract(archive: Path, dest: Path, *, max_bytes: int) -> None:
     _flatten_single_dir(dest)
 
 
-def _write_member(dest: Path, rel: PurePosixPath, src) -> None:  # noqa: ANN001 (file-like)
+def _write_member(dest: Path, rel: PurePosixPath, src) -> None:
     target = dest.joinpath(*rel.parts)
     target.parent.mkdir(parents=True, exist_ok=True)
     with src, target.open("wb") as out:

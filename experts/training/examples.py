@@ -18,8 +18,14 @@ import torch
 from experts.data.scoring import Encoded, make_batches, masked_ce_sum, mean_loss
 from experts.errors import InvalidExpertError
 from experts.training.config import TrainConfig, TrainProgress, TrainResult
-from experts.training.optim import (PROGRESS_INTERVAL_S, autocast, bf16_supported, make_optimizer,
-                                   model_device, optimizer_step)
+from experts.training.optim import (
+    PROGRESS_INTERVAL_S,
+    autocast,
+    bf16_supported,
+    make_optimizer,
+    model_device,
+    optimizer_step,
+)
 
 __all__ = ["train_on_examples"]
 

@@ -29,8 +29,14 @@ import torch.nn.functional as F
 
 from experts.training.config import TrainConfig, TrainingCancelled, TrainProgress, TrainResult
 from experts.training.lm_io import new_gpt2, save_model_atomic, tokenize_text
-from experts.training.optim import (PROGRESS_INTERVAL_S, autocast, bf16_supported, make_optimizer,
-                                   model_device, optimizer_step)
+from experts.training.optim import (
+    PROGRESS_INTERVAL_S,
+    autocast,
+    bf16_supported,
+    make_optimizer,
+    model_device,
+    optimizer_step,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -201,7 +207,7 @@ def _switch_attention(model: Any, implementation: str | None) -> str | None:
         if cfg._attn_implementation != implementation:  # refused (logged by transformers)
             return None
         return old
-    except Exception:  # noqa: BLE001 - not every model can switch; train with what it has
+    except Exception:
         return None
 
 

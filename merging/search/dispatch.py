@@ -18,7 +18,7 @@ from merging.search.settings import BASELINES, SearchSettings
 __all__ = ["METHOD_FUNCTIONS", "run_method"]
 
 METHOD_FUNCTIONS: Final[dict[str, Callable[..., SearchResult]]] = {
-    "evo_merging": evo_merging, "lorahub": lorahub, **{name: baseline for name in BASELINES}}
+    "evo_merging": evo_merging, "lorahub": lorahub, **dict.fromkeys(BASELINES, baseline)}
 
 
 def run_method(evaluator: Evaluator, n: int, settings: SearchSettings, *,

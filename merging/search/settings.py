@@ -72,7 +72,7 @@ class SearchSettings:
     method: Method = _setting(
         "evo_merging", "evo_merging or lorahub (searches), or a black-box baseline: uniform (beta = 1/N), "
         "task_arithmetic (beta = lambda for all, best lambda of `lambdas`), best_single (the best adapter "
-        "alone)", BASELINES, keyword={m: "name" for m in BASELINES})
+        "alone)", BASELINES, keyword=dict.fromkeys(BASELINES, "name"))
     seed: int | None = _setting(42, "Seeds the optimisers: same request and seed, same result", SEARCHES)
     budget_stage1: int = _setting(400, "Evo stage 1 (alpha) evaluations", _EVO, ge=0, le=MAX_QUERIES)
     budget_stage2: int = _setting(800, "Evo stage 2 (beta) evaluations", _EVO, ge=0, le=MAX_QUERIES)

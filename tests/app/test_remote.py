@@ -148,10 +148,10 @@ def test_openai_client_through_remote(front, gateway, mg):
 
 
 def test_ascore_matches_direct_echo_logprobs(gateway, tmp_path):
-    from experts.repository.registry import ExpertRecord
     from experts.remote.expert import RemoteExpert
     from experts.remote.secrets import SecretStore
     from experts.remote.upstream import RemoteRuntime
+    from experts.repository.registry import ExpertRecord
 
     async def score() -> list:
         async with httpx.AsyncClient() as http:

@@ -50,8 +50,8 @@ def test_budgets(quick):
 def test_test_losses_match_the_provider(quick):
     """The bench's white-box test loss of uniform average = a fresh merge session's loss on the test split."""
     from experts.btm.operations import BTM
-    from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
     from experts.evo.pool import QUICK
+    from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
     from experts.runtime import open_repository
 
     root, result = quick

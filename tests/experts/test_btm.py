@@ -10,8 +10,8 @@ from experts.btm.forest import average_forest, create_forest, sample_sequences
 from experts.btm.operations import BTM, ModelSize
 from experts.data.evaluation import evaluate_ids
 from experts.errors import ExpertInUseError, InvalidExpertError, JobCancelledError
-from experts.training.config import TrainConfig
 from experts.runtime import open_repository
+from experts.training.config import TrainConfig
 
 SIZE = ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512)
 BUDGET = TrainConfig(max_tokens=8 * 64 * 30, batch_size=8, seq_len=64, lr=3e-3)

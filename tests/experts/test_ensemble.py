@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experts.hf import generation
-from experts.hf.engine import sync
 from experts.base import GenerationParams
 from experts.btm.mixture import (
     EnsembleLM,
@@ -22,6 +20,9 @@ from experts.btm.mixture import (
     sequence_posteriors,
     top_k_experts,
 )
+from experts.hf import generation
+from experts.hf.engine import sync
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

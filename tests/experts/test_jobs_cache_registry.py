@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from experts.errors import JobStateError
-from experts.repository.jobs import JobService
 from experts.hf.loading import LoadedModel, ModelCache
+from experts.repository.jobs import JobService
 from experts.repository.registry import SCHEMA_VERSION, ExpertRecord, Registry
 
 

@@ -12,11 +12,18 @@ import torch.nn.functional as F
 from experts.btm.operations import BTM
 from experts.data.datasets import HELD_OUT, POOL_TASKS, TASKS, load_task
 from experts.errors import ExpertNotFoundError, InvalidExpertError, JobCancelledError
-from experts.evo.sessions import (BudgetExhaustedError, InvalidCandidateError, LossOptions, MergeSessionManager,
-                                    SessionLimitError, SessionNotFoundError, ValidationSpec)
+from experts.evo.sessions import (
+    BudgetExhaustedError,
+    InvalidCandidateError,
+    LossOptions,
+    MergeSessionManager,
+    SessionLimitError,
+    SessionNotFoundError,
+    ValidationSpec,
+)
+from experts.runtime import open_repository
 from experts.training.config import TrainConfig
 from experts.training.lora import LoraData, LoraSpec, train_lora
-from experts.runtime import open_repository
 from tests.helpers import build_adapter_dir, build_model_dir
 
 TARGETS = ("c_attn", "c_proj", "c_fc")

@@ -11,12 +11,12 @@ import stat
 import httpx
 import pytest
 
-from experts.remote.breaker import CircuitBreaker
 from experts.errors import InvalidExpertError, UpstreamError
-from experts.repository.registry import ExpertRecord
+from experts.remote.breaker import CircuitBreaker
 from experts.remote.expert import RemoteExpert
 from experts.remote.secrets import SecretStore
 from experts.remote.upstream import RemoteRuntime, RemoteSpec, retry_after_s, split_events
+from experts.repository.registry import ExpertRecord
 
 
 class Clock:

@@ -20,15 +20,24 @@ import torch
 from experts.base import GenerationParams
 from experts.blackbox import BlackBoxEnsemble, BlackBoxSpec, MemberSpec, select, weighted_score
 from experts.blackbox.members import Candidate
-from experts.blackbox.weight_search import (EnsembleWeightsEvaluator, ScoreTable, SelectRow, TokenRow,
-                                            WeightSearchInputError, collect, new_weights, ordered_weights,
-                                            search_ensemble_weights, token_f1)
+from experts.blackbox.weight_search import (
+    EnsembleWeightsEvaluator,
+    ScoreTable,
+    SelectRow,
+    TokenRow,
+    WeightSearchInputError,
+    collect,
+    new_weights,
+    ordered_weights,
+    search_ensemble_weights,
+    token_f1,
+)
 from experts.hf.loading import ModelCache, load_hf_model
 from experts.hf.local import LocalExpert
-from experts.repository.registry import ExpertRecord
 from experts.remote.expert import RemoteExpert
 from experts.remote.secrets import SecretStore
 from experts.remote.upstream import RemoteRuntime
+from experts.repository.registry import ExpertRecord
 from tests.helpers import CLIENT_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -10,10 +10,9 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-from pydoc_data.topics import topics
 from fnmatch import fnmatch
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from .errors import CorpusUnavailableError, UnknownCorpusError
 

@@ -118,12 +118,12 @@ class Engine:
                 if fut.set_running_or_notify_cancel():
                     try:
                         fut.set_result(fn())
-                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    except BaseException as e:
                         fut.set_exception(e)
             for label, _, sched in active:
                 try:
                     stats = sched.step()
-                except Exception:  # noqa: BLE001 - a scheduler bug must not kill the thread
+                except Exception:
                     log.exception("engine step failed for %s", label)
                     continue
                 if self.observer is not None:

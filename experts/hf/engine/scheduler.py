@@ -114,7 +114,7 @@ class ModelScheduler:
         """A failure of the model itself fails every request in that batch (and nothing else)."""
         try:
             fn(stats)
-        except Exception as e:  # noqa: BLE001 - reported to each request, then the batch is dropped
+        except Exception as e:
             err = e if isinstance(e, ExpertUnavailableError) else ExpertUnavailableError(
                 f"generation failed: {type(e).__name__}: {e}")
             for r in {id(r): r for r in requests}.values():
