@@ -7,6 +7,7 @@ gateway uses; the blocking `generate` / `stream_sync` step the same code in the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -87,8 +88,10 @@ class LocalExpert:
         return self._engine.stream(self.record.id, m.model, m.tokenizer, prompts, params)
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> GenerationResult:
-        """One prompt through the engine, collected (for callers inside the gateway, e.g. ensembles)."""
-        assert self._engine is not None
+        """One prompt through the engine, collected (for callers inside the gateway, e.g. ensembles); without
+        an engine, the blocking path in a worker thread."""
+        if self._engine is None:
+            return await asyncio.to_thread(self.generate, prompt, params)
         prepared = await self._engine.run(self.prepare, prompt, params.max_tokens)
         return await collect_async(self.stream([prepared], params), params)
 
