@@ -109,10 +109,11 @@ class Group:
         """Next tokens for the live rows (in row order), from their logits [live, V]."""
         return sample(logits, self.params, self.gen)
 
-    def accept(self, rows: Sequence[int], tokens: Sequence[int], logits: torch.Tensor) -> list[Event]:
-        """Take one sampled token per live row; returns the events (finished rows get their last delta)."""
+    def accept(self, rows: Sequence[int], tokens: Sequence[int], logits: torch.Tensor | None) -> list[Event]:
+        """Take one sampled token per live row (`logits` [rows, V]: needed only for logprobs); returns the
+        events (finished rows get their last delta)."""
         p = self.params
-        lp = torch.log_softmax(logits, dim=-1) if self.want_lp else None
+        lp = torch.log_softmax(logits, dim=-1) if self.want_lp and logits is not None else None
         eos = self.tokenizer.eos_token_id
         last = self.steps + 1 >= p.max_tokens
         self.steps += 1

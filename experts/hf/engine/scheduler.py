@@ -276,27 +276,30 @@ class ModelScheduler:
                                                last_only=True)
         logits = logits[:, -1].float()
         stats.decode_rows += len(r.lanes)
-        by_request: dict[int, list[Event]] = {}
         groups: dict[int, tuple[Group, list[int], list[int]]] = {}
         for lane, (g, choice) in enumerate(r.lanes):
-            groups.setdefault(id(g), (g, [], []))
-            groups[id(g)][1].append(choice)
-            groups[id(g)][2].append(lane)
-        finite = torch.isfinite(logits).all(dim=-1)
-        next_ids = r.next_ids.clone()
+            entry = groups.get(id(g))
+            if entry is None:
+                entry = groups[id(g)] = (g, [], [])
+            entry[1].append(choice)
+            entry[2].append(lane)
+        finite = None if bool(torch.isfinite(logits).all()) else torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = logits.argmax(-1).tolist() if any(g.params.temperature <= 0 for g, _, _ in groups.values()) else []
+        next_ids = r.next_ids.tolist()
+        by_request: dict[int, list[Event]] = {}
         for g, choices, lanes in groups.values():
             events = by_request.setdefault(id(g.request), [])
-            idx = torch.tensor(lanes)
-            if not bool(finite[idx].all()):
+            if finite is not None and not all(finite[i] for i in lanes):
                 self._nonfinite(g, events)
                 continue
-            rows = logits[idx]
-            tokens = g.sample(rows)
-            next_ids[idx] = tokens
-            events.extend(g.accept(choices, tokens.tolist(), rows))
+            rows = logits[lanes] if g.want_lp or g.params.temperature > 0 else None
+            tokens = [greedy[i] for i in lanes] if g.params.temperature <= 0 else g.sample(rows).tolist()
+            for i, t in zip(lanes, tokens, strict=True):
+                next_ids[i] = t
+            events.extend(g.accept(choices, tokens, rows))
             stats.generated += len(lanes)
         self._deliver([g for g, _, _ in groups.values()], by_request)
-        r.next_ids = next_ids
+        r.next_ids = torch.tensor(next_ids)
         r.lengths = r.lengths + 1
         keep = [i for i, (g, choice) in enumerate(r.lanes) if not g.failed and g.rows[choice].finish is None]
         self._keep_running(keep)
