@@ -95,7 +95,7 @@ class CompletionService:
         local = self._local(expert)
         params = self._params(req)
         prompts = await self._prepare(local, req.prompt, params.max_tokens, req.n)
-        result = await collect_async(local.stream(prompts, params), params, n=len(prompts) * req.n)
+        result = await collect_async(local.stream(prompts, params, whole=True), params, n=len(prompts) * req.n)
         choices = []
         for c in result.choices:
             tokens = (c.prompt_tokens or []) + (c.tokens or []) if req.logprobs is not None else None
@@ -182,7 +182,7 @@ class CompletionService:
         local = self._local(expert)
         prompt, max_tokens = await self._chat_prompt(local, req)
         params = self._chat_params_for(req, max_tokens)
-        result = await collect_async(local.stream([prompt], params), params)
+        result = await collect_async(local.stream([prompt], params, whole=True), params)
         self.metrics.count_tokens(req.model, result.prompt_tokens, result.completion_tokens)
         choices = [chat_choice(c.index, c.text, c.finish_reason, (c.tokens or []) if req.logprobs else None)
                    for c in result.choices]

@@ -79,13 +79,15 @@ class LocalExpert:
         generation.check_fits(m.model, len(ids), max_tokens)
         return Prompt(text, ids, n_prompt)
 
-    def stream(self, prompts: Sequence[Prompt], params: GenerationParams) -> AsyncIterator[StreamDelta | StreamEnd]:
+    def stream(self, prompts: Sequence[Prompt], params: GenerationParams, *, whole: bool = False
+               ) -> AsyncIterator[StreamDelta | StreamEnd]:
         """Submit to the engine (a full queue raises here) and iterate the events; choice indices run
-        prompt by prompt (prompt i's choices are i*n .. i*n+n-1)."""
+        prompt by prompt (prompt i's choices are i*n .. i*n+n-1). `whole`: the events arrive at the end
+        (for an answer that is not streamed: no wake-up per token)."""
         if self._engine is None:
             raise RuntimeError("this expert was built without an engine; use generate() or stream_sync()")
         m = self.loaded()
-        return self._engine.stream(self.record.id, m.model, m.tokenizer, prompts, params)
+        return self._engine.stream(self.record.id, m.model, m.tokenizer, prompts, params, whole=whole)
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         """One prompt through the engine, collected (for callers inside the gateway, e.g. ensembles); without
@@ -93,7 +95,7 @@ class LocalExpert:
         if self._engine is None:
             return await asyncio.to_thread(self.generate, prompt, params)
         prepared = await self._engine.run(self.prepare, prompt, params.max_tokens)
-        return await collect_async(self.stream([prepared], params), params)
+        return await collect_async(self.stream([prepared], params, whole=True), params)
 
     # -- blocking -------------------------------------------------------------------------------
     def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:

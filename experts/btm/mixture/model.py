@@ -241,7 +241,7 @@ class ForestAdapter:
         self.runner = model.runner
         self.paddable = bool(getattr(model.runner, "pads", False))
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool) -> tuple[torch.Tensor, Any]:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.logits, out.cache

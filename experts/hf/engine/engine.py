@@ -56,6 +56,7 @@ class Engine:
         self._work: deque[tuple[Callable[[], Any], Future]] = deque()
         self._schedulers: dict[int, tuple[str, Any, ModelScheduler]] = {}  # id(model) -> (label, model, scheduler)
         self._closed = False
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[Event]]] = []
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -87,13 +88,23 @@ class Engine:
         return await asyncio.wrap_future(self.call(fn, *args))
 
     def stream(self, label: str, model: Any, tokenizer: Any, prompts: Sequence[Prompt],
-               params: GenerationParams) -> AsyncIterator[StreamDelta | StreamEnd]:
-        """Submit now (so a full queue raises here) and return the request's events as they come."""
+               params: GenerationParams, *, whole: bool = False) -> AsyncIterator[StreamDelta | StreamEnd]:
+        """Submit now (so a full queue raises here) and return the request's events as they come.
+
+        Events cross to the event loop once per engine step for all requests together (one wake-up of
+        the loop, not one per request); with `whole` (an answer that is not streamed) they are kept
+        until the request ends and cross once."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
+        held: list[Event] = []
 
         def sink(events: list[Event]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
+            if whole:
+                held.extend(events)
+                if not isinstance(events[-1], (StreamEnd, BaseException)):
+                    return
+                events = held
+            self._outbox.append((loop, queue, events))
 
         request = Request(params, tokenizer, sink)
         for p in prompts:
@@ -128,7 +139,23 @@ class Engine:
                     continue
                 if self.observer is not None:
                     self.observer.stepped(label, stats, sched.rows, len(sched.waiting))
+            self._flush()
         self._fail_all(ExpertUnavailableError("the gateway is shutting down"))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand this round's events to their event loops: one call per loop."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[Event]]]]] = {}
+        for loop, queue, events in items:
+            by_loop.setdefault(id(loop), (loop, []))[1].append((queue, events))
+        for loop, batch in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_dispatch, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
     def _busy(self) -> bool:
         return any(e[2].has_work() for e in self._schedulers.values())
@@ -158,6 +185,11 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+
+
+def _dispatch(batch: list[tuple[asyncio.Queue, list[Event]]]) -> None:
+    for queue, events in batch:
+        queue.put_nowait(events)
 
 
 async def _events(request: Request, queue: asyncio.Queue[list[Event]]) -> AsyncIterator[StreamDelta | StreamEnd]:

@@ -24,8 +24,10 @@ class BatchAdapter(Protocol):
 
     paddable: bool  # rows of different lengths can share a batch (the model takes position_ids)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-                last_only: bool) -> tuple[torch.Tensor, Any]: ...
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
+                last_only: bool) -> tuple[torch.Tensor, Any]:
+        """Logits [B, T, V] (at least the last position) and the new cache. `mask` [B, past + T] and
+        `positions` [B, T] are None when no row is padded."""
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any: ...
 
@@ -46,12 +48,12 @@ class HFAdapter:
         self.paddable = "position_ids" in params and "attention_mask" in params
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool) -> tuple[torch.Tensor, Any]:
         kwargs: dict[str, Any] = {"use_cache": True}
         if cache is not None:
             kwargs[self.arg] = cache
-        if self.paddable:
+        if mask is not None and self.paddable:
             kwargs["attention_mask"] = mask
             kwargs["position_ids"] = positions
         if last_only and self.keep_arg is not None:

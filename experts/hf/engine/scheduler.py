@@ -33,6 +33,11 @@ class Limits:
     max_batched_tokens: int = 1024  # tokens through the model per step: decoding rows + the prefill chunk
     max_queue: int = 256  # prompts waiting for a place; beyond it, submissions are refused (429)
     max_prefill_padded: int = 8192  # prefill batch size x longest prompt (padding included)
+    # While rows are decoding, waiting prompts are admitted together (one prefill forward for many prompts
+    # costs far less than one each): when they are at least `admit_ratio` x the decoding rows, or the oldest
+    # has waited `max_wait_steps` steps (TGI's waiting_served_ratio and max_waiting_tokens, in spirit).
+    admit_ratio: float = 0.25
+    max_wait_steps: int = 8
 
 
 @dataclass
@@ -76,6 +81,7 @@ class ModelScheduler:
         self.adapter: BatchAdapter = adapter_for(model)
         self.waiting: deque[Group] = deque()
         self._lock = threading.Lock()  # `waiting` is appended to from other threads
+        self._waited = 0  # steps the waiting prompts have waited while rows decode
         self.prefill: Prefill | None = None
         self.running: Running | None = None
         self.on_admit = on_admit
@@ -141,11 +147,26 @@ class ModelScheduler:
         room = self.limits.max_batch_size - self.rows
         chosen: list[Group] = []
         with self._lock:
+            if not self._admit_now():
+                return
             self._take(chosen, room)
         if not chosen:
             return
         longest = max(len(g.ids) for g in chosen)
         self._start_prefill(chosen, longest)
+
+    def _admit_now(self) -> bool:
+        """Whether to start a prefill now (the caller holds the lock)."""
+        if not self.waiting:
+            return False
+        self._waited += 1
+        lim = self.limits
+        if (self.running is None or self._waited > lim.max_wait_steps
+                or sum(g.n for g in self.waiting) >= lim.admit_ratio * self.rows
+                or self.rows + sum(g.n for g in self.waiting) >= lim.max_batch_size):
+            self._waited = 0
+            return True
+        return False
 
     def _take(self, chosen: list[Group], room: int) -> None:
         """First come, first served, while the batch and the padded prefill have room."""
@@ -205,7 +226,9 @@ class ModelScheduler:
         budget = max(1, (self.limits.max_batched_tokens - self.rows) // b)
         c0, c1 = p.done, min(total, p.done + budget)
         echo = [i for i, g in enumerate(p.groups) if g.echo_lp]
-        logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1], p.positions[:, c0:c1], p.cache,
+        padded = any(p.offsets)
+        logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1] if padded else None,
+                                               p.positions[:, c0:c1] if padded else None, p.cache,
                                                last_only=not echo)
         stats.prefill_tokens += b * (c1 - c0)
         for i in echo:
@@ -272,8 +295,9 @@ class ModelScheduler:
         """The cache holds every row's tokens but the last sampled one; `mask` already counts it."""
         r = self.running
         assert r is not None
-        logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask, r.lengths[:, None], r.cache,
-                                               last_only=True)
+        padded = not bool(r.mask.all())  # without padding, the model's own (fastest) causal path
+        logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask if padded else None,
+                                               r.lengths[:, None] if padded else None, r.cache, last_only=True)
         logits = logits[:, -1].float()
         stats.decode_rows += len(r.lanes)
         groups: dict[int, tuple[Group, list[int], list[int]]] = {}
