@@ -36,6 +36,9 @@ class LocalExpert:
     def loaded(self) -> LoadedModel:
         return self._cache.get(self.record.id)
 
+    def is_loaded(self) -> bool:
+        return self._cache.is_loaded(self.record.id)
+
     def describe(self) -> dict[str, Any]:
         d = self.record.to_dict()
         d["loaded"] = self._cache.is_loaded(self.record.id)

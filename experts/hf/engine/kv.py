@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from experts.hf.generation import cache_arg
 
@@ -38,8 +38,57 @@ class BatchAdapter(Protocol):
     def trim_left(self, cache: Any, n: int) -> Any: ...
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends in place: K and V live in buffers with room to grow (doubling), so a
+    decode step writes one column instead of copying the whole cache as `torch.cat` does."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.length = 0
+        self._k = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[3])
+        self._v = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[3])
+        self.keys, self.values = self._k, self._v
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[2]
+        end = self.length + t
+        if end > self._k.shape[2]:
+            self._grow(max(end, 2 * self._k.shape[2], 16))
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, capacity: int) -> None:
+        k = self._k.new_empty(*self._k.shape[:2], capacity, self._k.shape[3])
+        v = self._v.new_empty(*self._v.shape[:2], capacity, self._v.shape[3])
+        k[:, :, :self.length] = self._k[:, :, :self.length]
+        v[:, :, :self.length] = self._v[:, :, :self.length]
+        self._k, self._v = k, v
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New contents (rows selected, padded, joined or trimmed), with room for a few more columns."""
+        b, h, n, d = keys.shape
+        self._k = keys.new_empty(b, h, n + 16, d)
+        self._v = values.new_empty(b, h, n + 16, d)
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self.length = n
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        self.is_initialized = True
+
+
 class HFAdapter:
-    """Any transformers causal LM whose cache is a DynamicCache of plain layers."""
+    """Any transformers causal LM whose cache is made of full-attention layers (a DynamicCache): the engine
+    gives it a cache of `GrowingLayer`s and changes that cache in place."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -47,10 +96,14 @@ class HFAdapter:
         params = inspect.signature(type(model).forward).parameters
         self.paddable = "position_ids" in params and "attention_mask" in params
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
+        self.growing = _plain_layers(model)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool) -> tuple[torch.Tensor, Any]:
         kwargs: dict[str, Any] = {"use_cache": True}
+        if cache is None and self.growing:
+            cache = DynamicCache.__new__(DynamicCache)
+            Cache.__init__(cache, layer_class_to_replicate=GrowingLayer)
         if cache is not None:
             kwargs[self.arg] = cache
         if mask is not None and self.paddable:
@@ -62,32 +115,47 @@ class HFAdapter:
         return out.logits, getattr(out, self.arg)
 
     @staticmethod
-    def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _layers(cache: Any) -> list[Any]:
         layers = getattr(cache, "layers", None)
-        if layers is None or not all(type(layer) is DynamicLayer for layer in layers):
+        if layers is None or not all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers):
             raise TypeError(f"the engine cannot batch a {type(cache).__name__} of non-plain layers")
-        return [(layer.keys, layer.values) for layer in layers]
+        return layers
 
-    @staticmethod
-    def _build(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=layers)
+    def _apply(self, cache: Any, fn: Any) -> Any:
+        for layer in self._layers(cache):
+            keys, values = fn(layer.keys), fn(layer.values)
+            if isinstance(layer, GrowingLayer):
+                layer.replace(keys, values)
+            else:
+                layer.keys, layer.values = keys, values
+        return cache
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any:
-        return self._build([(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self._layers(cache)])
+        return self._apply(cache, lambda t: t.index_select(0, rows))
 
     def pad_left(self, cache: Any, n: int) -> Any:
-        if n <= 0:
-            return cache
-        return self._build([(_pad(k, n), _pad(v, n)) for k, v in self._layers(cache)])
+        return cache if n <= 0 else self._apply(cache, lambda t: _pad(t, n))
 
     def concat(self, a: Any, b: Any) -> Any:
-        return self._build([(torch.cat([ka, kb]), torch.cat([va, vb]))
-                            for (ka, va), (kb, vb) in zip(self._layers(a), self._layers(b), strict=True)])
+        for la, lb in zip(self._layers(a), self._layers(b), strict=True):
+            keys, values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
+            if isinstance(la, GrowingLayer):
+                la.replace(keys, values)
+            else:
+                la.keys, la.values = keys, values
+        return a
 
     def trim_left(self, cache: Any, n: int) -> Any:
-        if n <= 0:
-            return cache
-        return self._build([(k[:, :, n:].contiguous(), v[:, :, n:].contiguous()) for k, v in self._layers(cache)])
+        return cache if n <= 0 else self._apply(cache, lambda t: t[:, :, n:])
+
+
+def _plain_layers(model: Any) -> bool:
+    """The model's own cache would be DynamicLayers only (full attention everywhere): GrowingLayer fits."""
+    try:
+        probe = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - no usable config: let the model build its own cache
+        return False
+    return all(type(layer) is DynamicLayer for layer in probe.layers)
 
 
 def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
