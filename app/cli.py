@@ -16,7 +16,8 @@ from experts.btm.demo import build_demo
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None}
+    given = (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
+    overrides = {k: v for k, v in given if v is not None}
     return Settings(**overrides)
 
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 from app.settings import Settings
+from experts.btm.operations import BTM, ModelSize
+from experts.btm.pipeline import run_pipeline
 from experts.runtime import open_repository
 from experts.training.config import TrainConfig
 
@@ -50,10 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # the implementation (torch, the repository) is imported when the subcommand runs, not to build the parser
-    from experts.btm.operations import BTM, ModelSize
-    from experts.btm.pipeline import run_pipeline
-
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     repo = open_repository(settings.data_dir, database_url=settings.db_url, max_loaded_models=8,
                            max_loaded_bytes=settings.max_loaded_bytes)

@@ -17,8 +17,10 @@ class Settings(BaseSettings):
     port: int = 8000
     data_dir: Path = Path("data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.db")
-    admin_key: SecretStr | None = Field(None, description="admin key; when unset one is generated into <data_dir>/admin.key")
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="client keys, comma-separated")
+    admin_key: SecretStr | None = Field(
+        None, description="admin key; when unset one is generated into <data_dir>/admin.key")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="client keys, comma-separated")
     max_loaded_models: int = 16
     max_loaded_bytes: int = 8 << 30
     max_body_bytes: int = 4 << 20  # JSON requests

@@ -135,7 +135,8 @@ def main() -> None:
 
     print(f"k={args.k} GPT-2 experts ({args.layers} layers x {args.embd}, {args.heads} heads, "
           f"vocab {args.vocab}, random weights); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"{args.rounds} interleaved rounds, "
           f"medians; measured in {elapsed:.0f} s")
     print(f"greedy text identical across backends: {same}")
     table(f"decode: greedy generation, {args.new} new tokens after a {args.prompt}-token prompt "

@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}", max_loaded_models=2,
-                           max_loaded_bytes=1 << 30)
+    repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}",
+                           max_loaded_models=2, max_loaded_bytes=1 << 30)
     try:
         pool = build_pool(repo, st.n, quick=args.quick, prefix=args.prefix)
         pool_s = time.perf_counter() - t0

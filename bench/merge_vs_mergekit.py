@@ -63,7 +63,8 @@ def child_ours(method: str, base: str, experts: list[str], out: str) -> None:
         "experts": [{"id": e, **per} for e in experts], "dtype": "float32"})
     sources = {p: SafetensorsSource(p) for p in ([base] if method != "linear" else []) + experts}
     ref = sources[base if method != "linear" else experts[0]]
-    layout = [(k, tuple(tensor_meta(ref, k)[0]), tensor_meta(ref, k)[1]) for k in ref.keys()]
+    layout = [(k, tuple(tensor_meta(ref, k)[0]), tensor_meta(ref, k)[1])
+              for k in ref.keys()]  # noqa: SIM118 (a TensorSource, not a dict)
     Path(out).mkdir(parents=True, exist_ok=True)
     with StreamingSafetensorsWriter(Path(out) / "model.safetensors", layout) as w:
         for name, t in merge_tensors(recipe, sources):

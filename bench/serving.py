@@ -112,7 +112,8 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "MERGEGATE_ADMIN_KEY": "bench", "MERGEGATE_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir",
-                             str(tmp / "data")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(tmp / "data")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from experts.training.lm import TrainConfig, new_gpt2, tokenize_text, train_causal_lm
+from experts.data.tokens import tokenize_text
+from experts.training.lm import TrainConfig, new_gpt2, train_causal_lm
 
 BATCH, SEQ = 8, 128
 

@@ -89,7 +89,7 @@ def _gta(sparsify: Literal["magnitude", "random", "breadcrumbs"] | None, consens
         # Ilharco et al. 2023 (arXiv 2212.04089) Sec. 2: theta = theta_pre + lambda sum_t tau_t
         assert base is not None
         deltas = ops.task_vectors(base, tensors)  # (N, *S) float32, modified in place below
-        for i, (d, p) in enumerate(zip(deltas, per_expert, strict=True)):
+        for d, p in zip(deltas, per_expert, strict=True):
             if sparsify == "magnitude":  # TIES step 1 "trim"
                 d.mul_(ops.magnitude_mask(d, p["density"]))
             elif sparsify == "breadcrumbs":  # Davari & Belilovsky 2023, Sec. 3: mask both tails

@@ -34,7 +34,8 @@ class FakeUpstream:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/v1"
         self.reset()
-        app = Starlette(routes=[Route("/v1/models", self._models), Route("/v1/completions", self._answer, methods=["POST"]),
+        app = Starlette(routes=[Route("/v1/models", self._models),
+                                Route("/v1/completions", self._answer, methods=["POST"]),
                                 Route("/v1/chat/completions", self._answer, methods=["POST"])])
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off",
                                 timeout_graceful_shutdown=1)

@@ -73,7 +73,8 @@ class Gateway:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logf = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *self.command, "--port", str(self.port), "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "app.cli", *self.command,
+             "--port", str(self.port), "--data-dir", str(self.data_dir)],
             cwd=ROOT, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

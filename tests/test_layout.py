@@ -56,7 +56,8 @@ def imports(path: Path, module: str) -> list[tuple[str, int, bool]]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - child.level + 1] + ([base] if base else []))
                 for a in child.names:
                     out.append((f"{base}.{a.name}" if _resolve(f"{base}.{a.name}") else base, child.lineno, nested))
             elif isinstance(child, ast.If) and _is_type_checking(child):
@@ -70,7 +71,8 @@ def imports(path: Path, module: str) -> list[tuple[str, int, bool]]:
 
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+    return ((isinstance(t, ast.Name) and t.id == "TYPE_CHECKING")
+            or (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"))
 
 
 def graph() -> dict[str, set[str]]:
@@ -134,7 +136,8 @@ def test_layering(layer, forbidden):
 
 
 def test_modules_are_small():
-    big = [f"{p.relative_to(ROOT)}: {n} lines" for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    big = [f"{p.relative_to(ROOT)}: {n} lines" for p in MODULES.values()
+           if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not big, "\n".join(big)
 
 

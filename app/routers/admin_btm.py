@@ -40,7 +40,8 @@ async def upload_corpus(svc: BTMDep, name: str = Form(..., examples=["recipes"])
     return await svc.upload_corpus(name, await file.read(), format, text_field)
 
 
-@router.post("/admin/btm/seed", status_code=202, response_model=ExpertOrJob, responses=JOB, summary="Train a seed LM on a mixture of domains")
+@router.post("/admin/btm/seed", status_code=202, response_model=ExpertOrJob, responses=JOB,
+             summary="Train a seed LM on a mixture of domains")
 async def seed(response: Response, body: SeedRequest, svc: BTMDep, background: bool = BACKGROUND):
     return expert_or_job(response, await svc.seed(body, background))
 
@@ -52,7 +53,8 @@ async def branch(response: Response, body: BranchRequest, svc: BTMDep, backgroun
     return expert_or_job(response, await svc.branch(body, background))
 
 
-@router.post("/admin/btm/train", status_code=202, response_model=ExpertOrJob, responses=JOB, summary="Train an expert on one domain")
+@router.post("/admin/btm/train", status_code=202, response_model=ExpertOrJob, responses=JOB,
+             summary="Train an expert on one domain")
 async def train(response: Response, body: TrainRequest, svc: BTMDep, background: bool = BACKGROUND):
     return expert_or_job(response, await svc.train(body, background))
 

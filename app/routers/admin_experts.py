@@ -28,7 +28,8 @@ async def get_expert(expert_id: str, admin: AdminDep):
 @router.post("", status_code=201, response_model=ExpertOrJob,
              responses={**error_responses(400, 401, 403, 409), 202: {"description": "Job accepted (background=true)"}},
              summary="Register a model directory on the server")
-async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response: Response, background: bool = BACKGROUND):
+async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response: Response,
+                          background: bool = BACKGROUND):
     """Validates the directory (config, weights against the config, tokenizer), copies it into the
     store through a staging area, and registers it as a `local` expert — or, for a PEFT LoRA
     adapter directory (adapter_config.json), as a `lora` expert on `base`."""

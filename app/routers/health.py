@@ -23,7 +23,8 @@ async def ready(repo: RepoDep) -> JSONResponse:
     try:
         await run_sync(repo.registry.ping)
     except Exception as e:
-        raise ApiError(503, f"registry unreachable: {type(e).__name__}", type="server_error", code="not_ready") from None
+        raise ApiError(503, f"registry unreachable: {type(e).__name__}", type="server_error",
+                       code="not_ready") from None
     return JSONResponse({"status": "ready"})
 
 

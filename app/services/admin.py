@@ -66,8 +66,8 @@ class AdminService:
                 return 201, self.describe(done.result["expert"])
             return 200, done.to_dict()
         if done.status in TERMINAL:
-            raise ApiError(400 if done.status == "failed" else 409, f"{job.kind} {done.status}: {done.error or ''}".strip(),
-                           code=f"job_{done.status}")
+            raise ApiError(400 if done.status == "failed" else 409,
+                           f"{job.kind} {done.status}: {done.error or ''}".strip(), code=f"job_{done.status}")
         return 202, done.to_dict()
 
     # -- registration -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import run_pipeline
 from experts.data.corpora import add_user_corpus, available_domains, list_corpora
 from experts.data.evaluation import evaluate_ids
+from experts.data.tokens import tokenize_text
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.repository.jobs import JobContext
 from experts.repository.store import check_expert_id
@@ -191,8 +192,6 @@ class BTMService:
             if req.corpus is not None:
                 ids = self.btm.token_ids(loaded.tokenizer, req.corpus, req.split)
             else:
-                from experts.training.lm import tokenize_text
-
                 ids = tokenize_text(loaded.tokenizer, req.text or "")
             if req.max_tokens is not None:
                 ids = ids[:req.max_tokens]

@@ -131,5 +131,5 @@ def _run(ctx: JobContext, svc: EnsembleSearchService, req: EnsembleSearchRequest
     summary = result.to_dict()
     summary.pop("history")
     return {"expert": req.ensemble, "weights": weights, "objective": table.objective, "loss": _num(result.loss),
-            "baseline_loss": {k: _num(v) for k, v in baseline.items()}, "improved": better, "applied": applied, "calls": table.calls,
-            "usage": table.usage, "search": summary}
+            "baseline_loss": {k: _num(v) for k, v in baseline.items()}, "improved": better, "applied": applied,
+            "calls": table.calls, "usage": table.usage, "search": summary}

@@ -99,7 +99,7 @@ class SearchService:
             summary = {"job": ctx.job_id, "provider": provider_name, "method": result.method,
                        "alpha": list(result.alpha), "beta": list(result.beta), "loss": result.loss,
                        "objective": result.objective, "queries": result.queries,
-                       "stages": [s for s in result.to_dict()["stages"]], "settings": result.settings,
+                       "stages": list(result.to_dict()["stages"]), "settings": result.settings,
                        "session": {"id": session_id, "n": view.get("n"), "experts": view.get("experts"),
                                    "validation": view.get("validation"), "loss": view.get("loss")}}
             if last:

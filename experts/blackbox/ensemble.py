@@ -277,7 +277,7 @@ class BlackBoxEnsemble:
         finish = "length"
         steps = 0
         for step in range(params.max_tokens):
-            dists = await gather([lambda s=s: s.step(chosen, row.text) for s in steppers])
+            dists = await gather([lambda s=s, prev=chosen, text=row.text: s.step(prev, text) for s in steppers])
             mixed = mix(dists, weights)
             chosen = choose(mixed, temperature=params.temperature, top_p=params.top_p, rng=rng)
             steps += 1

@@ -195,7 +195,10 @@ class LocalMember:
 
     async def generate(self, prompt: str, params: GenerationParams, body: dict[str, Any], ledger: Ledger) -> Candidate:
         agenerate = getattr(self.expert, "agenerate", None)  # local experts batch on the engine
-        r = await agenerate(prompt, params) if agenerate is not None else await self.run(self.expert.generate, prompt, params)
+        if agenerate is not None:
+            r = await agenerate(prompt, params)
+        else:
+            r = await self.run(self.expert.generate, prompt, params)
         ledger.add(self.id, prompt=r.prompt_tokens, completion=r.completion_tokens)
         c = r.choices[0]
         return Candidate(self.id, c.text, c.finish_reason, r.prompt_tokens, r.completion_tokens)

@@ -73,7 +73,8 @@ def create_forest(repo: ExpertRepository, forest_id: str, member_ids: list[str],
         raise InvalidExpertError("prior must have one non-negative weight per member, not all zero")
     total = sum(prior)
     spec = {"members": [{"id": r.id, "domain": r.domain} for r in records], "prior": [p / total for p in prior],
-            "top_k": top_k, "posterior": mode, "prior_source": prior_source or {"kind": "explicit" if prior else "uniform"}}
+            "top_k": top_k, "posterior": mode,
+            "prior_source": prior_source or {"kind": "explicit" if prior else "uniform"}}
     ctx = min(r.context_length or 0 for r in records) or None
     record = ExpertRecord(id=forest_id, kind="ensemble", status="ready", architecture="ELMforest",
                           num_params=sum(r.num_params or 0 for r in records), dtype=records[0].dtype,

@@ -21,13 +21,14 @@ import torch
 
 from experts.btm.mixture import estimate_prior
 from experts.data.corpora import DOMAINS, build_corpus, get_corpus, load_split
+from experts.data.tokens import tokenize_text
 from experts.errors import InvalidExpertError, JobCancelledError
 from experts.hf.tokenizer import train_bpe_tokenizer
 from experts.repository.merges import MergeRunner
 from experts.repository.registry import ExpertRecord
 from experts.repository.repo import ExpertRepository
 from experts.training.config import TrainConfig
-from experts.training.lm import new_gpt2, save_model_atomic, tokenize_text, train_causal_lm
+from experts.training.lm import new_gpt2, save_model_atomic, train_causal_lm
 from merging.recipe import MergeRecipe
 
 Progress = Callable[[float, str], None]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from experts.data.tokens import tokenize_text
+
 DEFAULT_CONTEXT = 128
 DEFAULT_STRIDE = 64
 
@@ -80,8 +82,6 @@ def evaluate_ids(model: Any, ids: torch.Tensor, n_bytes: int, *, context_length:
 
 
 def evaluate_text(model: Any, tokenizer: Any, text: str, **kw: Any) -> EvalResult:
-    from experts.training.lm import tokenize_text
-
     ids = tokenize_text(tokenizer, text)
     # Bytes of the text the scored tokens cover: all but the first token (which nothing predicts).
     first = tokenizer.decode(ids[:1].tolist()) if ids.numel() else ""

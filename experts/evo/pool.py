@@ -90,8 +90,8 @@ def build_pool(target: Path | Any, n: int = 20, *, base: str | None = None, quic
     if own:
         data_dir = Path(target)
         data_dir.mkdir(parents=True, exist_ok=True)
-        repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}", max_loaded_models=4,
-                               max_loaded_bytes=4 << 30)
+        repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}",
+                               max_loaded_models=4, max_loaded_bytes=4 << 30)
     else:
         repo = target
         data_dir = repo.store.root

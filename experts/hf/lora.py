@@ -57,7 +57,8 @@ def validate_adapter_dir(adapter_dir: Path, base_dir: Path) -> AdapterInfo:
         if raw.get("peft_type", "LORA") != "LORA":
             raise InvalidExpertError(f"adapter type {raw.get('peft_type')!r} is not LoRA")
         known = set(LoraConfig.__dataclass_fields__)
-        lcfg = LoraConfig(**{k: v for k, v in raw.items() if k in known and k not in ("peft_type", "base_model_name_or_path")})
+        skip = ("peft_type", "base_model_name_or_path")
+        lcfg = LoraConfig(**{k: v for k, v in raw.items() if k in known and k not in skip})
     except (ValueError, TypeError) as e:
         raise InvalidExpertError(f"adapter_config.json is not a valid LoRA config: {e}") from None
     header = read_safetensors_header(weights)

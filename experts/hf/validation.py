@@ -57,7 +57,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     for name, entry in header.items():
         try:
             start, stop = entry["data_offsets"]
-            shape, dtype = entry["shape"], entry["dtype"]
+            shape, _dtype = entry["shape"], entry["dtype"]
         except (KeyError, TypeError, ValueError):
             raise InvalidExpertError(f"{path.name}: corrupt entry for tensor {name!r}") from None
         if not (0 <= start <= stop) or not isinstance(shape, list):

@@ -71,7 +71,8 @@ class MergeRunner:
             raise IncompatibleExpertsError("cannot merge LoRA adapters with full models")
         bases = {r.spec.get("base") for r in records.values()}
         if len(bases) != 1:
-            raise IncompatibleExpertsError(f"LoRA experts on different bases cannot be merged: {sorted(map(str, bases))}")
+            raise IncompatibleExpertsError(
+                f"LoRA experts on different bases cannot be merged: {sorted(map(str, bases))}")
         ranks = {r.spec.get("rank") for r in records.values()}
         targets = {tuple(r.spec.get("target_modules") or []) for r in records.values()}
         if len(targets) != 1:
@@ -98,7 +99,8 @@ class MergeRunner:
         except BaseException:
             self.repo.store.discard(staging)
             raise
-        weights = {e.id: p.get("weight", p.get("beta")) for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
+        weights = {e.id: p.get("weight", p.get("beta"))
+                   for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)}
         lineage = {"op": "merge", "parents": [{"id": i, "weight": weights.get(i)} for i in recipe.expert_ids],
                    "base": recipe.base, "recipe": recipe.model_dump(mode="json"), **(extra_lineage or {})}
         if progress:
@@ -155,7 +157,7 @@ class MergeRunner:
         ref = sources[ref_id]
         out_dtype = recipe.torch_dtype
         layout = []
-        for name in ref.keys():
+        for name in ref.keys():  # noqa: SIM118 (a TensorSource, not a dict)
             shape, dt = tensor_meta(ref, name)
             layout.append((name, tuple(shape), out_dtype if out_dtype is not None and dt.is_floating_point else dt))
         with StreamingSafetensorsWriter(out, layout) as w:

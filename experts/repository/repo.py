@@ -71,7 +71,8 @@ class ExpertRepository:
         for kind in self.kinds:
             if kind.record_kind == record.kind and (kind.when is None or kind.when(record)):
                 return kind
-        raise ExpertUnavailableError(f"expert {record.id!r} is of kind {record.kind!r}, which this gateway cannot serve")
+        raise ExpertUnavailableError(
+            f"expert {record.id!r} is of kind {record.kind!r}, which this gateway cannot serve")
 
     # -- life cycle ---------------------------------------------------------------------------
     def open(self) -> None:

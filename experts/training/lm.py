@@ -3,10 +3,11 @@
 `train_causal_lm` trains any transformers causal LM (GPT-2 from `experts.training.lm_io.new_gpt2` in
 practice) on random windows of a token stream, with AdamW, warm-up then linear (or cosine) decay, gradient
 clipping, a token and/or wall-clock budget, periodic validation loss, progress callbacks, cooperative
-cancellation and periodic checkpoint callbacks; its steps are the methods of `_StreamRun`. `evaluate_loss`
-is the matching deterministic validation loss. The I/O around it (`tokenize_text`, `new_gpt2`,
-`save_model_atomic`) lives in :mod:`experts.training.lm_io`, the optimiser side shared with the LoRA loop
-in :mod:`experts.training.optim`; the I/O and the config values are re-exported here.
+cancellation and periodic checkpoint callbacks; its steps are the methods of `_StreamRun`. The loss it trains
+on and `evaluate_loss`, the matching deterministic validation loss, live in :mod:`experts.training.lm_loss`;
+the I/O around it (`new_gpt2`, `save_model_atomic`) in :mod:`experts.training.lm_io`, the optimiser side
+shared with the LoRA loop in :mod:`experts.training.optim`. `evaluate_loss`, the I/O and the config values
+are re-exported here. Token streams come from :func:`experts.data.tokens.tokenize_text`.
 
 Speed notes (2 CPU cores, measured; see `bench/training.py`): bf16 autocast is a real 1.6x on CPUs with
 avx512_bf16; the "eager" attention kernel is about 10% faster than "sdpa" for these small models on CPU, and
@@ -25,10 +26,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from experts.training.config import TrainConfig, TrainingCancelled, TrainProgress, TrainResult
-from experts.training.lm_io import new_gpt2, save_model_atomic, tokenize_text
+from experts.training.lm_io import new_gpt2, save_model_atomic
+from experts.training.lm_loss import check_stream, evaluate_loss, token_ce
 from experts.training.optim import (
     PROGRESS_INTERVAL_S,
     autocast,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
 __all__ = ["TrainConfig", "TrainProgress", "TrainResult", "TrainingCancelled", "evaluate_loss", "new_gpt2",
-           "optimizer_step", "save_model_atomic", "tokenize_text", "train_causal_lm"]
+           "optimizer_step", "save_model_atomic", "train_causal_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,81 +62,6 @@ def _max_positions(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def _check_stream(ids: torch.Tensor, name: str) -> torch.Tensor:
-    """`ids` as a 1-D int64 tensor; ValueError when it is not a 1-D tensor of integer ids."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of token ids")
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
-    return ids.long()
-
-
-def _token_ce(model: Any, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy (fp32) of `model` on inputs `x` against targets `y`."""
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction=reduction)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: PreTrainedModel,
-    ids: torch.Tensor,
-    *,
-    seq_len: int,
-    max_tokens: int | None = None,
-    batch_size: int = 8,
-    bf16: bool = False,
-) -> float:
-    """Mean next-token cross-entropy (nats/token) of `model` on the token stream `ids`.
-
-    The stream is cut into consecutive windows of `seq_len` predicted tokens (window k feeds
-    `ids[k*seq_len : (k+1)*seq_len]` and predicts `ids[k*seq_len+1 : (k+1)*seq_len+1]`), so every predicted
-    token is counted once, each with between 0 and seq_len-1 tokens of context; a last shorter window takes
-    the rest. `max_tokens` limits the number of predicted tokens (the first ones of the stream). Deterministic
-    (no sampling), no gradients, fp32 unless `bf16`; the model's train/eval mode is restored afterwards.
-    """
-    ids = _check_stream(ids, "ids")
-    if seq_len <= 0 or batch_size <= 0:
-        raise ValueError("seq_len and batch_size must be positive")
-    if max_tokens is not None and max_tokens <= 0:
-        raise ValueError("max_tokens must be positive")
-    n_pred = ids.numel() - 1
-    if n_pred < 1:
-        raise ValueError("need at least 2 tokens to evaluate")
-    if max_tokens is not None:
-        n_pred = min(n_pred, max_tokens)
-    device = model_device(model)
-    ids = ids[: n_pred + 1].to(device)
-    use_bf16 = bf16 and bf16_supported(device)
-    n_full, rest = divmod(n_pred, seq_len)
-
-    was_training = model.training
-    model.eval()
-    try:
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        with autocast(device, use_bf16):
-            if n_full:
-                windows = ids[: n_full * seq_len + 1]
-                x_all = windows[:-1].view(n_full, seq_len)
-                y_all = windows[1:].view(n_full, seq_len)
-                for i in range(0, n_full, batch_size):
-                    total += _token_ce(
-                        model, x_all[i : i + batch_size], y_all[i : i + batch_size], "sum"
-                    ).double()
-            if rest:
-                start = n_full * seq_len
-                x = ids[start : start + rest].unsqueeze(0)
-                y = ids[start + 1 : start + rest + 1].unsqueeze(0)
-                total += _token_ce(model, x, y, "sum").double()
-        return float(total.item() / n_pred)
-    finally:
-        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,9 +108,9 @@ def _checked_inputs(model: Any, train_ids: torch.Tensor, val_ids: torch.Tensor |
         raise TypeError("config must be a TrainConfig")
     if checkpoint_every < 0:
         raise ValueError("checkpoint_every must be >= 0")
-    train_ids = _check_stream(train_ids, "train_ids")
+    train_ids = check_stream(train_ids, "train_ids")
     if val_ids is not None:
-        val_ids = _check_stream(val_ids, "val_ids")
+        val_ids = check_stream(val_ids, "val_ids")
         if val_ids.numel() < 2:
             raise ValueError("val_ids must hold at least 2 tokens")
     T = config.seq_len
@@ -331,7 +257,7 @@ class _StreamRun:
         window = self.data[starts.unsqueeze(1) + self.offsets]
         x, y = window[:, :-1], window[:, 1:]
         with autocast(self.device, self.use_bf16):
-            loss = _token_ce(self.model, x, y)
+            loss = token_ce(self.model, x, y)
         optimizer_step(self.model, self.optimizer, loss, lr=self.lr, grad_clip=c.grad_clip)
         self.step += 1
         detached = loss.detach()

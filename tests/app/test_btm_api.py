@@ -97,9 +97,11 @@ def test_corpus_upload_and_bad_input(gateway, forest):
         assert r.status_code == 201, r.text
         assert "recipes" in [x["name"] for x in c.get("/admin/corpora").json()["built"]]
         bad = [
-            (c.post("/admin/corpora", data={"name": "latin1"}, files={"file": ("x", "caf\xe9".encode("latin-1"))}), 400),
+            (c.post("/admin/corpora", data={"name": "latin1"},
+                    files={"file": ("x", "caf\xe9".encode("latin-1"))}), 400),
             (c.post("/admin/corpora", data={"name": "empty"}, files={"file": ("x", b"")}), 400),
-            (c.post("/admin/btm/train", json={"id": "x1", "source": "b-seed", "domain": "klingon", "budget": BUDGET}), 400),
+            (c.post("/admin/btm/train",
+                    json={"id": "x1", "source": "b-seed", "domain": "klingon", "budget": BUDGET}), 400),
             (c.post("/admin/btm/train", json={"id": "x2", "source": "b-seed", "domain": "code",
                                               "budget": {"max_tokens": 0}}), 400),
             (c.post("/admin/btm/train", json={"id": "x3", "source": "b-seed", "domain": "code", "budget": {}}), 400),

@@ -34,7 +34,8 @@ def test_400_for_bad_parameters(gateway, body, param):
 
 
 def test_400_for_invalid_json_and_bad_chat(gateway):
-    r = httpx.post(gateway.base + "/v1/completions", content=b"{not json", headers={**CLIENT, "content-type": "application/json"})
+    r = httpx.post(gateway.base + "/v1/completions", content=b"{not json",
+                   headers={**CLIENT, "content-type": "application/json"})
     envelope(r, 400)
     r = httpx.post(gateway.base + "/v1/chat/completions", json={"model": "tiny", "messages": []}, headers=CLIENT)
     assert envelope(r, 400)["param"] == "messages"
@@ -53,7 +54,8 @@ def test_400_context_length_when_streaming_is_a_status_not_an_event(gateway):
 
 
 def test_404s(gateway):
-    err = envelope(httpx.post(gateway.base + "/v1/completions", json={"model": "ghost", "prompt": "x"}, headers=CLIENT), 404)
+    err = envelope(httpx.post(gateway.base + "/v1/completions", json={"model": "ghost", "prompt": "x"},
+                              headers=CLIENT), 404)
     assert err["code"] == "model_not_found" and "ghost" in err["message"]
     envelope(httpx.get(gateway.base + "/v1/models/ghost", headers=CLIENT), 404)
     envelope(httpx.get(gateway.base + "/v1/nowhere", headers=CLIENT), 404)

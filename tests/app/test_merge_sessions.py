@@ -151,11 +151,13 @@ def test_bad_vectors_are_400(gateway, pool):
 
 def test_session_refusals_delete_and_auth(gateway, pool):
     with api(gateway) as c:
-        r = c.post("/sessions", json={"base": "tiny", "pool": [IDS[0], "ms-other-ad"], "validation": {"examples": EXAMPLES}})
+        r = c.post("/sessions",
+                   json={"base": "tiny", "pool": [IDS[0], "ms-other-ad"], "validation": {"examples": EXAMPLES}})
         assert r.status_code == 400 and "ms-tiny-b" in r.json()["error"]["message"]
         r = c.post("/sessions", json={"base": "tiny", "pool": [IDS[0], "ghost"], "validation": {"examples": EXAMPLES}})
         assert r.status_code == 404
-        r = c.post("/sessions", json={"base": "tiny", "pool": IDS, "validation": {"examples": EXAMPLES, "task": "legal_continue"}})
+        r = c.post("/sessions", json={"base": "tiny", "pool": IDS,
+                                      "validation": {"examples": EXAMPLES, "task": "legal_continue"}})
         assert r.status_code == 400
         r = c.post("/sessions", json={"base": "tiny", "pool": IDS, "validation": {"task": "no-such-task"}})
         assert r.status_code == 400 and "unknown task" in r.json()["error"]["message"]

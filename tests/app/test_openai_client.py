@@ -62,7 +62,7 @@ def test_logprobs_and_echo_agree(client):
     gen = client.completions.create(model="tiny", prompt="import os", max_tokens=5, temperature=0, logprobs=3)
     lp = gen.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == gen.usage.completion_tokens
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for val, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and len(top) == 3
         assert val == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the top token
     # Echo returns the prompt's tokens with logprobs, then the generated ones, and scoring the

@@ -157,8 +157,8 @@ def test_ascore_matches_direct_echo_logprobs(gateway, tmp_path):
         async with httpx.AsyncClient() as http:
             secrets = SecretStore(tmp_path / "secrets")
             secrets.set("mg", CLIENT_KEY)
-            expert = RemoteExpert(ExpertRecord(id="mg", kind="remote", spec={"base_url": gateway.base + "/v1",
-                                                                             "model": "tiny"}), RemoteRuntime(http, secrets))
+            spec = {"base_url": gateway.base + "/v1", "model": "tiny"}
+            expert = RemoteExpert(ExpertRecord(id="mg", kind="remote", spec=spec), RemoteRuntime(http, secrets))
             return await expert.ascore("def main(): pass", top_logprobs=2)
 
     tokens = asyncio.run(score())

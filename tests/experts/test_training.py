@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experts.data.tokens import tokenize_text
 from experts.training.lm import (
     TrainConfig,
     TrainingCancelled,
@@ -18,7 +19,6 @@ from experts.training.lm import (
     evaluate_loss,
     new_gpt2,
     save_model_atomic,
-    tokenize_text,
     train_causal_lm,
 )
 
