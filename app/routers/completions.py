@@ -13,12 +13,14 @@ from app.protocol.completions import CompletionRequest, CompletionResponse
 from app.services.proxy import ProxyResult, ProxyStream
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_client)])
+SSE_OR_JSON = {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _sse(result):
     if isinstance(result, ProxyStream):
-        return StreamingResponse(result.chunks, media_type="text/event-stream", headers={**SSE_HEADERS, **result.headers})
+        headers = {**SSE_HEADERS, **result.headers}
+        return StreamingResponse(result.chunks, media_type="text/event-stream", headers=headers)
     return StreamingResponse(result, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -28,7 +30,7 @@ def _json(result):
 
 @router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=False,
              responses={**error_responses(400, 401, 404, 413, 503),
-                        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
+                        200: SSE_OR_JSON},
              summary="Create a completion")
 async def create_completion(body: CompletionRequest, service: CompletionsDep, request: Request):
     """Text completion with sampling, stop sequences, seeds, logprobs and echo; `stream=true` sends SSE
@@ -40,7 +42,7 @@ async def create_completion(body: CompletionRequest, service: CompletionsDep, re
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
              responses={**error_responses(400, 401, 404, 413, 503),
-                        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}},
+                        200: SSE_OR_JSON},
              summary="Create a chat completion")
 async def create_chat_completion(body: ChatCompletionRequest, service: CompletionsDep, request: Request):
     """Chat completion; the prompt is built with the tokenizer's chat template, or the default

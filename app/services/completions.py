@@ -36,7 +36,6 @@ from experts.remote.expert import RemoteExpert
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime
 
-
 INLINE_PREPARE_CHARS = 4096  # prompts up to this size are tokenized on the event loop (tens of microseconds)
 
 

@@ -298,4 +298,5 @@ def test_collect_score_select_against_real_members(gateway, local_dir, tmp_path)
         assert end.text == row.texts[pick] and end.report["selected"] == row.generators[pick]
         for text, scores, cand in zip(row.texts, row.scores, end.report["candidates"]):
             if text:
-                assert scores == pytest.approx((cand["scores"]["up"], cand["scores"]["loc"]), abs=1e-9)
+                want = (cand["scores"]["up"], cand["scores"]["loc"])
+                assert scores == pytest.approx(want, abs=1e-5)  # float noise: batched forwards differ in low bits

@@ -98,8 +98,9 @@ class Group:
             out, offset = [], 0
             for i, tid in enumerate(self.ids):
                 text = token_text(self.tokenizer, tid)
-                out.append(TokenLogprob(text, tid, self.prompt_chosen.get(i) if i else None,
-                                        self.prompt_top.get(i, ()) if i else (), offset, token_bytes(self.tokenizer, tid)))
+                chosen = self.prompt_chosen.get(i) if i else None
+                top = self.prompt_top.get(i, ()) if i else ()
+                out.append(TokenLogprob(text, tid, chosen, top, offset, token_bytes(self.tokenizer, tid)))
                 offset += len(text)
             tokens = tuple(out)
         return [StreamDelta(self.index_base + i, self.prompt, tokens) for i in range(self.n)]

@@ -153,7 +153,7 @@ def _plain_layers(model: Any) -> bool:
     """The model's own cache would be DynamicLayers only (full attention everywhere): GrowingLayer fits."""
     try:
         probe = DynamicCache(config=model.config)
-    except Exception:  # noqa: BLE001 - no usable config: let the model build its own cache
+    except Exception:
         return False
     return all(type(layer) is DynamicLayer for layer in probe.layers)
 

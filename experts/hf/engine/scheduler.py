@@ -284,7 +284,8 @@ class ModelScheduler:
             return
         la, lb = r.mask.shape[1], mask.shape[1]
         width = max(la, lb)
-        r.cache = self.adapter.concat(self.adapter.pad_left(r.cache, width - la), self.adapter.pad_left(cache, width - lb))
+        a = self.adapter
+        r.cache = a.concat(a.pad_left(r.cache, width - la), a.pad_left(cache, width - lb))
         r.mask = torch.cat([_pad_mask(r.mask, width - la), _pad_mask(mask, width - lb)])
         r.lengths = torch.cat([r.lengths, lengths])
         r.next_ids = torch.cat([r.next_ids, next_ids])
