@@ -11,7 +11,8 @@ prompts and the same load generator:
 * fairness: concurrency 32 with prompts of 8 to 200 tokens; p50 and p99 of the short ones (<= 32 tokens).
 
 The sequential gateway is the tree of `--baseline-ref` (default: the last commit before the engine),
-checked out with `git archive` and served with this venv.
+checked out with `git archive` and served with this venv. The two gateways are measured in alternating
+rounds (3 per level; medians) because this machine's speed drifts by tens of percent from minute to minute.
 
     .venv/bin/python bench/engine.py [--baseline-ref 0e5ddbe] [--quick] [--json bench/out/engine.json]
 """
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -82,6 +84,7 @@ def in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> fl
 
 
 def measure(gw: GatewayProc, model: str, texts: list[str], concurrency: int, total: int) -> dict[str, float]:
+    """One gateway at one concurrency (used by quick checks; the report uses `interleaved`)."""
     run_load(gw.base, bodies(model, texts[:max(2, concurrency)]), concurrency)  # warm up
     res = run_load(gw.base, bodies(model, (texts * (total // len(texts) + 1))[:total]), concurrency)
     return {"rps": res.rps, "tps": res.tps, "p50_ms": pct(res.latencies, 50) * 1e3,
@@ -105,6 +108,26 @@ def setup(gw: GatewayProc, model_dir: Path, members: list[Path]) -> None:
     gw.post("/admin/experts/forest/pin", {"pinned": True})
 
 
+def interleaved(gws: dict[str, GatewayProc], model: str, texts: list[str], concurrency: int, total: int,
+                rounds: int) -> dict[str, dict[str, float]]:
+    """Both gateways measured in alternating rounds (this machine's speed drifts by tens of percent over
+    minutes); each figure is the median over rounds, latencies pooled."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in gws}
+    for gw in gws.values():
+        run_load(gw.base, bodies(model, texts[:max(2, concurrency)]), concurrency)  # warm up
+    for _ in range(rounds):
+        for name, gw in gws.items():
+            n = total if name == "engine" else min(total, max(16, concurrency))  # sequential: ~10 req/s
+            res = run_load(gw.base, bodies(model, (texts * (n // len(texts) + 1))[:n]), concurrency)
+            runs[name].append({"rps": res.rps, "tps": res.tps, "lat": res.latencies})
+    out = {}
+    for name, rs in runs.items():
+        lat = [x for r in rs for x in r["lat"]]
+        out[name] = {"rps": statistics.median(r["rps"] for r in rs), "tps": statistics.median(r["tps"] for r in rs),
+                     "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "requests": len(lat)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline-ref", default=BASELINE_REF)
@@ -112,31 +135,33 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     levels = (1, 32) if args.quick else (1, 4, 16, 32, 64)
+    rounds = 1 if args.quick else 3
     tmp = Path(tempfile.mkdtemp(prefix="mg-engine-bench-"))
-    results: dict[str, Any] = {"model": SIZE, "new_tokens": NEW_TOKENS, "baseline_ref": args.baseline_ref}
-    gws: list[GatewayProc] = []
+    results: dict[str, Any] = {"model": SIZE, "new_tokens": NEW_TOKENS, "baseline_ref": args.baseline_ref,
+                               "engine": {}, "sequential": {}}
+    gws: dict[str, GatewayProc] = {}
     try:
         tok = build_tokenizer(4096)
         model_dir = build_gpt2(tmp / "model", tok, seed=0, **SIZE)
         members = [build_gpt2(tmp / f"member{i}", tok, seed=1 + i, **SIZE) for i in range(4)]
         texts = prompts(tok, 64, (16, 24), seed=1)
-        results["in_process_tps"] = {b: in_process(model_dir, texts, b, 2 if args.quick else 4) for b in (1, 8, 32)}
-        new = GatewayProc(ROOT, tmp / "data-new").start()
-        old = GatewayProc(checkout(args.baseline_ref, tmp / "baseline"), tmp / "data-old").start()
-        gws = [new, old]
-        for gw in gws:
+        gws = {"engine": GatewayProc(ROOT, tmp / "data-new").start(),
+               "sequential": GatewayProc(checkout(args.baseline_ref, tmp / "baseline"), tmp / "data-old").start()}
+        for gw in gws.values():
             setup(gw, model_dir, members)
-        for name, gw in (("engine", new), ("sequential", old)):
-            results[name] = {}
-            for c in levels:
-                total = max(16, 2 * c) if args.quick else max(48, 4 * c)
-                if name == "sequential":
-                    total = min(total, 16 if args.quick else 64)  # 10 req/s: keep the run short
-                results[name][c] = measure(gw, "bench", texts, c, total)
-            results[name]["forest_c16"] = measure(gw, "forest", texts, 16, 16 if args.quick else 48)
-        results["fairness"] = fairness(new, tok, 64 if args.quick else 160)
+        ip: list[dict[int, float]] = []
+        for c in levels:
+            if c == 32 or c == levels[0]:  # in-process generate next to the levels it is compared with
+                ip.append({b: in_process(model_dir, texts, b, 2 if args.quick else 4) for b in (1, 8, 32)})
+            total = max(16, 2 * c) if args.quick else max(32, 4 * c)
+            for name, fig in interleaved(gws, "bench", texts, c, total, rounds).items():
+                results[name][c] = fig
+        results["in_process_tps"] = {b: statistics.mean(x[b] for x in ip) for b in (1, 8, 32)}
+        for name, fig in interleaved(gws, "forest", texts, 16, 16 if args.quick else 48, rounds).items():
+            results[name]["forest_c16"] = fig
+        results["fairness"] = fairness(gws["engine"], tok, 64 if args.quick else 160)
     finally:
-        for gw in gws:
+        for gw in gws.values():
             gw.stop()
         cleanup(tmp)
     report(results, levels)

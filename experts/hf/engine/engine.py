@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
@@ -116,13 +117,17 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._work and not self._busy():
-                    self._cv.wait()
+                while not self._closed and not self._work:
+                    wait = self._idle_for()
+                    if wait <= 0:
+                        break
+                    self._cv.wait(None if wait == float("inf") else wait)
                 if self._closed and not self._work:
                     break
                 work = list(self._work)
                 self._work.clear()
-                active = [e for e in self._schedulers.values() if e[2].has_work()]
+                now = time.monotonic()
+                active = [e for e in self._schedulers.values() if e[2].ready_in(now) <= 0]
                 for key in [k for k, e in self._schedulers.items() if not e[2].has_work()]:
                     del self._schedulers[key]  # idle: no state worth keeping (a new one is cheap)
             for fn, fut in work:
@@ -157,8 +162,10 @@ class Engine:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-    def _busy(self) -> bool:
-        return any(e[2].has_work() for e in self._schedulers.values())
+    def _idle_for(self) -> float:
+        """How long no scheduler has anything to do (0: a step is due now)."""
+        now = time.monotonic()
+        return min((e[2].ready_in(now) for e in self._schedulers.values()), default=float("inf"))
 
     def _fail_all(self, err: BaseException) -> None:
         for _, _, sched in self._schedulers.values():

@@ -33,11 +33,13 @@ class Limits:
     max_batched_tokens: int = 1024  # tokens through the model per step: decoding rows + the prefill chunk
     max_queue: int = 256  # prompts waiting for a place; beyond it, submissions are refused (429)
     max_prefill_padded: int = 8192  # prefill batch size x longest prompt (padding included)
-    # While rows are decoding, waiting prompts are admitted together (one prefill forward for many prompts
-    # costs far less than one each): when they are at least `admit_ratio` x the decoding rows, or the oldest
-    # has waited `max_wait_steps` steps (TGI's waiting_served_ratio and max_waiting_tokens, in spirit).
+    # Waiting prompts are admitted together (one prefill forward for many prompts costs far less than one
+    # each). While rows decode: when the waiting rows are at least `admit_ratio` x the decoding rows, or the
+    # oldest has waited `max_wait_s` (TGI's waiting_served_ratio and max_waiting_tokens, in spirit). With an
+    # empty batch: after `admit_window_s`, so that a burst of arrivals is prefilled as one batch.
     admit_ratio: float = 0.25
-    max_wait_steps: int = 8
+    max_wait_s: float = 0.08
+    admit_window_s: float = 0.0  # the gateway sets MERGEGATE_ADMIT_WINDOW_MS (3 ms)
 
 
 @dataclass
@@ -59,10 +61,14 @@ class Running:
     """Rows decoding together. `lanes[i]` is (group, choice) of row i."""
 
     cache: Any
-    mask: torch.Tensor  # [B, L]
-    lengths: torch.Tensor  # [B] real tokens in the cache + the one fed next (its position)
+    mask: torch.Tensor | None  # [B, width]; None while no row is padded (all ones)
+    width: int  # columns: the cache's plus the one fed next
+    lengths: torch.Tensor  # [B] real tokens in the cache (the position of the token fed next)
     next_ids: torch.Tensor  # [B] the token each row feeds next
     lanes: list[tuple[Group, int]] = field(default_factory=list)
+
+    def full_mask(self) -> torch.Tensor:
+        return self.mask if self.mask is not None else torch.ones(len(self.lanes), self.width, dtype=torch.long)
 
 
 @dataclass
@@ -81,7 +87,6 @@ class ModelScheduler:
         self.adapter: BatchAdapter = adapter_for(model)
         self.waiting: deque[Group] = deque()
         self._lock = threading.Lock()  # `waiting` is appended to from other threads
-        self._waited = 0  # steps the waiting prompts have waited while rows decode
         self.prefill: Prefill | None = None
         self.running: Running | None = None
         self.on_admit = on_admit
@@ -97,6 +102,15 @@ class ModelScheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefill or self.running)
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until a step would do something (0: now); the engine sleeps that long when idle."""
+        if self.prefill or self.running:
+            return 0.0
+        with self._lock:
+            if not self.waiting:
+                return float("inf")
+            return max(0.0, self._admit_at(now) - now)
 
     @property
     def rows(self) -> int:
@@ -159,14 +173,21 @@ class ModelScheduler:
         """Whether to start a prefill now (the caller holds the lock)."""
         if not self.waiting:
             return False
-        self._waited += 1
+        now = time.monotonic()
+        return self._admit_at(now) <= now
+
+    def _admit_at(self, now: float) -> float:
+        """When the waiting prompts should be admitted (the caller holds the lock)."""
         lim = self.limits
-        if (self.running is None or self._waited > lim.max_wait_steps
-                or sum(g.n for g in self.waiting) >= lim.admit_ratio * self.rows
-                or self.rows + sum(g.n for g in self.waiting) >= lim.max_batch_size):
-            self._waited = 0
-            return True
-        return False
+        waiting_rows = sum(g.n for g in self.waiting)
+        if self.rows + waiting_rows >= lim.max_batch_size:
+            return now
+        oldest = self.waiting[0].request.created
+        if self.running is None:
+            return oldest + lim.admit_window_s
+        if waiting_rows >= lim.admit_ratio * self.rows:
+            return now
+        return oldest + lim.max_wait_s
 
     def _take(self, chosen: list[Group], room: int) -> None:
         """First come, first served, while the batch and the padded prefill have room."""
@@ -280,13 +301,15 @@ class ModelScheduler:
               lanes: list[tuple[Group, int]]) -> None:
         r = self.running
         if r is None:
-            self.running = Running(cache, mask, lengths, next_ids, lanes)
+            self.running = Running(cache, None if bool(mask.all()) else mask, mask.shape[1], lengths, next_ids, lanes)
             return
-        la, lb = r.mask.shape[1], mask.shape[1]
+        la, lb = r.width, mask.shape[1]
         width = max(la, lb)
         a = self.adapter
         r.cache = a.concat(a.pad_left(r.cache, width - la), a.pad_left(cache, width - lb))
-        r.mask = torch.cat([_pad_mask(r.mask, width - la), _pad_mask(mask, width - lb)])
+        if r.mask is not None or la != lb or not bool(mask.all()):
+            r.mask = torch.cat([_pad_mask(r.full_mask(), width - la), _pad_mask(mask, width - lb)])
+        r.width = width
         r.lengths = torch.cat([r.lengths, lengths])
         r.next_ids = torch.cat([r.next_ids, next_ids])
         r.lanes = r.lanes + lanes
@@ -296,8 +319,8 @@ class ModelScheduler:
         """The cache holds every row's tokens but the last sampled one; `mask` already counts it."""
         r = self.running
         assert r is not None
-        padded = not bool(r.mask.all())  # without padding, the model's own (fastest) causal path
-        logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask if padded else None,
+        padded = r.mask is not None  # without padding, the model's own (fastest) causal path
+        logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask,
                                                r.lengths[:, None] if padded else None, r.cache, last_only=True)
         logits = logits[:, -1].float()
         stats.decode_rows += len(r.lanes)
@@ -329,7 +352,9 @@ class ModelScheduler:
         keep = [i for i, (g, choice) in enumerate(r.lanes) if not g.failed and g.rows[choice].finish is None]
         self._keep_running(keep)
         if self.running is not None:
-            self.running.mask = torch.cat([self.running.mask, torch.ones(len(keep), 1, dtype=r.mask.dtype)], dim=1)
+            self.running.width += 1
+            if self.running.mask is not None:
+                self.running.mask = torch.cat([self.running.mask, torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
 
     def _keep_running(self, keep: list[int]) -> None:
         r = self.running
@@ -341,12 +366,18 @@ class ModelScheduler:
             return
         idx = torch.tensor(keep)
         r.cache = self.adapter.select(r.cache, idx)
-        r.mask, r.lengths, r.next_ids = r.mask[idx], r.lengths[idx], r.next_ids[idx]
+        r.lengths, r.next_ids = r.lengths[idx], r.next_ids[idx]
         r.lanes = [r.lanes[i] for i in keep]
+        if r.mask is None:
+            return
+        r.mask = r.mask[idx]
         lead = int((r.mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every row
         if lead > 0:
             r.cache = self.adapter.trim_left(r.cache, lead)
             r.mask = r.mask[:, lead:]
+            r.width -= lead
+        if bool(r.mask.all()):
+            r.mask = None
 
     # -- events -----------------------------------------------------------------------------------
     @staticmethod
