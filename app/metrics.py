@@ -40,22 +40,29 @@ class Metrics:
         self.engine_prefill = Counter("mergegate_engine_prefill_tokens_total", "Prompt tokens run through the "
                                       "model (padding included)", ["model"], registry=r)
         self.engine_steps = Counter("mergegate_engine_steps_total", "Engine iterations", ["model"], registry=r)
+        self._engine_series: dict[str, tuple[Any, ...]] = {}
 
     # -- experts.hf.engine.engine.Observer --------------------------------------------------------
     def admitted(self, model: str, waited_s: float) -> None:
         self.engine_wait.labels(model).observe(waited_s)
 
     def stepped(self, model: str, stats: Any, running: int, waiting: int) -> None:
-        self.engine_batch.labels(model).set(running)
-        self.engine_queue.labels(model).set(waiting)
-        self.engine_steps.labels(model).inc()
+        series = self._engine_series.get(model)
+        if series is None:  # labels() costs a lookup and a lock: once per model, not once per step
+            series = self._engine_series[model] = tuple(m.labels(model) for m in (
+                self.engine_batch, self.engine_queue, self.engine_steps, self.engine_tokens, self.engine_prefill))
+        batch, queue, steps, tokens, prefill = series
+        batch.set(running)
+        queue.set(waiting)
+        steps.inc()
         if stats.generated:
-            self.engine_tokens.labels(model).inc(stats.generated)
+            tokens.inc(stats.generated)
         if stats.prefill_tokens:
-            self.engine_prefill.labels(model).inc(stats.prefill_tokens)
+            prefill.inc(stats.prefill_tokens)
 
     def forget_model(self, model: str) -> None:
         """A deleted expert's series leave /metrics."""
+        self._engine_series.pop(model, None)
         for metric in (self.engine_batch, self.engine_queue, self.engine_wait, self.engine_tokens,
                        self.engine_prefill, self.engine_steps, self.tokens):
             for labels in list(metric._metrics):

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(1024, ge=1, description="tokens through the model per step: decoding rows "
                                     "plus one chunk of prefill")
     max_queue: int = Field(256, ge=1, description="prompts waiting for a place; beyond it requests get 429")
-    admit_window_ms: float = Field(3.0, ge=0, le=1000, description="an idle model waits this long for more "
+    admit_window_ms: float = Field(0.0, ge=0, le=1000, description="an idle model waits this long for more "
                                    "prompts, so a burst is prefilled as one batch")
     job_workers: int = 2
     max_merge_sessions: int = 8  # Evo-Merging sessions open at once (provider side)
