@@ -46,7 +46,7 @@ from app.services.searches import SearchService
 from app.settings import Settings, resolve_admin_key
 from experts.btm.operations import BTM
 from experts.evo.sessions import MergeSessionManager
-from experts.hf.engine.scheduler import Limits
+from experts.hf.engine.batch import Limits
 from experts.remote.breaker import STATE_CODES
 from experts.repository.jobs import JobService
 from experts.repository.repo import ExpertRepository
@@ -132,6 +132,7 @@ def _install_refreshers(metrics: Metrics, services: Services) -> None:
         loaded = repo.cache.loaded()
         metrics.loaded_models.set(len(loaded))
         metrics.loaded_bytes.set(sum(loaded.values()))
+        metrics.set_adapter_cache(repo.adapters.stats())
         metrics.remote_breaker.clear()  # deleted experts drop out
         if remote is not None:
             for expert_id, state in remote.breaker_states().items():

@@ -41,6 +41,18 @@ class Metrics:
                                       "model (padding included)", ["model"], registry=r)
         self.engine_steps = Counter("mergegate_engine_steps_total", "Engine iterations", ["model"], registry=r)
         self._engine_series: dict[str, tuple[Any, ...]] = {}
+        self.adapter_entries = Gauge("mergegate_adapter_cache_adapters", "LoRA adapters (and request-time mixes) "
+                                     "resident for serving on their bases", registry=r)
+        self.adapter_bytes = Gauge("mergegate_adapter_cache_bytes", "Bytes of resident LoRA factors", registry=r)
+        self.adapter_hits = Gauge("mergegate_adapter_cache_hits", "Adapter cache hits since start", registry=r)
+        self.adapter_misses = Gauge("mergegate_adapter_cache_misses", "Adapter cache misses (loads) since start",
+                                    registry=r)
+
+    def set_adapter_cache(self, stats: dict[str, int]) -> None:
+        self.adapter_entries.set(stats["adapters"])
+        self.adapter_bytes.set(stats["bytes"])
+        self.adapter_hits.set(stats["hits"])
+        self.adapter_misses.set(stats["misses"])
 
     # -- experts.hf.engine.engine.Observer --------------------------------------------------------
     def admitted(self, model: str, waited_s: float) -> None:

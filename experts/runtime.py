@@ -20,14 +20,16 @@ from experts.blackbox.ensemble import BlackBoxEnsemble
 from experts.blackbox.spec import is_blackbox
 from experts.btm.forest import load_forest
 from experts.errors import ExpertUnavailableError
+from experts.hf.engine.batch import Limits
 from experts.hf.engine.engine import Engine, Observer
-from experts.hf.engine.scheduler import Limits
 from experts.hf.loading import LoadedModel, load_hf_model
-from experts.hf.local import LocalExpert
+from experts.hf.local import AdapterExpert, LocalExpert
 from experts.hf.lora import load_lora_model
+from experts.hf.multilora import read_adapter
 from experts.remote.expert import RemoteExpert
 from experts.remote.secrets import SecretStore
 from experts.remote.upstream import RemoteRuntime, RemoteSpec
+from experts.repository.mixes import is_mix_id, mix_factors, mix_record
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.repo import ExpertRepository, Kind
 from experts.repository.store import ArtifactStore
@@ -84,7 +86,29 @@ def _load_local(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
     return load_hf_model(repo.artifact_dir(record), dtype=repo.default_dtype)
 
 
+def _serve_lora(record: ExpertRecord, repo: ExpertRepository) -> Expert:
+    """Served on the base's resident model with per-row LoRA deltas (experts.hf.multilora)."""
+    return AdapterExpert(record, repo.cache, repo.runtime.engine, base=str(record.spec["base"]),
+                         factors=lambda: repo.adapters.get(
+                             record.id, lambda: read_adapter(record.id, repo.artifact_dir(record))))
+
+
+def _serve_mix(model_id: str, repo: ExpertRepository) -> Expert | None:
+    """A request-time mix of LoRA adapters (experts.repository.mixes), or None for an ordinary id."""
+    if not is_mix_id(model_id):
+        return None
+    record = mix_record(repo, model_id)
+    return AdapterExpert(record, repo.cache, repo.runtime.engine, base=str(record.spec["base"]),
+                         factors=lambda: repo.adapters.get(model_id, lambda: mix_factors(repo, model_id)))
+
+
+def _lora_resident(record: ExpertRecord) -> str:
+    return str(record.spec["base"])
+
+
 def _load_lora(record: ExpertRecord, repo: ExpertRepository) -> LoadedModel:
+    """The adapter merged into a full copy of its base: for what needs a model of its own (a forest member,
+    a merge's source), not for serving."""
     base = repo.record(record.spec["base"])
     return load_lora_model(repo.artifact_dir(record), repo.artifact_dir(base), dtype=repo.default_dtype)
 
@@ -141,7 +165,7 @@ LOCAL, LORA, ENSEMBLE, REMOTE = (k.value for k in (ExpertKind.LOCAL, ExpertKind.
 #: record handles it: black-box ensembles and BTM forests share the registry kind `ensemble`.
 KINDS: tuple[Kind, ...] = (
     Kind("local", LOCAL, serve=_serve_local, load=_load_local),
-    Kind("lora", LORA, serve=_serve_local, load=_load_lora, uses=_lora_base),
+    Kind("lora", LORA, serve=_serve_lora, load=_load_lora, uses=_lora_base, resident=_lora_resident),
     Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members),
     Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members),
     Kind("remote", REMOTE, serve=_serve_remote, describe=_describe_remote, forget=_forget_remote,
@@ -151,7 +175,7 @@ KINDS: tuple[Kind, ...] = (
 
 def open_repository(data_dir: Path, *, database_url: str | None = None, runtime: Runtime | None = None,
                     max_loaded_models: int = 16, max_loaded_bytes: int = 8 << 30,
-                    default_dtype: str | None = None) -> ExpertRepository:
+                    default_dtype: str | None = None, max_adapter_bytes: int = 1 << 30) -> ExpertRepository:
     """Open (migrate, clean, re-pin) the repository under `data_dir` with every kind of expert.
 
     `database_url` defaults to SQLite at `<data_dir>/registry.db`; `runtime` to one torch thread and
@@ -160,6 +184,7 @@ def open_repository(data_dir: Path, *, database_url: str | None = None, runtime:
     url = database_url or f"sqlite:///{(data_dir / 'registry.db').resolve()}"
     repo = ExpertRepository(Registry(url), ArtifactStore(data_dir), kinds=KINDS, runtime=runtime or Runtime(),
                             max_loaded_models=max_loaded_models, max_loaded_bytes=max_loaded_bytes,
-                            default_dtype=default_dtype, owns_runtime=runtime is None)
+                            default_dtype=default_dtype, owns_runtime=runtime is None,
+                            max_adapter_bytes=max_adapter_bytes, virtual=_serve_mix)
     repo.open()
     return repo

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from app.protocol.adapters import AdapterMix
 from app.protocol.common import OpenAIBaseModel, StreamOptions, Usage
 from app.protocol.completions import normalize_stop
 
@@ -18,6 +19,8 @@ class ChatMessage(OpenAIBaseModel):
 
 class ChatCompletionRequest(OpenAIBaseModel):
     model: str = Field(..., examples=["demo-code"])
+    adapters: AdapterMix | None = Field(None, description="A request-time mix of LoRA adapters on `model` (a base); "
+                                        "the openai client sends it with extra_body")
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over max_tokens")

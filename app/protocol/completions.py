@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from app.protocol.adapters import AdapterMix
 from app.protocol.common import OpenAIBaseModel, StreamOptions, Usage
 
 MAX_STOP = 4
@@ -26,6 +27,8 @@ def normalize_stop(v: object) -> object:
 
 class CompletionRequest(OpenAIBaseModel):
     model: str = Field(..., description="Expert id, as listed by GET /v1/models", examples=["demo-code"])
+    adapters: AdapterMix | None = Field(None, description="A request-time mix of LoRA adapters on `model` (a base); "
+                                        "the openai client sends it with extra_body")
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         "", description="Text, a list of texts, token ids, or a list of token-id lists", examples=["def fib(n):"])
     max_tokens: int | None = Field(16, ge=0, description="New tokens to generate (0 with echo scores the prompt)")

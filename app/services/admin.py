@@ -44,8 +44,7 @@ class AdminService:
         return self.repo.describe(expert_id)
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
-        loaded = self.repo.cache.loaded()
-        return [{**r.to_dict(), "loaded": r.id in loaded} for r in self.repo.list(kind=kind)]
+        return [{**r.to_dict(), "loaded": self.repo.is_loaded(r.id)} for r in self.repo.list(kind=kind)]
 
     def _precheck(self, expert_id: str) -> None:
         check_expert_id(expert_id)
@@ -157,7 +156,7 @@ class AdminService:
         return self._loaded_view(expert_id)
 
     def _loaded_view(self, expert_id: str) -> dict[str, Any]:
-        return {"id": expert_id, "loaded": self.repo.cache.is_loaded(expert_id),
+        return {"id": expert_id, "loaded": self.repo.is_loaded(expert_id),
                 "pinned": self.repo.cache.is_pinned(expert_id)}
 
     # -- jobs ---------------------------------------------------------------------------------

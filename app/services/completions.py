@@ -33,6 +33,7 @@ from experts.base import Expert, GenerationParams, StreamEnd
 from experts.hf.engine.engine import Prompt
 from experts.hf.local import LocalExpert, collect_async
 from experts.remote.expert import RemoteExpert
+from experts.repository.mixes import mix_id
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime
 
@@ -51,8 +52,10 @@ class CompletionService:
         self.blackbox = blackbox  # black-box ensembles (local + remote members) answer there
 
     # -- shared -------------------------------------------------------------------------------
-    def _expert(self, model: str) -> Expert:
-        return self.repo.get(model)
+    def _expert(self, req: CompletionRequest | ChatCompletionRequest) -> Expert:
+        if req.adapters is not None:  # a request-time mix: the same as its compact model id
+            return self.repo.get(mix_id(req.model, req.adapters.as_spec()))
+        return self.repo.get(req.model)
 
     def _check_n(self, n: int) -> None:
         if n > self.max_n:
@@ -88,7 +91,7 @@ class CompletionService:
 
     async def complete(self, req: CompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
-        expert = self._expert(req.model)
+        expert = self._expert(req)
         if self.blackbox.serves(expert):
             return await self.blackbox.complete(req, expert)
         if isinstance(expert, RemoteExpert):
@@ -110,7 +113,7 @@ class CompletionService:
 
     async def stream_completion(self, req: CompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
-        expert = self._expert(req.model)
+        expert = self._expert(req)
         if self.blackbox.serves(expert):
             return await self.blackbox.stream_completion(req, expert)
         if isinstance(expert, RemoteExpert):
@@ -170,7 +173,7 @@ class CompletionService:
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | ProxyResult:
         self._check_n(req.n)
-        expert = self._expert(req.model)
+        expert = self._expert(req)
         if self.blackbox.serves(expert):
             return await self.blackbox.chat(req, expert)
         if isinstance(expert, RemoteExpert):
@@ -195,7 +198,7 @@ class CompletionService:
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[str] | ProxyStream:
         self._check_n(req.n)
-        expert = self._expert(req.model)
+        expert = self._expert(req)
         if self.blackbox.serves(expert):
             return await self.blackbox.stream_chat(req, expert)
         if isinstance(expert, RemoteExpert):

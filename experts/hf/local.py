@@ -8,7 +8,7 @@ gateway uses; the blocking `generate` / `stream_sync` step the same code in the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from experts.base import GenerationParams, GenerationResult, StreamDelta, StreamEnd, TokenLogprob
@@ -18,6 +18,7 @@ from experts.hf.chat import render_chat
 from experts.hf.engine import sync
 from experts.hf.engine.engine import Engine, Prompt
 from experts.hf.loading import LoadedModel, ModelCache
+from experts.hf.multilora import LoraFactors, MultiLora
 from experts.repository.registry import ExpertRecord
 
 
@@ -82,6 +83,15 @@ class LocalExpert:
         generation.check_fits(m.model, len(ids), max_tokens)
         return Prompt(text, ids, n_prompt)
 
+    def adapter(self) -> LoraFactors | None:
+        """LoRA factors applied on top of the loaded model (None: the model as it is)."""
+        return None
+
+    @property
+    def engine_label(self) -> str:
+        """The model the engine batches this expert with (its metrics' label)."""
+        return self.record.id
+
     def stream(self, prompts: Sequence[Prompt], params: GenerationParams, *, whole: bool = False
                ) -> AsyncIterator[StreamDelta | StreamEnd]:
         """Submit to the engine (a full queue raises here) and iterate the events; choice indices run
@@ -90,7 +100,8 @@ class LocalExpert:
         if self._engine is None:
             raise RuntimeError("this expert was built without an engine; use generate() or stream_sync()")
         m = self.loaded()
-        return self._engine.stream(self.record.id, m.model, m.tokenizer, prompts, params, whole=whole)
+        return self._engine.stream(self.engine_label, m.model, m.tokenizer, prompts, params, whole=whole,
+                                   adapter=self.adapter())
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         """One prompt through the engine, collected (for callers inside the gateway, e.g. ensembles); without
@@ -103,16 +114,41 @@ class LocalExpert:
     # -- blocking -------------------------------------------------------------------------------
     def generate(self, prompt: str, params: GenerationParams) -> GenerationResult:
         m = self.loaded()
-        return sync.generate(m.model, m.tokenizer, prompt, params)
+        return sync.generate(m.model, m.tokenizer, prompt, params, adapter=self.adapter())
 
     def stream_sync(self, prompt: str, params: GenerationParams) -> Iterator[StreamDelta | StreamEnd]:
         m = self.loaded()
-        return sync.stream_generate(m.model, m.tokenizer, prompt, params)
+        return sync.stream_generate(m.model, m.tokenizer, prompt, params, adapter=self.adapter())
 
     def score(self, text: str, *, top_logprobs: int = 0) -> list[TokenLogprob]:
         m = self.loaded()
         ids, _ = generation.start_ids(m.tokenizer, text)
-        return generation.score_ids(m.model, m.tokenizer, ids, top_logprobs=top_logprobs)
+        with MultiLora.of(m.model).applied([self.adapter()]):
+            return generation.score_ids(m.model, m.tokenizer, ids, top_logprobs=top_logprobs)
+
+
+class AdapterExpert(LocalExpert):
+    """A LoRA adapter, or a request-time mix of adapters, served on its base's resident model: requests for
+    any adapter of one base share that base's batch, each row with its own adapter (never merged weights)."""
+
+    def __init__(self, record: ExpertRecord, cache: ModelCache, engine: Engine | None, *, base: str,
+                 factors: Callable[[], LoraFactors]) -> None:
+        super().__init__(record, cache, engine)
+        self.base = base
+        self._factors = factors
+
+    def loaded(self) -> LoadedModel:
+        return self._cache.get(self.base)
+
+    def is_loaded(self) -> bool:
+        return self._cache.is_loaded(self.base)
+
+    def adapter(self) -> LoraFactors:
+        return self._factors()
+
+    @property
+    def engine_label(self) -> str:
+        return self.base
 
 
 async def collect_async(events: AsyncIterator[StreamDelta | StreamEnd], params: GenerationParams,

@@ -112,20 +112,10 @@ class MergeRunner:
                   sources: dict[str, TensorSource], base: str, tags: list[str] | None, domain: str | None,
                   progress: Progress | None, extra_lineage: dict[str, Any]) -> ExpertRecord:
         """Adapters are small: merge module by module in memory, write one adapter file."""
-        first = self.repo.artifact_dir(records[recipe.expert_ids[0]])
         staging = self.repo.store.new_staging()
         try:
-            def on_tensor(i: int, n: int, name: str) -> None:
-                if progress:
-                    progress(0.98 * i / max(n, 1), f"tensor {i + 1}/{n}: {name}")
-
-            tensors = dict(merge_tensors(recipe, {i: sources[i] for i in recipe.expert_ids}, on_tensor))
+            tensors, cfg = self.lora_tensors(recipe, progress)
             save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-            cfg = json.loads((first / "adapter_config.json").read_text())
-            if recipe.method in ("linear", "cat"):  # peft's forms carry their scaling in the factors
-                rank = next(t.shape[0] for k, t in tensors.items() if "lora_A" in k)
-                cfg["r"] = cfg["lora_alpha"] = int(rank)
-                cfg.pop("rank_pattern", None), cfg.pop("alpha_pattern", None)
             (staging / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         except BaseException:
             self.repo.store.discard(staging)
@@ -134,6 +124,25 @@ class MergeRunner:
                                               for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)],
                    "base": base, "recipe": recipe.model_dump(mode="json"), **extra_lineage}
         return self.repo.register_adapter(output_id, staging, base=base, tags=tags, domain=domain, lineage=lineage)
+
+    def lora_tensors(self, recipe: MergeRecipe, progress: Progress | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A LoRA merge in memory: the merged adapter's tensors and adapter_config.json (what `run`
+        registers, and what a request-time mix serves: the same numbers)."""
+        records, sources = self._resolve(recipe)
+        first = self.repo.artifact_dir(records[recipe.expert_ids[0]])
+
+        def on_tensor(i: int, n: int, name: str) -> None:
+            if progress:
+                progress(0.98 * i / max(n, 1), f"tensor {i + 1}/{n}: {name}")
+
+        tensors = dict(merge_tensors(recipe, {i: sources[i] for i in recipe.expert_ids}, on_tensor))
+        cfg = json.loads((first / "adapter_config.json").read_text())
+        if recipe.method in ("linear", "cat"):  # peft's forms carry their scaling in the factors
+            rank = next(t.shape[0] for k, t in tensors.items() if "lora_A" in k)
+            cfg["r"] = cfg["lora_alpha"] = int(rank)
+            cfg.pop("rank_pattern", None), cfg.pop("alpha_pattern", None)
+        return tensors, cfg
 
     @staticmethod
     def _copy_non_weights(src: Path, dst: Path, dtype: str | None) -> None:

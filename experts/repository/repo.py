@@ -22,6 +22,7 @@ from experts.base import Expert, ExpertKind
 from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
 from experts.hf.loading import LoadedModel, ModelCache
 from experts.hf.lora import is_adapter_dir, validate_adapter_dir
+from experts.hf.multilora import AdapterCache
 from experts.hf.validation import model_files, validate_model_dir
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.store import ArtifactStore, check_expert_id
@@ -53,12 +54,14 @@ class Kind:
     forget: Callable[[ExpertRecord, ExpertRepository], None] | None = None
     on_open: Callable[[list[ExpertRecord], ExpertRepository], None] | None = None
     uses: Callable[[ExpertRecord], list[str]] = _none
+    resident: Callable[[ExpertRecord], str] | None = None  # the cache entry that serving it keeps loaded
 
 
 class ExpertRepository:
     def __init__(self, registry: Registry, store: ArtifactStore, *, kinds: Sequence[Kind], runtime: Any,
                  max_loaded_models: int, max_loaded_bytes: int, default_dtype: str | None = None,
-                 owns_runtime: bool = False) -> None:
+                 owns_runtime: bool = False, max_adapter_bytes: int = 1 << 30,
+                 virtual: Callable[[str, ExpertRepository], Expert | None] | None = None) -> None:
         self.registry = registry
         self.store = store
         self.kinds = tuple(kinds)
@@ -66,6 +69,8 @@ class ExpertRepository:
         self._owns_runtime = owns_runtime
         self.default_dtype = default_dtype
         self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
+        self.adapters = AdapterCache(max_adapter_bytes)  # LoRA factors served on resident bases
+        self._virtual = virtual  # model ids that name no row (request-time mixes)
 
     def kind_of(self, record: ExpertRecord) -> Kind:
         for kind in self.kinds:
@@ -87,9 +92,10 @@ class ExpertRepository:
                 kind.on_open([r for r in records if self._matches(kind, r)], self)
         for r in records:
             if r.pinned:  # pinned means resident: load now, so the first request is not a cold start
-                self.cache.pin(r.id)
+                key = self._resident(r)
+                self.cache.pin(key)
                 try:
-                    self.cache.get(r.id)
+                    self.cache.get(key)
                 except Exception as e:
                     log.warning("pinned expert %s failed to load: %s", r.id, e)
 
@@ -101,6 +107,10 @@ class ExpertRepository:
         return self.registry.list_experts(kind=kind)
 
     def get(self, expert_id: str) -> Expert:
+        if self._virtual is not None:
+            served = self._virtual(expert_id, self)
+            if served is not None:
+                return served
         record = self.registry.get_expert(expert_id)
         if record.status != "ready":
             raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
@@ -113,7 +123,7 @@ class ExpertRepository:
     def describe(self, expert_id: str) -> dict[str, Any]:
         record = self.registry.get_expert(expert_id)
         d = record.to_dict()
-        d["loaded"] = self.cache.is_loaded(expert_id)
+        d["loaded"] = self.is_loaded(expert_id)
         kind = self.kind_of(record)
         if kind.describe is not None:
             d.update(kind.describe(record, self))
@@ -137,19 +147,39 @@ class ExpertRepository:
         except Exception as e:
             raise ExpertUnavailableError(f"expert {expert_id!r} failed to load: {e}") from e
 
+    def _resident(self, record: ExpertRecord) -> str:
+        """The model-cache entry that serving `record` keeps loaded (a LoRA adapter: its base)."""
+        try:
+            kind = self.kind_of(record)
+        except ExpertUnavailableError:
+            return record.id
+        return kind.resident(record) if kind.resident is not None else record.id
+
+    def is_loaded(self, expert_id: str) -> bool:
+        try:
+            return self.cache.is_loaded(self._resident(self.registry.get_expert(expert_id)))
+        except Exception:
+            return False
+
     def load(self, expert_id: str) -> None:
-        self.get(expert_id)  # checks it exists and is servable
-        self.cache.get(expert_id)
+        expert = self.get(expert_id)  # checks it exists and is servable
+        self.cache.get(self._resident(self.record(expert_id)))
+        adapter = getattr(expert, "adapter", None)
+        if adapter is not None:
+            adapter()  # LoRA factors into the adapter cache
 
     def unload(self, expert_id: str) -> bool:
-        self.registry.get_expert(expert_id)
-        return self.cache.unload(expert_id)
+        record = self.registry.get_expert(expert_id)
+        self.adapters.forget(expert_id)
+        key = self._resident(record)
+        return self.cache.unload(key) if key == expert_id else False
 
     def pin(self, expert_id: str, pinned: bool = True) -> ExpertRecord:
         record = self.registry.update_expert(expert_id, pinned=pinned)
-        self.cache.pin(expert_id, pinned)
+        key = self._resident(record)
+        self.cache.pin(key, pinned)
         if pinned:
-            self.cache.get(expert_id)
+            self.load(expert_id)
         return record
 
     # -- registration -------------------------------------------------------------------------
@@ -265,6 +295,7 @@ class ExpertRepository:
             raise ExpertInUseError(f"expert {expert_id!r} is used by {users}; delete those first")
         self.registry.delete_expert(expert_id)
         self.cache.forget(expert_id)
+        self.adapters.forget(expert_id)
         self.store.remove(record.path)
         kind = self.kind_of(record)
         if kind.forget is not None:

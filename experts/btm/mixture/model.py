@@ -242,7 +242,9 @@ class ForestAdapter:
         self.paddable = bool(getattr(model.runner, "pads", False))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
-                last_only: bool) -> tuple[torch.Tensor, Any]:
+                last_only: bool, rows: Any = None) -> tuple[torch.Tensor, Any]:
+        if rows is not None and any(r is not None for r in rows):
+            raise NotImplementedError("LoRA adapters on a forest are not served")
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.logits, out.cache
 

@@ -179,9 +179,10 @@ class Request:
     Events are delivered in batches (one call of `sink` per engine step) and end with one
     `StreamEnd` (token counts of all groups) or an exception (the request failed)."""
 
-    def __init__(self, params: GenerationParams, tokenizer: Any, sink: Sink) -> None:
+    def __init__(self, params: GenerationParams, tokenizer: Any, sink: Sink, adapter: Any = None) -> None:
         self.params = params
         self.tokenizer = tokenizer
+        self.adapter = adapter  # LoRA factors applied to this request's rows (None: the bare model)
         self.sink = sink
         self.groups: list[Group] = []
         self.created = time.monotonic()

@@ -24,8 +24,9 @@ from typing import Any, Protocol, TypeVar
 
 from experts.base import GenerationParams, StreamDelta, StreamEnd
 from experts.errors import ExpertUnavailableError
+from experts.hf.engine.batch import Limits, StepStats
 from experts.hf.engine.choices import Event, Request
-from experts.hf.engine.scheduler import Limits, ModelScheduler, StepStats
+from experts.hf.engine.scheduler import ModelScheduler
 
 log = logging.getLogger("mergegate.engine")
 T = TypeVar("T")
@@ -89,12 +90,14 @@ class Engine:
         return await asyncio.wrap_future(self.call(fn, *args))
 
     def stream(self, label: str, model: Any, tokenizer: Any, prompts: Sequence[Prompt],
-               params: GenerationParams, *, whole: bool = False) -> AsyncIterator[StreamDelta | StreamEnd]:
+               params: GenerationParams, *, whole: bool = False, adapter: Any = None
+               ) -> AsyncIterator[StreamDelta | StreamEnd]:
         """Submit now (so a full queue raises here) and return the request's events as they come.
 
         Events cross to the event loop once per engine step for all requests together (one wake-up of
         the loop, not one per request); with `whole` (an answer that is not streamed) they are kept
-        until the request ends and cross once."""
+        until the request ends and cross once. `adapter`: LoRA factors for this request's rows (requests
+        for many adapters of one base share the base's batch)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
         held: list[Event] = []
@@ -107,7 +110,7 @@ class Engine:
                 events = held
             self._outbox.append((loop, queue, events))
 
-        request = Request(params, tokenizer, sink)
+        request = Request(params, tokenizer, sink, adapter)
         for p in prompts:
             request.add_prompt(p.text, p.ids, p.n_prompt)
         self.submit(label, model, tokenizer, request)

@@ -10,6 +10,7 @@ trimmed. A model can bring its own cache type by offering `engine_adapter()` (th
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from experts.hf.generation import cache_arg
+from experts.hf.multilora import MultiLora
 
 
 class BatchAdapter(Protocol):
@@ -25,9 +27,9 @@ class BatchAdapter(Protocol):
     paddable: bool  # rows of different lengths can share a batch (the model takes position_ids)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
-                last_only: bool) -> tuple[torch.Tensor, Any]:
+                last_only: bool, rows: Sequence[Any] | None = None) -> tuple[torch.Tensor, Any]:
         """Logits [B, T, V] (at least the last position) and the new cache. `mask` [B, past + T] and
-        `positions` [B, T] are None when no row is padded."""
+        `positions` [B, T] are None when no row is padded; `rows[b]` is row b's LoRA adapter (or None)."""
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any: ...
 
@@ -99,7 +101,7 @@ class HFAdapter:
         self.growing = _plain_layers(model)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
-                last_only: bool) -> tuple[torch.Tensor, Any]:
+                last_only: bool, rows: Sequence[Any] | None = None) -> tuple[torch.Tensor, Any]:
         kwargs: dict[str, Any] = {"use_cache": True}
         if cache is None and self.growing:
             cache = DynamicCache.__new__(DynamicCache)
@@ -111,7 +113,11 @@ class HFAdapter:
             kwargs["position_ids"] = positions
         if last_only and self.keep_arg is not None:
             kwargs[self.keep_arg] = 1
-        out = self.model(input_ids=ids, **kwargs)
+        if rows is None:
+            out = self.model(input_ids=ids, **kwargs)
+        else:
+            with MultiLora.of(self.model).applied(rows):
+                out = self.model(input_ids=ids, **kwargs)
         return out.logits, getattr(out, self.arg)
 
     @staticmethod

@@ -14,68 +14,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from experts.errors import EngineOverloadedError, ExpertUnavailableError
+from experts.hf.engine.batch import Limits, Prefill, Running, StepStats, pad_mask
 from experts.hf.engine.choices import Event, Group, Request
 from experts.hf.engine.kv import BatchAdapter, adapter_for
-
-
-@dataclass
-class Limits:
-    """Batch limits of one model (settings `MERGEGATE_MAX_BATCH_SIZE`, `..._MAX_BATCHED_TOKENS`, `..._MAX_QUEUE`)."""
-
-    max_batch_size: int = 64  # rows (choices) decoding at once
-    max_batched_tokens: int = 1024  # tokens through the model per step: decoding rows + the prefill chunk
-    max_queue: int = 256  # prompts waiting for a place; beyond it, submissions are refused (429)
-    max_prefill_padded: int = 8192  # prefill batch size x longest prompt (padding included)
-    # Waiting prompts are admitted together (one prefill forward for many prompts costs far less than one
-    # each). While rows decode: when the waiting rows are at least `admit_ratio` x the decoding rows, or the
-    # oldest has waited `max_wait_s` (TGI's waiting_served_ratio and max_waiting_tokens, in spirit). With an
-    # empty batch: after `admit_window_s`, so that a burst of arrivals is prefilled as one batch.
-    admit_ratio: float = 0.25
-    max_wait_s: float = 0.08
-    admit_window_s: float = 0.0  # the gateway sets MERGEGATE_ADMIT_WINDOW_MS (3 ms)
-
-
-@dataclass
-class Prefill:
-    """Prompts being prefilled together, left-padded to the longest; one chunk of columns per step."""
-
-    groups: list[Group]
-    ids: torch.Tensor  # [b, P]
-    mask: torch.Tensor  # [b, P]
-    positions: torch.Tensor  # [b, P]
-    offsets: list[int]  # padding columns on the left of each row
-    done: int = 0  # columns fed so far
-    cache: Any = None
-    last: torch.Tensor | None = None  # [b, V] logits after the last column
-
-
-@dataclass
-class Running:
-    """Rows decoding together. `lanes[i]` is (group, choice) of row i."""
-
-    cache: Any
-    mask: torch.Tensor | None  # [B, width]; None while no row is padded (all ones)
-    width: int  # columns: the cache's plus the one fed next
-    lengths: torch.Tensor  # [B] real tokens in the cache (the position of the token fed next)
-    next_ids: torch.Tensor  # [B] the token each row feeds next
-    lanes: list[tuple[Group, int]] = field(default_factory=list)
-
-    def full_mask(self) -> torch.Tensor:
-        return self.mask if self.mask is not None else torch.ones(len(self.lanes), self.width, dtype=torch.long)
-
-
-@dataclass
-class StepStats:
-    prefill_tokens: int = 0
-    decode_rows: int = 0
-    generated: int = 0
 
 
 class ModelScheduler:
@@ -250,7 +197,7 @@ class ModelScheduler:
         padded = any(p.offsets)
         logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1] if padded else None,
                                                p.positions[:, c0:c1] if padded else None, p.cache,
-                                               last_only=not echo)
+                                               last_only=not echo, rows=_adapters(g for g in p.groups))
         stats.prefill_tokens += b * (c1 - c0)
         for i in echo:
             lo = max(c0, p.offsets[i])  # the row's real columns in this chunk
@@ -308,7 +255,7 @@ class ModelScheduler:
         a = self.adapter
         r.cache = a.concat(a.pad_left(r.cache, width - la), a.pad_left(cache, width - lb))
         if r.mask is not None or la != lb or not bool(mask.all()):
-            r.mask = torch.cat([_pad_mask(r.full_mask(), width - la), _pad_mask(mask, width - lb)])
+            r.mask = torch.cat([pad_mask(r.full_mask(), width - la), pad_mask(mask, width - lb)])
         r.width = width
         r.lengths = torch.cat([r.lengths, lengths])
         r.next_ids = torch.cat([r.next_ids, next_ids])
@@ -321,7 +268,8 @@ class ModelScheduler:
         assert r is not None
         padded = r.mask is not None  # without padding, the model's own (fastest) causal path
         logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask,
-                                               r.lengths[:, None] if padded else None, r.cache, last_only=True)
+                                               r.lengths[:, None] if padded else None, r.cache, last_only=True,
+                                               rows=_adapters(g for g, _ in r.lanes))
         logits = logits[:, -1].float()
         stats.decode_rows += len(r.lanes)
         groups: dict[int, tuple[Group, list[int], list[int]]] = {}
@@ -398,5 +346,7 @@ class ModelScheduler:
             g.request.emit(by_request.get(key, []))
 
 
-def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    return mask if n <= 0 else torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
+def _adapters(groups: Iterable[Group]) -> list[Any] | None:
+    """Each row's LoRA adapter, or None when no row has one (the bare model's path)."""
+    rows = [g.request.adapter for g in groups]
+    return rows if any(a is not None for a in rows) else None

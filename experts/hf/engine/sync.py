@@ -16,12 +16,12 @@ from experts.hf.generation import check_fits, start_ids
 
 
 def stream_generate(model: Any, tokenizer: Any, prompt: str, params: GenerationParams,
-                    limits: Limits | None = None) -> Iterator[StreamDelta | StreamEnd]:
+                    limits: Limits | None = None, adapter: Any = None) -> Iterator[StreamDelta | StreamEnd]:
     """Text increments per choice, then a StreamEnd with the token counts."""
     ids, n_prompt = start_ids(tokenizer, prompt)
     check_fits(model, len(ids), params.max_tokens)
     out: list[Event] = []
-    request = Request(params, tokenizer, out.extend)
+    request = Request(params, tokenizer, out.extend, adapter)
     request.add_prompt(prompt, ids, n_prompt)
     sched = ModelScheduler(model, tokenizer, limits)
     sched.add(request)
@@ -37,9 +37,10 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str, params: GenerationP
         request.cancel()
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, params: GenerationParams) -> GenerationResult:
+def generate(model: Any, tokenizer: Any, prompt: str, params: GenerationParams, adapter: Any = None
+             ) -> GenerationResult:
     """Collect `stream_generate` into whole choices."""
-    return collect(stream_generate(model, tokenizer, prompt, params), params)
+    return collect(stream_generate(model, tokenizer, prompt, params, adapter=adapter), params)
 
 
 def collect(events: Iterator[StreamDelta | StreamEnd], params: GenerationParams, n: int | None = None
