@@ -106,7 +106,7 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
     runtime = Runtime(limits=limits, observer=metrics, http=http, secrets_dir=settings.data_dir / "secrets")
     repo = open_repository(settings.data_dir, database_url=settings.db_url, runtime=runtime,
                            max_loaded_models=settings.max_loaded_models, max_loaded_bytes=settings.max_loaded_bytes,
-                           default_dtype=settings.default_dtype)
+                           default_dtype=settings.default_dtype, rebind=settings.rebind_registry)
     jobs = JobService(repo.registry, owner=instance_id(settings.data_dir), workers=settings.job_workers)
     jobs.recover()
     assert runtime.remote is not None

@@ -151,15 +151,21 @@ KINDS: tuple[Kind, ...] = (
 
 def open_repository(data_dir: Path, *, database_url: str | None = None, runtime: Runtime | None = None,
                     max_loaded_models: int = 16, max_loaded_bytes: int = 8 << 30,
-                    default_dtype: str | None = None) -> ExpertRepository:
-    """Open (migrate, clean, re-pin) the repository under `data_dir` with every kind of expert.
+                    default_dtype: str | None = None, rebind: bool = False) -> ExpertRepository:
+    """Open (check the registry's binding to the data dir, migrate, clean, quarantine orphans, re-pin) the
+    repository under `data_dir` with every kind of expert.
 
     `database_url` defaults to SQLite at `<data_dir>/registry.db`; `runtime` to one torch thread and
-    no HTTP client. The caller closes the repository (and the runtime it passed in)."""
+    no HTTP client; `rebind` binds a mismatched registry to this data dir instead of refusing
+    (RegistryMismatchError). The caller closes the repository (and the runtime it passed in)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite:///{(data_dir / 'registry.db').resolve()}"
     repo = ExpertRepository(Registry(url), ArtifactStore(data_dir), kinds=KINDS, runtime=runtime or Runtime(),
                             max_loaded_models=max_loaded_models, max_loaded_bytes=max_loaded_bytes,
                             default_dtype=default_dtype, owns_runtime=runtime is None)
-    repo.open()
+    try:
+        repo.open(rebind=rebind)
+    except BaseException:
+        repo.close()
+        raise
     return repo
