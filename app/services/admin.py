@@ -21,11 +21,12 @@ from app.metrics import Metrics
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.hf.lora import is_adapter_dir
-from experts.hf.validation import validate_model_dir
+from experts.hf.validation import is_model_file, validate_model_dir
+from experts.repository.archives import check_upload_filename, safe_extract
 from experts.repository.jobs import TERMINAL, JobContext, JobService
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
-from experts.repository.store import check_expert_id, check_upload_filename, safe_extract
+from experts.repository.store import check_expert_id
 from experts.runtime import Runtime
 
 SYNC_WAIT_S = 600.0
@@ -105,7 +106,7 @@ class AdminService:
                 try:
                     with tmp.open("wb") as out:
                         shutil.copyfileobj(archive[1], out, 1 << 20)
-                    safe_extract(tmp, staging, max_bytes=self.max_upload_bytes)
+                    safe_extract(tmp, staging, max_bytes=self.max_upload_bytes, keep=is_model_file)
                 finally:
                     tmp.unlink(missing_ok=True)
             for name, fileobj in files:
