@@ -3,31 +3,14 @@ one-token smoke forward (finite logits) runs before a registration commits."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import struct
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from experts.errors import InvalidExpertError
 from experts.hf.smoke import smoke_test_adapter, smoke_test_model
 from experts.hf.validation import is_model_file, read_safetensors_header, validate_model_dir
-from tests.helpers import build_adapter_dir
-
-
-def rewrite_header(path: Path, change: Callable[[dict], None]) -> None:
-    """Apply `change` to a safetensors file's header, keeping its data bytes as they are."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    change(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+from tests.helpers import build_adapter_dir, poison_weights, rewrite_safetensors_header
 
 
 def _by_offset(h: dict) -> list[str]:
@@ -65,7 +48,7 @@ def _bool_shape(h: dict) -> None:
 def test_bad_safetensors_headers_are_refused(tiny_model_dir, tmp_path, change, words):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_model_dir, bad)
-    rewrite_header(bad / "model.safetensors", change)
+    rewrite_safetensors_header(bad / "model.safetensors", change)
     with pytest.raises(InvalidExpertError, match=words):
         validate_model_dir(bad)
 
@@ -83,18 +66,11 @@ def test_sound_files_still_pass(tiny_model_dir):
     assert validate_model_dir(tiny_model_dir).num_params > 0
 
 
-def _poison(path: Path, name_part: str) -> None:
-    tensors = load_file(str(path))
-    name = next(k for k in tensors if name_part in k)
-    tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 def test_nan_weights_pass_validation_but_fail_the_smoke_forward(tiny_model_dir, tmp_path):
     smoke_test_model(tiny_model_dir)  # a sound model passes
     bad = tmp_path / "nan"
     shutil.copytree(tiny_model_dir, bad)
-    _poison(bad / "model.safetensors", "wte")
+    poison_weights(bad / "model.safetensors", "wte")
     validate_model_dir(bad)  # structurally fine
     with pytest.raises(InvalidExpertError, match="not finite"):
         smoke_test_model(bad)
@@ -103,7 +79,7 @@ def test_nan_weights_pass_validation_but_fail_the_smoke_forward(tiny_model_dir, 
 def test_a_nan_adapter_fails_the_smoke_forward_on_its_base(tiny_model_dir, tmp_path):
     adapter = build_adapter_dir(tmp_path / "adapter", tiny_model_dir)
     smoke_test_adapter(adapter, tiny_model_dir)
-    _poison(adapter / "adapter_model.safetensors", "lora_B")
+    poison_weights(adapter / "adapter_model.safetensors", "lora_B")
     with pytest.raises(InvalidExpertError, match="not finite"):
         smoke_test_adapter(adapter, tiny_model_dir)
 
