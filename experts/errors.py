@@ -116,3 +116,11 @@ class OrphanNotFoundError(ExpertError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class PipelineConflictError(ExpertExistsError):
+    """An id a pipeline would register is taken by an expert that pipeline request did not make."""
+
+    def __init__(self, expert_id: str, message: str) -> None:
+        ExpertError.__init__(self, message)
+        self.expert_id = expert_id
