@@ -141,11 +141,12 @@ LOCAL, LORA, ENSEMBLE, REMOTE = (k.value for k in (ExpertKind.LOCAL, ExpertKind.
 #: record handles it: black-box ensembles and BTM forests share the registry kind `ensemble`.
 KINDS: tuple[Kind, ...] = (
     Kind("local", LOCAL, serve=_serve_local, load=_load_local),
-    Kind("lora", LORA, serve=_serve_local, load=_load_lora, uses=_lora_base),
-    Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members),
-    Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members),
+    Kind("lora", LORA, serve=_serve_local, load=_load_lora, uses=_lora_base, uses_as="its base"),
+    Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members,
+         uses_as="a member"),
+    Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members, uses_as="a member"),
     Kind("remote", REMOTE, serve=_serve_remote, describe=_describe_remote, forget=_forget_remote,
-         on_open=_open_remote, uses=_fallbacks),
+         on_open=_open_remote, uses=_fallbacks, uses_as="a fallback"),
 )
 
 

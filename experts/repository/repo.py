@@ -47,7 +47,8 @@ class Kind:
     are both `ensemble` rows). `serve` builds the servable object for a ready record; `load` reads its
     weights into the model cache (None: nothing to load); `describe` adds kind-specific fields to
     `describe()`; `forget` cleans up after a delete; `on_open` runs once at start-up with the kind's
-    records; `uses` names the experts this one depends on (they cannot be deleted while it exists)."""
+    records; `uses` names the experts this one depends on (they cannot be deleted while it exists), in the
+    role `uses_as` says (for the message that refuses such a delete)."""
 
     name: str
     record_kind: str
@@ -58,6 +59,7 @@ class Kind:
     forget: Callable[[ExpertRecord, ExpertRepository], None] | None = None
     on_open: Callable[[list[ExpertRecord], ExpertRepository], None] | None = None
     uses: Callable[[ExpertRecord], list[str]] = _none
+    uses_as: str = "a dependency"
 
 
 class ExpertRepository:
@@ -291,23 +293,26 @@ class ExpertRepository:
         return self.registry.insert_expert(record)
 
     # -- removal ------------------------------------------------------------------------------
-    def dependents(self, expert_id: str) -> list[str]:
-        """Experts that use this one (a LoRA's base, a forest's or ensemble's member, a remote's fallback)."""
+    def dependents(self, expert_id: str) -> list[tuple[str, str]]:
+        """Experts that use this one, each with how (a LoRA's base, a forest's or ensemble's member, a remote
+        expert's fallback)."""
         out = []
         for r in self.registry.list_experts():
             try:
-                uses = self.kind_of(r).uses(r)
+                kind = self.kind_of(r)
             except ExpertUnavailableError:
                 continue
-            if expert_id in uses:
-                out.append(r.id)
+            if expert_id in kind.uses(r):
+                out.append((r.id, f"{kind.name} expert, as {kind.uses_as}"))
         return out
 
     def delete(self, expert_id: str) -> None:
         record = self.registry.get_expert(expert_id)
         users = self.dependents(expert_id)
         if users:
-            raise ExpertInUseError(f"expert {expert_id!r} is used by {users}; delete those first")
+            named = ", ".join(f"{i!r} ({how})" for i, how in users)
+            raise ExpertInUseError(f"expert {expert_id!r} is used by {named}: delete those first, or remove the "
+                                   "reference")
         self.registry.delete_expert(expert_id)
         self.cache.forget(expert_id)
         self.store.remove(record.path)
