@@ -29,8 +29,8 @@ class Settings(BaseSettings):
                                         "it, 429")
     rebind_registry: bool = Field(False, description="bind a registry to this data dir even though their ids "
                                   "differ (for one start; nothing is deleted, orphans are quarantined)")
-    fault_pause: str | None = Field(None, description="testing only: '<job kind>:<text>' makes such a job stop "
-                                    "for good at the first progress message containing <text> (crash tests)")
+    fault_pause: str | None = Field(None, description="testing only: '<job kind>:<text>;...' makes such jobs "
+                                    "stop for good at their first progress message containing <text> (crash tests)")
     max_n: int = 16
     # The batching engine (docs/engine.md), per loaded model.
     max_batch_size: int = Field(64, ge=1, description="rows (choices) decoding at once")

@@ -1,7 +1,8 @@
 """Fault injection for the crash suite (testing only; off unless `MERGEGATE_FAULT_PAUSE` is set).
 
-`MERGEGATE_FAULT_PAUSE=<job kind>:<text>` makes every job of that kind stop for good at its first
-progress message containing <text>, after writing that progress to the job row, so a test can poll
+`MERGEGATE_FAULT_PAUSE=<job kind>:<text>[;<job kind>:<text>...]` makes every job of such a kind stop
+for good at its first progress message containing <text>, after writing that progress to the job row
+(several kinds may pause in the same gateway, each at its own point), so a test can poll
 `GET /admin/jobs/{id}` until the job is exactly there and then `kill -9` the gateway: crash points
 driven by a job's progress, not by sleeps. A paused job still honours cancellation.
 """
@@ -42,10 +43,9 @@ class PausingContext:
 
 
 def with_fault(spec: str | None, kind: str, fn: JobFn) -> JobFn:
-    """`fn`, pausing as `spec` ('<job kind>:<text>') says when it names this job kind."""
-    if not spec:
-        return fn
-    want, _, text = spec.partition(":")
-    if want != kind or not text:
-        return fn
-    return lambda ctx: fn(PausingContext(ctx, text))  # type: ignore[arg-type]
+    """`fn`, pausing as `spec` ('<job kind>:<text>;...') says when it names this job kind."""
+    for item in (spec or "").split(";"):
+        want, _, text = item.strip().partition(":")
+        if want == kind and text:
+            return lambda ctx: fn(PausingContext(ctx, text))  # type: ignore[arg-type]
+    return fn
