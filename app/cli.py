@@ -13,12 +13,29 @@ from app import cli_btm, cli_search
 from app.main import create_app
 from app.settings import Settings, resolve_admin_key
 from experts.btm.demo import build_demo
+from experts.errors import RegistryMismatchError
+from experts.repository.binding import check_binding
+from experts.repository.registry import Registry
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     given = (("host", args.host), ("port", args.port), ("data_dir", args.data_dir))
-    overrides = {k: v for k, v in given if v is not None}
+    overrides: dict[str, object] = {k: v for k, v in given if v is not None}
+    if getattr(args, "rebind_registry", False):
+        overrides["rebind_registry"] = True
     return Settings(**overrides)
+
+
+def _preflight(settings: Settings) -> None:
+    """Refuse, before anything is written, a registry that is not this data dir's (exit status 2)."""
+    registry = Registry(settings.db_url)
+    try:
+        check_binding(registry, settings.data_dir, rebind=settings.rebind_registry)
+    except RegistryMismatchError as e:
+        print(f"mergegate: refusing to start: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        registry.close()
 
 
 def _serve(settings: Settings) -> None:
@@ -45,6 +62,7 @@ MergeGate is starting on {base}  (API docs: {base}/docs)
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _preflight(settings)
     resolve_admin_key(settings)
     _print_howto(settings)
     _serve(settings)
@@ -52,7 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     settings = _settings(args)
-    build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _preflight(settings)
+    build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick, rebind=settings.rebind_registry)
     resolve_admin_key(settings)
     _print_howto(settings)
     _serve(settings)
@@ -67,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", help="bind address (default 127.0.0.1; env MERGEGATE_HOST)")
         p.add_argument("--port", type=int, help="port (default 8000; env MERGEGATE_PORT)")
         p.add_argument("--data-dir", type=Path, help="data directory (default ./data; env MERGEGATE_DATA_DIR)")
+        p.add_argument("--rebind-registry", action="store_true",
+                       help="bind the registry to this data dir although their registry ids differ (deletes nothing: "
+                            "artifacts without a row go to <data dir>/orphans; env MERGEGATE_REBIND_REGISTRY=1)")
 
     p = sub.add_parser("serve", help="serve the gateway on an existing data dir")
     common(p)

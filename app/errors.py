@@ -40,6 +40,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc), code="model_not_found", param="model")
     if isinstance(exc, xe.JobNotFoundError):
         return ApiError(404, str(exc), code="job_not_found")
+    if isinstance(exc, xe.OrphanNotFoundError):
+        return ApiError(404, str(exc), code="orphan_not_found", param="name")
     if isinstance(exc, (xe.ExpertExistsError, xe.ExpertInUseError, xe.JobStateError)):
         return ApiError(409, str(exc), code=type(exc).__name__.removesuffix("Error").lower())
     if isinstance(exc, xe.GenerationInputError):

@@ -26,6 +26,7 @@ from app.routers import (
     admin_experts,
     admin_jobs,
     admin_merges,
+    admin_orphans,
     admin_remote,
     admin_searches,
     completions,
@@ -106,11 +107,12 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
     runtime = Runtime(limits=limits, observer=metrics, http=http, secrets_dir=settings.data_dir / "secrets")
     repo = open_repository(settings.data_dir, database_url=settings.db_url, runtime=runtime,
                            max_loaded_models=settings.max_loaded_models, max_loaded_bytes=settings.max_loaded_bytes,
-                           default_dtype=settings.default_dtype)
+                           default_dtype=settings.default_dtype, rebind=settings.rebind_registry)
     jobs = JobService(repo.registry, owner=instance_id(settings.data_dir), workers=settings.job_workers)
     jobs.recover()
     assert runtime.remote is not None
-    admin = AdminService(repo, jobs, runtime, metrics, max_upload_bytes=settings.max_upload_bytes)
+    admin = AdminService(repo, jobs, runtime, metrics, max_upload_bytes=settings.max_upload_bytes,
+                         max_concurrent_uploads=settings.max_concurrent_uploads, fault_pause=settings.fault_pause)
     btm = BTM(repo, settings.data_dir, settings.corpus_bytes)
     manager = MergeSessionManager(repo, btm=btm, max_sessions=settings.max_merge_sessions)
     remote_admin = RemoteAdminService(repo, runtime.remote)
@@ -164,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
               admin_merges.router, admin_remote.router, admin_btm.router, merge_sessions.router,
-              merge_sessions.admin_router, admin_blackbox.router, admin_searches.router):
+              merge_sessions.admin_router, admin_blackbox.router, admin_searches.router, admin_orphans.router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes)

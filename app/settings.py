@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_loaded_bytes: int = 8 << 30
     max_body_bytes: int = 4 << 20  # JSON requests
     max_upload_bytes: int = 4 << 30  # expert uploads
+    max_concurrent_uploads: int = Field(2, ge=1, description="uploads received or registered at once; beyond "
+                                        "it, 429")
+    rebind_registry: bool = Field(False, description="bind a registry to this data dir even though their ids "
+                                  "differ (for one start; nothing is deleted, orphans are quarantined)")
+    fault_pause: str | None = Field(None, description="testing only: '<job kind>:<text>;...' makes such jobs "
+                                    "stop for good at their first progress message containing <text> (crash tests)")
     max_n: int = 16
     # The batching engine (docs/engine.md), per loaded model.
     max_batch_size: int = Field(64, ge=1, description="rows (choices) decoding at once")

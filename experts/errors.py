@@ -100,3 +100,27 @@ class UpstreamError(ExpertError):
 
 
 RETRYABLE_KINDS = frozenset({"connect", "connect_timeout", "pool", "connection", "status_5xx", "rate_limited"})
+
+
+class RegistryMismatchError(ExpertError):
+    """The registry database and the data dir are not a pair (another database URL, a recreated or
+    restored registry): the gateway refuses to start rather than treat the artifacts as orphans."""
+
+
+class OrphanNotFoundError(ExpertError, KeyError):
+    """No quarantined artifact of that name in `<data dir>/orphans`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no orphaned artifact named {name!r}")
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PipelineConflictError(ExpertExistsError):
+    """An id a pipeline would register is taken by an expert that pipeline request did not make."""
+
+    def __init__(self, expert_id: str, message: str) -> None:
+        ExpertError.__init__(self, message)
+        self.expert_id = expert_id

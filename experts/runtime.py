@@ -165,26 +165,35 @@ LOCAL, LORA, ENSEMBLE, REMOTE = (k.value for k in (ExpertKind.LOCAL, ExpertKind.
 #: record handles it: black-box ensembles and BTM forests share the registry kind `ensemble`.
 KINDS: tuple[Kind, ...] = (
     Kind("local", LOCAL, serve=_serve_local, load=_load_local),
-    Kind("lora", LORA, serve=_serve_lora, load=_load_lora, uses=_lora_base, resident=_lora_resident),
-    Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members),
-    Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members),
+    Kind("lora", LORA, serve=_serve_lora, load=_load_lora, uses=_lora_base, uses_as="its base",
+         resident=_lora_resident),
+    Kind("blackbox", ENSEMBLE, when=is_blackbox, serve=_serve_blackbox, load=_no_weights, uses=_members,
+         uses_as="a member"),
+    Kind("forest", ENSEMBLE, serve=_serve_local, load=_load_forest, uses=_members, uses_as="a member"),
     Kind("remote", REMOTE, serve=_serve_remote, describe=_describe_remote, forget=_forget_remote,
-         on_open=_open_remote, uses=_fallbacks),
+         on_open=_open_remote, uses=_fallbacks, uses_as="a fallback"),
 )
 
 
 def open_repository(data_dir: Path, *, database_url: str | None = None, runtime: Runtime | None = None,
                     max_loaded_models: int = 16, max_loaded_bytes: int = 8 << 30,
-                    default_dtype: str | None = None, max_adapter_bytes: int = 1 << 30) -> ExpertRepository:
-    """Open (migrate, clean, re-pin) the repository under `data_dir` with every kind of expert.
+                    default_dtype: str | None = None, rebind: bool = False,
+                    max_adapter_bytes: int = 1 << 30) -> ExpertRepository:
+    """Open (check the registry's binding to the data dir, migrate, clean, quarantine orphans, re-pin) the
+    repository under `data_dir` with every kind of expert.
 
     `database_url` defaults to SQLite at `<data_dir>/registry.db`; `runtime` to one torch thread and
-    no HTTP client. The caller closes the repository (and the runtime it passed in)."""
+    no HTTP client; `rebind` binds a mismatched registry to this data dir instead of refusing
+    (RegistryMismatchError). The caller closes the repository (and the runtime it passed in)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite:///{(data_dir / 'registry.db').resolve()}"
     repo = ExpertRepository(Registry(url), ArtifactStore(data_dir), kinds=KINDS, runtime=runtime or Runtime(),
                             max_loaded_models=max_loaded_models, max_loaded_bytes=max_loaded_bytes,
                             default_dtype=default_dtype, owns_runtime=runtime is None,
                             max_adapter_bytes=max_adapter_bytes, virtual=_serve_mix)
-    repo.open()
+    try:
+        repo.open(rebind=rebind)
+    except BaseException:
+        repo.close()
+        raise
     return repo

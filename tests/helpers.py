@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -135,3 +137,25 @@ def build_adapter_dir(out: Path, base_dir: Path, *, rank: int = 4, seed: int = 0
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(out)
     return out
+
+
+def rewrite_safetensors_header(path: Path, change) -> None:
+    """Apply `change(header)` to a safetensors file's JSON header, keeping its data bytes as they are."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def poison_weights(path: Path, name_part: str) -> None:
+    """Fill the first tensor whose name contains `name_part` with NaN (a structurally valid file)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if name_part in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(path), metadata={"format": "pt"})

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.deps import AdminDep, require_admin
-from app.errors import ApiError
-from app.protocol.admin import DeletedView, ExpertList, ExpertView, LoadedView, PinRequest, RegisterExpertRequest
+from app.protocol.admin import (
+    DeletedView,
+    ExpertList,
+    ExpertView,
+    JobView,
+    LoadedView,
+    PinRequest,
+    RegisterExpertRequest,
+)
 from app.protocol.common import error_responses
+from app.protocol.uploads import UploadedExpertView, upload_request_body
 from app.routers.respond import ExpertOrJob, expert_or_job
 
 router = APIRouter(prefix="/admin/experts", tags=["admin: experts"], dependencies=[Depends(require_admin)])
@@ -38,29 +46,20 @@ async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response
     return expert_or_job(response, (status, payload))
 
 
-@router.post("/upload", status_code=201, response_model=ExpertOrJob,
-             responses={**error_responses(400, 401, 403, 409, 413), 202: {"description": "Job accepted"}},
+@router.post("/upload", status_code=201, response_model=UploadedExpertView | JobView,
+             responses={**error_responses(400, 401, 403, 409, 413, 429), 202: {"description": "Job accepted"}},
+             openapi_extra={"requestBody": upload_request_body()},
              summary="Upload a model (archive or files) and register it")
-async def upload_expert(
-    admin: AdminDep,
-    response: Response,
-    id: str = Form(..., description="Unique expert id"),
-    archive: UploadFile | None = File(None, description="A .tar, .tar.gz or .zip of the model directory"),
-    files: list[UploadFile] | None = File(None, description="Or the files: config.json, model.safetensors, tokenizer"),
-    tags: str = Form("", description="Comma-separated tags"),
-    domain: str | None = Form(None),
-    base: str | None = Form(None, description="For a LoRA adapter: the registered base expert"),
-    background: bool = BACKGROUND,
-):
-    """Validated before anything is registered; a rejected upload leaves nothing behind."""
-    if archive is not None and files:
-        raise ApiError(400, "send either an archive or files, not both")
-    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
-    file_list = [(f.filename or "", f.file) for f in files or []]
-    arch = (archive.filename or "archive", archive.file) if archive is not None else None
-    status, payload = await admin.register_upload(id, file_list, arch, tags=tag_list, domain=domain,
-                                                  background=background, base=base)
-    return expert_or_job(response, (status, payload))
+async def upload_expert(request: Request, admin: AdminDep, response: Response, background: bool = BACKGROUND):
+    """A multipart form: `id`, then an `archive` (tar or zip) or the model's `files`; `tags`, `domain`, and
+    `base` for a LoRA adapter. The body is written straight into the data dir's staging area, under the
+    upload limit (`MERGEGATE_MAX_UPLOAD_BYTES`, 413 beyond); at most `MERGEGATE_MAX_CONCURRENT_UPLOADS`
+    uploads are in progress at once (429 beyond). Only the files a model directory needs are kept; the
+    others are listed in `dropped_files`. Validated before anything is registered; a rejected upload
+    leaves nothing behind."""
+    status, payload = await admin.register_upload(request, background=background)
+    response.status_code = status
+    return UploadedExpertView.model_validate(payload) if status == 201 else JobView.model_validate(payload)
 
 
 @router.delete("/{expert_id}", response_model=DeletedView, responses=error_responses(401, 403, 404, 409),

@@ -7,25 +7,28 @@ synchronous endpoints validate first, so that bad input is a 4xx before any job 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from anyio.to_thread import run_sync
 from fastapi.encoders import jsonable_encoder
+from starlette.requests import Request
 
 from app.errors import ApiError
 from app.metrics import Metrics
+from app.services.faults import with_fault
+from app.services.uploads import ReceivedUpload, UploadReceiver, UploadSlots
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.hf.lora import is_adapter_dir
-from experts.hf.validation import validate_model_dir
+from experts.hf.validation import is_model_file, validate_model_dir
+from experts.repository.archives import safe_extract
 from experts.repository.jobs import TERMINAL, JobContext, JobService
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
-from experts.repository.store import check_expert_id, check_upload_filename, safe_extract
+from experts.repository.store import check_expert_id
 from experts.runtime import Runtime
 
 SYNC_WAIT_S = 600.0
@@ -33,12 +36,15 @@ SYNC_WAIT_S = 600.0
 
 class AdminService:
     def __init__(self, repo: ExpertRepository, jobs: JobService, runtime: Runtime, metrics: Metrics, *,
-                 max_upload_bytes: int) -> None:
+                 max_upload_bytes: int, max_concurrent_uploads: int = 2, fault_pause: str | None = None) -> None:
         self.repo = repo
         self.jobs = jobs
         self.runtime = runtime  # model loading runs on the torch thread, like generation
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
+        self.upload_slots = UploadSlots(max_concurrent_uploads)
+        self.fault_pause = fault_pause  # testing only (app/services/faults.py)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def describe(self, expert_id: str) -> dict[str, Any]:
         return self.repo.describe(expert_id)
@@ -46,14 +52,14 @@ class AdminService:
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [{**r.to_dict(), "loaded": self.repo.is_loaded(r.id)} for r in self.repo.list(kind=kind)]
 
-    def _precheck(self, expert_id: str) -> None:
+    def check_new_id(self, expert_id: str) -> None:
         check_expert_id(expert_id)
         if self.repo.registry.has_expert(expert_id):
             raise ExpertExistsError(expert_id)
 
     def submit(self, kind: str, params: dict[str, Any], fn: Any) -> JobRecord:
         self.metrics.jobs.labels(kind).inc()
-        return self.jobs.submit(kind, params, fn)
+        return self.jobs.submit(kind, params, with_fault(self.fault_pause, kind, fn))
 
     async def finish(self, job: JobRecord, background: bool) -> tuple[int, dict[str, Any]]:
         """202 with the job in background mode; otherwise wait and return the registered expert."""
@@ -70,7 +76,7 @@ class AdminService:
         return 202, done.to_dict()
 
     # -- registration -------------------------------------------------------------------------
-    def _validate(self, src: Path, base: str | None) -> None:
+    def validate_dir(self, src: Path, base: str | None) -> None:
         if is_adapter_dir(src):
             self.repo.validate_adapter(src, base)
         else:
@@ -79,13 +85,13 @@ class AdminService:
     async def register_path(self, expert_id: str, path: str, *, tags: list[str], domain: str | None,
                             lineage: dict[str, Any] | None, background: bool,
                             base: str | None = None) -> tuple[int, dict[str, Any]]:
-        self._precheck(expert_id)
+        self.check_new_id(expert_id)
         src = Path(path)
         if not src.is_absolute():
             raise InvalidExpertError("path must be an absolute directory on the gateway's machine")
         if not src.is_dir():
             raise InvalidExpertError(f"{src} is not a directory on the server")
-        await run_sync(self._validate, src, base)
+        await run_sync(self.validate_dir, src, base)
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.1, "copying", force=True)
@@ -95,49 +101,73 @@ class AdminService:
         job = self.submit("register_expert", {"id": expert_id, "path": path, "tags": tags, "base": base}, run)
         return await self.finish(job, background)
 
-    def _stage_upload(self, files: list[tuple[str, BinaryIO]], archive: tuple[str, BinaryIO] | None,
-                      base: str | None) -> Path:
+    async def register_upload(self, request: Request, *, background: bool) -> tuple[int, dict[str, Any]]:
+        """Receive a multipart upload into the data dir's staging area (one of `max_concurrent_uploads`
+        slots, held until its job ends), validate it, and register it in a job. Files a model directory
+        does not need are dropped and listed in `dropped_files`."""
+        release = self.upload_slots.acquire()
         staging = self.repo.store.new_staging()
+        spool = staging.with_name(staging.name + ".upload")
+        job = None
         try:
-            if archive is not None:
-                tmp = staging.with_name(staging.name + ".upload")
-                try:
-                    with tmp.open("wb") as out:
-                        shutil.copyfileobj(archive[1], out, 1 << 20)
-                    safe_extract(tmp, staging, max_bytes=self.max_upload_bytes)
-                finally:
-                    tmp.unlink(missing_ok=True)
-            for name, fileobj in files:
-                with (staging / check_upload_filename(name)).open("wb") as out:
-                    shutil.copyfileobj(fileobj, out, 1 << 20)
-            if archive is None and not files:
-                raise InvalidExpertError("send an 'archive' (tar/zip) or the model's 'files'")
-            self._validate(staging, base)
-        except BaseException:
-            self.repo.store.discard(staging)
-            raise
-        return staging
+            receiver = UploadReceiver(staging, spool, max_bytes=self.max_upload_bytes, keep=is_model_file,
+                                      on_field=lambda name, value: self.check_new_id(value) if name == "id" else None)
+            form = await receiver.receive(request)
+            expert_id = form.fields.get("id")
+            if not expert_id:
+                raise ApiError(400, "id: the form field 'id' is required", param="id")
+            self.check_new_id(expert_id)
+            tags = [t.strip() for t in form.fields.get("tags", "").split(",") if t.strip()]
+            domain, base = form.fields.get("domain") or None, form.fields.get("base") or None
+            dropped = await run_sync(self._unpack, form, staging, spool, base)
 
-    async def register_upload(self, expert_id: str, files: list[tuple[str, BinaryIO]],
-                              archive: tuple[str, BinaryIO] | None, *, tags: list[str], domain: str | None,
-                              background: bool, base: str | None = None) -> tuple[int, dict[str, Any]]:
-        self._precheck(expert_id)
-        staging = await run_sync(self._stage_upload, files, archive, base)
+            def run(ctx: JobContext) -> dict[str, Any]:
+                ctx.progress(0.5, "registering", force=True)
+                if is_adapter_dir(staging):
+                    r = self.repo.register_adapter(expert_id, staging, base=base or "", tags=tags, domain=domain)
+                else:
+                    r = self.repo.register_staged(expert_id, staging, tags=tags, domain=domain)
+                return {"expert": r.id, "dropped_files": dropped}
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            ctx.progress(0.5, "registering", force=True)
-            if is_adapter_dir(staging):
-                r = self.repo.register_adapter(expert_id, staging, base=base or "", tags=tags, domain=domain)
-            else:
-                r = self.repo.register_staged(expert_id, staging, tags=tags, domain=domain)
-            return {"expert": r.id}
+            job = self.submit("register_upload", {"id": expert_id, "tags": tags, "dropped_files": dropped}, run)
+        finally:
+            spool.unlink(missing_ok=True)
+            if job is None:
+                self.repo.store.discard(staging)
+                release()
+        self._when_done(job.id, release, staging)
+        status, payload = await self.finish(job, background)
+        return status, ({**payload, "dropped_files": dropped} if status == 201 else payload)
 
-        try:
-            job = self.submit("register_upload", {"id": expert_id, "tags": tags}, run)
-        except BaseException:
-            self.repo.store.discard(staging)
-            raise
-        return await self.finish(job, background)
+    def _unpack(self, form: ReceivedUpload, staging: Path, spool: Path, base: str | None) -> list[str]:
+        """Extract the archive (if one was sent) and validate the staged directory; returns what was dropped."""
+        dropped = list(form.dropped)
+        if form.archive is not None:
+            dropped += safe_extract(spool, staging, max_bytes=self.max_upload_bytes, keep=is_model_file).dropped
+            spool.unlink(missing_ok=True)
+        elif not form.files:
+            raise InvalidExpertError("send an 'archive' (tar/zip) or the model's 'files'")
+        if not any(p.suffix == ".safetensors" for p in staging.iterdir()) and any(
+                d.endswith((".bin", ".pt", ".pth", ".ckpt")) for d in dropped):
+            raise InvalidExpertError("no model.safetensors found (pickled .bin/.pt weights are not accepted: convert "
+                                     "them to safetensors)")
+        self.validate_dir(staging, base)
+        return dropped
+
+    def _when_done(self, job_id: str, release: Callable[[], None], staging: Path) -> None:
+        """Once the job ends (however: it may be cancelled before it runs), free the upload's slot and
+        remove its staging directory if the job left it (a committed upload has already moved it)."""
+        async def wait() -> None:
+            try:
+                while (await run_sync(self.jobs.wait, job_id, 5.0)).status not in TERMINAL:
+                    pass
+                await run_sync(self.repo.store.discard, staging)
+            finally:
+                release()
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- management ---------------------------------------------------------------------------
     async def delete(self, expert_id: str) -> None:

@@ -20,7 +20,7 @@ from app.protocol.btm import (
 from app.services.admin import AdminService
 from experts.btm.forest import average_forest, create_forest, sample_sequences
 from experts.btm.operations import BTM, ModelSize
-from experts.btm.pipeline import run_pipeline
+from experts.btm.pipeline import existing_stages, pipeline_key, run_pipeline
 from experts.data.corpora import add_user_corpus, available_domains, list_corpora
 from experts.data.evaluation import evaluate_ids
 from experts.data.tokens import tokenize_text
@@ -165,10 +165,11 @@ class BTMService:
                                run, background)
 
     async def pipeline(self, req: PipelineRequest, background: bool) -> tuple[int, dict[str, Any]]:
-        ids = [f"{req.prefix}-seed", f"{req.prefix}-forest"] + [f"{req.prefix}-{d}" for d in req.domains]
-        for i in ids:
-            self._new_id(i)
+        """Run the pipeline, or resume it: stages this same request registered before (a crash, a cancel)
+        are kept and skipped; an id taken by anything else is a 409 before any job."""
         budget, size = _budget(req.budget), _size(req.size)
+        key = pipeline_key(req.domains, budget, size, req.seed_fraction, req.top_k, req.averages, "posterior")
+        await run_sync(existing_stages, self.repo, req.prefix, req.domains, req.averages, key)
         if req.top_k is not None and req.top_k > len(req.domains):
             raise InvalidExpertError(f"top_k must be at most the number of domains ({len(req.domains)})")
         await run_sync(self._domains, req.domains)

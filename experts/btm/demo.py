@@ -32,7 +32,7 @@ def _bar(fraction: float, width: int = 30) -> str:
 
 
 def build_demo(data_dir: Path, *, db_url: str, quick: bool = False,
-               echo: Callable[[str], None] | None = None) -> dict | None:
+               echo: Callable[[str], None] | None = None, rebind: bool = False) -> dict | None:
     """Build the demo forest if it is missing; returns the pipeline's result (None when already built)."""
     from transformers.utils import logging as hf_logging  # heavy: imported when the demo is built
 
@@ -40,7 +40,7 @@ def build_demo(data_dir: Path, *, db_url: str, quick: bool = False,
     size, budget, corpus_bytes = QUICK if quick else FULL
     data_dir.mkdir(parents=True, exist_ok=True)
     repo = open_repository(data_dir, database_url=db_url, max_loaded_models=8,
-                           max_loaded_bytes=4 << 30)
+                           max_loaded_bytes=4 << 30, rebind=rebind)
     try:
         if repo.registry.has_expert(f"{PREFIX}-forest"):
             return None

@@ -94,7 +94,7 @@ def load_forest(repo: ExpertRepository, record: ExpertRecord) -> LoadedModel:
 
 
 def average_forest(repo: ExpertRepository, forest_id: str, output_id: str, *, weighting: str = "uniform",
-                   progress: Any = None) -> ExpertRecord:
+                   progress: Any = None, lineage: dict[str, Any] | None = None) -> ExpertRecord:
     """Collapse a forest into one model: uniform or prior-weighted parameter average (BTM §4.4)."""
     forest = repo.record(forest_id)
     if forest.kind != "ensemble":
@@ -105,6 +105,6 @@ def average_forest(repo: ExpertRepository, forest_id: str, output_id: str, *, we
     weights = forest.spec["prior"] if weighting == "prior" else [1.0 / len(ids)] * len(ids)
     recipe = MergeRecipe.model_validate({"method": "linear", "parameters": {"normalize": True},
                                          "experts": [{"id": i, "weight": w} for i, w in zip(ids, weights)]})
-    record = MergeRunner(repo).run(recipe, output_id, tags=["btm", "average", weighting], progress=progress)
-    lineage = {**(record.lineage or {}), "op": f"btm.average.{weighting}", "forest": forest_id}
-    return repo.registry.update_expert(output_id, lineage=lineage)
+    extra = {"op": f"btm.average.{weighting}", "forest": forest_id, **(lineage or {})}
+    return MergeRunner(repo).run(recipe, output_id, tags=["btm", "average", weighting], progress=progress,
+                                 extra_lineage=extra)

@@ -136,8 +136,9 @@ class BTM:
 
     # -- the four operations ------------------------------------------------------------------
     def seed(self, expert_id: str, domains: list[str], budget: TrainConfig, size: ModelSize = ModelSize(), *,
-             progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ExpertRecord:
-        """Train a seed LM on a uniform mixture of `domains`."""
+             progress: Progress | None = None, should_stop: ShouldStop | None = None,
+             lineage: dict[str, Any] | None = None) -> ExpertRecord:
+        """Train a seed LM on a uniform mixture of `domains`; `lineage` adds to the recorded lineage."""
         if not domains:
             raise InvalidExpertError("seed needs at least one domain")
         tok = self.tokenizer(domains, size.vocab_size)
@@ -146,8 +147,9 @@ class BTM:
                          seed=budget.seed)
         train = self.mixture_ids(tok, domains, "train")
         val = self.mixture_ids(tok, domains, "validation")
-        lineage = {"op": "btm.seed", "parents": [], "recipe": {"domains": domains, "size": asdict(size)}}
-        return self._train_and_register(model, tok, expert_id, train, val, budget, lineage, None,
+        full = {"op": "btm.seed", "parents": [], "recipe": {"domains": domains, "size": asdict(size)},
+                **(lineage or {})}
+        return self._train_and_register(model, tok, expert_id, train, val, budget, full, None,
                                         ["btm", "seed"], progress, should_stop)
 
     def branch_weights(self, parents: list[str], domain: str, *, sequences: int = 8, seq_len: int = 128) -> list[float]:
@@ -165,8 +167,9 @@ class BTM:
         return [float(x) for x in prior]
 
     def branch(self, expert_id: str, parents: list[str], domain: str | None = None,
-               weights: list[float] | None = None) -> ExpertRecord:
-        """A new expert initialised as the weighted average of `parents` (registered, ready to train)."""
+               weights: list[float] | None = None, *, lineage: dict[str, Any] | None = None) -> ExpertRecord:
+        """A new expert initialised as the weighted average of `parents` (registered, ready to train, with
+        its lineage in the same write)."""
         if not parents:
             raise InvalidExpertError("branch needs at least one parent expert")
         if weights is None:
@@ -178,19 +181,20 @@ class BTM:
             raise InvalidExpertError(f"{len(parents)} parents but {len(weights)} weights")
         recipe = MergeRecipe.model_validate({"method": "linear", "parameters": {"normalize": True},
                                              "experts": [{"id": p, "weight": w} for p, w in zip(parents, weights)]})
-        record = self.merges.run(recipe, expert_id, tags=["btm", "branch"], domain=domain)
-        lineage = {**(record.lineage or {}), "op": "btm.branch"}
-        return self.repo.registry.update_expert(expert_id, lineage=lineage)
+        return self.merges.run(recipe, expert_id, tags=["btm", "branch"], domain=domain,
+                               extra_lineage={"op": "btm.branch", **(lineage or {})})
 
     def train(self, expert_id: str, source: str, domain: str, budget: TrainConfig, *,
-              progress: Progress | None = None,
-              should_stop: ShouldStop | None = None, seed_offset: int = 0) -> ExpertRecord:
-        """Continue training `source` on `domain` only; registers the result as `expert_id`."""
+              progress: Progress | None = None, should_stop: ShouldStop | None = None, seed_offset: int = 0,
+              lineage: dict[str, Any] | None = None) -> ExpertRecord:
+        """Continue training `source` on `domain` only; registers the result as `expert_id` (`lineage`
+        overrides fields of the recorded lineage, in the same write)."""
         model, tok = self._fresh_model(source)
         train = self.token_ids(tok, domain, "train")
         val = self.token_ids(tok, domain, "validation")
-        lineage = {"op": "btm.train", "parents": [{"id": source, "weight": 1.0}], "recipe": {"corpus": domain}}
-        return self._train_and_register(model, tok, expert_id, train, val, budget, lineage, domain,
+        full = {"op": "btm.train", "parents": [{"id": source, "weight": 1.0}], "recipe": {"corpus": domain},
+                **(lineage or {})}
+        return self._train_and_register(model, tok, expert_id, train, val, budget, full, domain,
                                         ["btm", domain], progress, should_stop, seed_offset)
 
 

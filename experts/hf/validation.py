@@ -1,7 +1,8 @@
 """Validate a Hugging Face causal-LM directory before anything is registered.
 
 Checks, cheapest first: config parses and names a causal-LM architecture transformers can build;
-every safetensors file is structurally sound (header parses, data region matches the file size);
+every safetensors file is structurally sound (header parses; every tensor has a known dtype and
+offsets that span exactly its shape x dtype size, without overlaps or holes, to the end of the file);
 the tensors in the files match the parameters of the model built from the config (names and shapes;
 tied weights may be absent); a tokenizer is present and loads. The model is built on the `meta`
 device, so validation costs no weight memory.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,12 @@ from experts.errors import InvalidExpertError
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
 TOKENIZER_AUX_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "adapter_config.json")
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CARD_FILES = ("README.md", "MODEL_CARD.md")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+#: Every dtype the safetensors format defines, with its size in bytes; anything else is refused.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +44,9 @@ class ModelInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and sanity-check a safetensors header without reading the tensor data."""
+    """Parse and check a safetensors header without reading the tensor data: every entry has a known
+    dtype, a shape and offsets whose span is exactly shape x dtype size, the tensors neither overlap
+    nor leave holes, and they fill the data region to the end of the file."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -53,21 +62,47 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise InvalidExpertError(f"{path.name}: corrupt safetensors header")
     header.pop("__metadata__", None)
-    end = 0
-    for name, entry in header.items():
-        try:
-            start, stop = entry["data_offsets"]
-            shape, _dtype = entry["shape"], entry["dtype"]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidExpertError(f"{path.name}: corrupt entry for tensor {name!r}") from None
-        if not (0 <= start <= stop) or not isinstance(shape, list):
-            raise InvalidExpertError(f"{path.name}: corrupt offsets for tensor {name!r}")
-        end = max(end, stop)
-    if 8 + n + end != size:
-        raise InvalidExpertError(
-            f"{path.name}: file is {size} bytes but its header describes {8 + n + end} (truncated or corrupt)"
-        )
+    spans = sorted((_check_entry(path.name, name, entry), name) for name, entry in header.items())
+    prev_stop, prev_name = 0, None
+    for (start, stop), name in spans:
+        if start < prev_stop:
+            raise InvalidExpertError(f"{path.name}: the data of tensors {prev_name!r} and {name!r} overlap "
+                                     "(corrupt data_offsets)")
+        if start > prev_stop:
+            raise InvalidExpertError(f"{path.name}: a hole of {start - prev_stop} bytes before tensor {name!r} "
+                                     "(corrupt data_offsets)")
+        prev_stop, prev_name = stop, name
+    data_len = size - 8 - n
+    if prev_stop != data_len:
+        where = f"tensor {prev_name!r} reaches past the end of the file; " if prev_stop > data_len else ""
+        raise InvalidExpertError(f"{path.name}: {where}the file is {size} bytes but its header describes "
+                                 f"{8 + n + prev_stop} (truncated or corrupt)")
     return header
+
+
+def _check_entry(file: str, name: str, entry: object) -> tuple[int, int]:
+    """One header entry's (start, stop), after checking its dtype, shape and that the span fits both."""
+    try:
+        start, stop = entry["data_offsets"]  # type: ignore[index]
+        shape, dtype = entry["shape"], entry["dtype"]  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        raise InvalidExpertError(f"{file}: corrupt entry for tensor {name!r}") from None
+    if not all(_is_count(x) for x in (start, stop)) or start > stop:
+        raise InvalidExpertError(f"{file}: corrupt data_offsets {[start, stop]} for tensor {name!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InvalidExpertError(f"{file}: corrupt shape {shape!r} for tensor {name!r}")
+    if dtype not in DTYPE_BYTES:
+        raise InvalidExpertError(f"{file}: tensor {name!r} has an unknown dtype {dtype!r} (known: "
+                                 f"{', '.join(DTYPE_BYTES)})")
+    need = math.prod(shape) * DTYPE_BYTES[dtype]
+    if stop - start != need:
+        raise InvalidExpertError(f"{file}: tensor {name!r} spans {stop - start} bytes, but shape {shape} of {dtype} "
+                                 f"needs {need} (corrupt data_offsets)")
+    return start, stop
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def tokenizer_fingerprint(model_dir: Path) -> str:
@@ -172,7 +207,15 @@ def validate_model_dir(model_dir: Path) -> ModelInfo:
     return ModelInfo(arch, config.model_type, num_params, dtype, ctx, fingerprint, size)
 
 
+KEPT_FILES = frozenset(MODEL_FILES + TOKENIZER_FILES + TOKENIZER_AUX_FILES + TEMPLATE_FILES + CARD_FILES)
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of a model directory is worth keeping: config, weights (safetensors), tokenizer,
+    generation config, chat template, README / model card. Anything else is dropped."""
+    return name in KEPT_FILES or (name.endswith(".safetensors") and not name.startswith("."))
+
+
 def model_files(model_dir: Path) -> list[Path]:
-    """The files of a model directory worth keeping: config, weights, tokenizer, templates."""
-    keep = set(MODEL_FILES) | set(TOKENIZER_FILES) | set(TOKENIZER_AUX_FILES)
-    return sorted(p for p in model_dir.iterdir() if p.is_file() and (p.name in keep or p.suffix == ".safetensors"))
+    """The files of a model directory worth keeping (`is_model_file`)."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and is_model_file(p.name))

@@ -64,6 +64,13 @@ jobs_table = sa.Table(
 )
 
 
+meta_table = sa.Table(
+    "meta", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
 def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[experts_table, jobs_table])
 
@@ -74,7 +81,12 @@ def _v2(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN detail JSON"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+def _v3(conn: Connection) -> None:
+    """meta: key/value facts about the registry itself (its `registry_id`, bound to one data dir)."""
+    metadata.create_all(conn, tables=[meta_table])
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -163,6 +175,29 @@ class Registry:
             else:
                 conn.execute(sa.update(schema_info).where(schema_info.c.id == 1).values(version=SCHEMA_VERSION))
         return found
+
+    def read_meta(self, key: str) -> str | None:
+        """A value of the meta table; None when absent, or when the database has no meta table yet
+        (a new database, or one not migrated): reading never creates anything."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(meta_table.name):
+                return None
+            row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == key)).first()
+        return None if row is None else str(row[0])
+
+    def write_meta(self, key: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(meta_table.c.key).where(meta_table.c.key == key)).first() is None:
+                conn.execute(sa.insert(meta_table).values(key=key, value=value))
+            else:
+                conn.execute(sa.update(meta_table).where(meta_table.c.key == key).values(value=value))
+
+    def count_rows(self) -> int:
+        """Experts plus jobs (0 for a database without tables): is this registry empty?"""
+        with self.engine.connect() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+            return sum(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                       for t in (experts_table, jobs_table) if t.name in names)
 
     def ping(self) -> bool:
         with self.engine.connect() as conn:

@@ -4,9 +4,12 @@ Kinds plug in through a table of :class:`Kind` (see :mod:`experts.runtime`): the
 knows no kind but how to store and validate local models and LoRA adapters.
 
 Writes follow one order so that a crash at any point leaves a consistent repository:
-stage the artifact -> validate -> rename into the store -> insert the registry row. A row is only
-ever inserted for a complete artifact; an artifact without a row is an orphan removed at start-up.
-Deletion removes the row first, then the artifact.
+stage the artifact -> validate -> smoke forward (finite logits) -> rename into the store -> insert
+the registry row. A row is only ever inserted for a complete artifact. An artifact without a row
+(a crash between rename and insert, or a registry that lost rows) is never deleted: at start-up it
+is moved to `<data dir>/orphans`, to be adopted again or deleted by an admin. The registry is bound to
+its data dir (`binding.py`): a mismatched pair refuses to open. Deletion removes the row first,
+then the artifact.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailabl
 from experts.hf.loading import LoadedModel, ModelCache
 from experts.hf.lora import is_adapter_dir, validate_adapter_dir
 from experts.hf.multilora import AdapterCache
+from experts.hf.smoke import smoke_test_adapter, smoke_test_model
 from experts.hf.validation import model_files, validate_model_dir
+from experts.repository.binding import bind, check_binding
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.store import ArtifactStore, check_expert_id
 
@@ -43,7 +48,8 @@ class Kind:
     are both `ensemble` rows). `serve` builds the servable object for a ready record; `load` reads its
     weights into the model cache (None: nothing to load); `describe` adds kind-specific fields to
     `describe()`; `forget` cleans up after a delete; `on_open` runs once at start-up with the kind's
-    records; `uses` names the experts this one depends on (they cannot be deleted while it exists)."""
+    records; `uses` names the experts this one depends on (they cannot be deleted while it exists), in the
+    role `uses_as` says (for the message that refuses such a delete)."""
 
     name: str
     record_kind: str
@@ -55,6 +61,7 @@ class Kind:
     on_open: Callable[[list[ExpertRecord], ExpertRepository], None] | None = None
     uses: Callable[[ExpertRecord], list[str]] = _none
     resident: Callable[[ExpertRecord], str] | None = None  # the cache entry that serving it keeps loaded
+    uses_as: str = "a dependency"
 
 
 class ExpertRepository:
@@ -80,13 +87,20 @@ class ExpertRepository:
             f"expert {record.id!r} is of kind {record.kind!r}, which this gateway cannot serve")
 
     # -- life cycle ---------------------------------------------------------------------------
-    def open(self) -> None:
-        """Migrate the schema, clear crash debris, and re-apply pins."""
+    def open(self, *, rebind: bool = False) -> None:
+        """Check that the registry belongs to this data dir (RegistryMismatchError if not, before anything
+        is written), migrate the schema, clear staging debris, quarantine orphans, re-apply pins."""
+        check_binding(self.registry, self.store.root, rebind=rebind)
         self.registry.migrate()
+        bind(self.registry, self.store.root, rebind=rebind)
         self.store.cleanup()
         records = self.registry.list_experts()
         for orphan in self.store.orphans({r.path for r in records if r.path}):
-            shutil.rmtree(orphan, ignore_errors=True)
+            dest = self.store.quarantine(orphan)
+            log.warning("artifact %s has no registry row: moved to %s (GET /admin/orphans lists it; adopt it with "
+                        "POST /admin/orphans/%s/adopt or delete it with DELETE /admin/orphans/%s)",
+                        orphan.name, dest, dest.name, dest.name)
+        records = self._check_artifacts(records)
         for kind in self.kinds:
             if kind.on_open is not None:
                 kind.on_open([r for r in records if self._matches(kind, r)], self)
@@ -98,6 +112,20 @@ class ExpertRepository:
                     self.cache.get(key)
                 except Exception as e:
                     log.warning("pinned expert %s failed to load: %s", r.id, e)
+
+    def _check_artifacts(self, records: list[ExpertRecord]) -> list[ExpertRecord]:
+        """A row whose artifact is gone (a registry newer than its data dir) is marked `missing`, and ready
+        again once the artifact is back; nothing else is touched."""
+        out = []
+        for r in records:
+            if r.path and r.status in ("ready", "missing"):
+                status = "ready" if self.store.resolve(r.path).is_dir() else "missing"
+                if status != r.status:
+                    log.warning("expert %s: artifact %s %s", r.id, r.path,
+                                "is missing" if status == "missing" else "is back")
+                    r = self.registry.update_expert(r.id, status=status)
+            out.append(r)
+        return out
 
     # -- queries ------------------------------------------------------------------------------
     def record(self, expert_id: str) -> ExpertRecord:
@@ -203,6 +231,7 @@ class ExpertRepository:
             if self.registry.has_expert(expert_id):
                 raise ExpertExistsError(expert_id)
             info = validate_model_dir(staging)
+            smoke_test_model(staging, dtype=self.default_dtype)
             rel = self.store.commit(staging, expert_id)
         except BaseException:
             self.store.discard(staging)
@@ -252,6 +281,7 @@ class ExpertRepository:
                 raise ExpertExistsError(expert_id)
             base_rec = self._lora_base(base)
             info = validate_adapter_dir(staging, self.artifact_dir(base_rec))
+            smoke_test_adapter(staging, self.artifact_dir(base_rec), dtype=self.default_dtype)
             rel = self.store.commit(staging, expert_id)
         except BaseException:
             self.store.discard(staging)
@@ -270,29 +300,49 @@ class ExpertRepository:
             self.store.remove(rel)
             raise
 
+    def adopt_orphan(self, name: str, expert_id: str, *, base: str | None = None, **meta: Any) -> ExpertRecord:
+        """Register a quarantined artifact (validated, smoke-tested and committed like any registration);
+        the orphan is removed only once its expert is registered, so a refusal leaves it in place."""
+        src = self.store.orphan_path(name)
+        check_expert_id(expert_id)
+        if self.registry.has_expert(expert_id):
+            raise ExpertExistsError(expert_id)
+        if is_adapter_dir(src):
+            self.validate_adapter(src, base)
+            record = self.register_adapter(expert_id, self.store.link_into_staging(model_files(src)),
+                                           base=base or "", **meta)
+        else:
+            validate_model_dir(src)
+            record = self.register_staged(expert_id, self.store.link_into_staging(model_files(src)), **meta)
+        self.store.delete_orphan(name)
+        return record
+
     def insert_record(self, record: ExpertRecord) -> ExpertRecord:
         """Register an expert without an artifact (remote and ensemble kinds)."""
         check_expert_id(record.id)
         return self.registry.insert_expert(record)
 
     # -- removal ------------------------------------------------------------------------------
-    def dependents(self, expert_id: str) -> list[str]:
-        """Experts that use this one (a LoRA's base, a forest's or ensemble's member, a remote's fallback)."""
+    def dependents(self, expert_id: str) -> list[tuple[str, str]]:
+        """Experts that use this one, each with how (a LoRA's base, a forest's or ensemble's member, a remote
+        expert's fallback)."""
         out = []
         for r in self.registry.list_experts():
             try:
-                uses = self.kind_of(r).uses(r)
+                kind = self.kind_of(r)
             except ExpertUnavailableError:
                 continue
-            if expert_id in uses:
-                out.append(r.id)
+            if expert_id in kind.uses(r):
+                out.append((r.id, f"{kind.name} expert, as {kind.uses_as}"))
         return out
 
     def delete(self, expert_id: str) -> None:
         record = self.registry.get_expert(expert_id)
         users = self.dependents(expert_id)
         if users:
-            raise ExpertInUseError(f"expert {expert_id!r} is used by {users}; delete those first")
+            named = ", ".join(f"{i!r} ({how})" for i, how in users)
+            raise ExpertInUseError(f"expert {expert_id!r} is used by {named}: delete those first, or remove the "
+                                   "reference")
         self.registry.delete_expert(expert_id)
         self.cache.forget(expert_id)
         self.adapters.forget(expert_id)

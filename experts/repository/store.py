@@ -2,7 +2,10 @@
 
 Every new artifact is assembled in `<data_dir>/staging/<uuid>` (same filesystem) and moved into
 place with one `os.rename`, so a reader never sees a half-written expert and a crash leaves only
-staging debris, which `cleanup()` removes on the next start.
+staging debris, which `cleanup()` removes on the next start. Uploads are spooled there too.
+
+An artifact without a registry row is never deleted on a guess: `quarantine()` moves it to
+`<data_dir>/orphans/`, from where an admin re-adopts it or deletes it explicitly.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
-import tarfile
 import uuid
-import zipfile
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 
-from experts.errors import InvalidExpertError
+from experts.errors import InvalidExpertError, OrphanNotFoundError
 
+ORPHAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+ARTIFACT_SUFFIX = re.compile(r"-[0-9a-f]{8}(-[0-9a-f]{6})?$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -30,12 +33,30 @@ def check_expert_id(expert_id: str) -> str:
     return expert_id
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """A quarantined artifact directory in `<data_dir>/orphans`."""
+
+    name: str
+    path: Path
+    files: list[str]
+    size_bytes: int
+    modified_at: float
+    looks_like: str  # "model" (config.json), "adapter" (adapter_config.json) or "unknown"
+    suggested_id: str  # the expert id its directory name was made from
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "files": self.files, "size_bytes": self.size_bytes,
+                "modified_at": self.modified_at, "looks_like": self.looks_like, "suggested_id": self.suggested_id}
+
+
 class ArtifactStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir
         self.experts_dir = data_dir / "experts"
         self.staging_dir = data_dir / "staging"
-        for d in (self.experts_dir, self.staging_dir):
+        self.orphans_dir = data_dir / "orphans"
+        for d in (self.experts_dir, self.staging_dir, self.orphans_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     def cleanup(self) -> None:
@@ -75,6 +96,56 @@ class ArtifactStore:
         """Artifact directories no registry row points to (e.g. a crash between rename and insert)."""
         return [p for p in self.experts_dir.iterdir() if str(p.relative_to(self.root)) not in known]
 
+    # -- quarantine ---------------------------------------------------------------------------
+    def quarantine(self, artifact: Path) -> Path:
+        """Move an artifact without a row to `<data_dir>/orphans/` (one rename; never deleted here)."""
+        dest = self.orphans_dir / artifact.name
+        if dest.exists():
+            dest = self.orphans_dir / f"{artifact.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(artifact, dest)
+        fsync_dir(self.orphans_dir)
+        return dest
+
+    def orphan_path(self, name: str) -> Path:
+        p = self.orphans_dir / name
+        if not ORPHAN_NAME.match(name or "") or not p.is_dir() or p.is_symlink():
+            raise OrphanNotFoundError(name)
+        return p
+
+    def list_orphans(self) -> list[Orphan]:
+        out = []
+        for p in sorted(self.orphans_dir.iterdir()):
+            if not p.is_dir() or p.is_symlink() or not ORPHAN_NAME.match(p.name):
+                continue
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            looks = "adapter" if (p / "adapter_config.json").is_file() else \
+                "model" if (p / "config.json").is_file() else "unknown"
+            out.append(Orphan(p.name, p, [str(f.relative_to(p)) for f in files],
+                              sum(f.stat().st_size for f in files), p.stat().st_mtime, looks,
+                              ARTIFACT_SUFFIX.sub("", p.name)))
+        return out
+
+    def delete_orphan(self, name: str) -> None:
+        p = self.orphan_path(name)
+        trash = self.staging_dir / f"trash-{uuid.uuid4().hex}"
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def link_into_staging(self, files: list[Path]) -> Path:
+        """A new staging directory holding `files` as hard links (copies where links are refused): adopting
+        an orphan costs no copy, and a failed adoption leaves the orphan untouched."""
+        staging = self.new_staging()
+        try:
+            for f in files:
+                try:
+                    os.link(f, staging / f.name)
+                except OSError:
+                    shutil.copy2(f, staging / f.name)
+        except BaseException:
+            self.discard(staging)
+            raise
+        return staging
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable (best effort: some filesystems refuse to fsync a directory)."""
@@ -88,73 +159,3 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _safe_member_name(name: str) -> PurePosixPath:
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise InvalidExpertError(f"archive member {name!r} escapes the archive (absolute path or '..')")
-    return p
-
-
-def safe_extract(archive: Path, dest: Path, *, max_bytes: int) -> None:
-    """Extract a .tar(.gz/.bz2/.xz) or .zip archive into `dest`, refusing path traversal, links,
-    special files and more than `max_bytes` of content. A single top-level folder is flattened."""
-    total = 0
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            for info in infos:
-                _safe_member_name(info.filename)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise InvalidExpertError(f"archive member {info.filename!r} is a link")
-                total += info.file_size
-            if total > max_bytes:
-                raise InvalidExpertError(f"archive expands to {total} bytes, over the limit of {max_bytes}")
-            for info in infos:
-                if not info.is_dir():
-                    _write_member(dest, _safe_member_name(info.filename), zf.open(info))
-    else:
-        try:
-            tf = tarfile.open(archive)
-        except tarfile.TarError:
-            raise InvalidExpertError("the upload is neither a zip nor a tar archive") from None
-        with tf:
-            members = tf.getmembers()
-            for m in members:
-                _safe_member_name(m.name)
-                if not (m.isfile() or m.isdir()):
-                    raise InvalidExpertError(f"archive member {m.name!r} is not a regular file")
-                total += m.size
-            if total > max_bytes:
-                raise InvalidExpertError(f"archive expands to {total} bytes, over the limit of {max_bytes}")
-            for m in members:
-                if m.isfile():
-                    src = tf.extractfile(m)
-                    assert src is not None
-                    _write_member(dest, _safe_member_name(m.name), src)
-    _flatten_single_dir(dest)
-
-
-def _write_member(dest: Path, rel: PurePosixPath, src) -> None:
-    target = dest.joinpath(*rel.parts)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with src, target.open("wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-
-
-def _flatten_single_dir(dest: Path) -> None:
-    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir() and not (dest / "config.json").exists():
-        inner = entries[0]
-        for p in inner.iterdir():
-            os.rename(p, dest / p.name)
-        inner.rmdir()
-
-
-def check_upload_filename(name: str) -> str:
-    """Plain file uploads must be bare names (config.json, model.safetensors, tokenizer.json...)."""
-    base = name.replace("\\", "/")
-    if not base or "/" in base or base in (".", "..") or base.startswith("."):
-        raise InvalidExpertError(f"invalid upload file name {name!r}: send bare file names")
-    return base

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import CLIENT_KEY
+from tests.helpers import CLIENT_KEY, poison_weights, rewrite_safetensors_header
 
 
 def artifacts(gw) -> set[str]:
@@ -87,7 +87,7 @@ def test_upload_archive_in_background_and_follow_job(gateway, tiny_model_dir, tm
                 if line.startswith("data: ") and line != "data: [DONE]":
                     events.append(json.loads(line[6:]))
         assert events[-1]["status"] == "succeeded" and events[-1]["progress"] == 1.0
-        assert events[-1]["result"] == {"expert": "from-tar"}
+        assert events[-1]["result"] == {"expert": "from-tar", "dropped_files": []}
         assert c.get(f"/admin/jobs/{job['id']}").json()["status"] == "succeeded"
         assert c.post(f"/admin/jobs/{job['id']}/cancel").status_code == 409  # already finished
         assert c.get("/admin/experts/from-tar").status_code == 200
@@ -114,6 +114,23 @@ def _garbage_header(d: Path) -> None:
     (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not-json-at-all!" + b"\0" * 64)
 
 
+def _overlapping_offsets(d: Path) -> None:
+    def change(h: dict) -> None:
+        a, b = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])[:2]
+        size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+        h[b]["data_offsets"] = [h[a]["data_offsets"][1] - 4, h[a]["data_offsets"][1] - 4 + size]
+    rewrite_safetensors_header(d / "model.safetensors", change)
+
+
+def _unknown_dtype(d: Path) -> None:
+    rewrite_safetensors_header(d / "model.safetensors",
+                               lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="Q7"))
+
+
+def _nan_weights(d: Path) -> None:
+    poison_weights(d / "model.safetensors", "wte")
+
+
 def _not_causal(d: Path) -> None:
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "vit"
@@ -122,7 +139,8 @@ def _not_causal(d: Path) -> None:
 
 @pytest.mark.parametrize("breakage, words", [
     (_corrupt_weights, "truncated"), (_mismatched_config, "shape"), (_no_tokenizer, "tokenizer"),
-    (_garbage_header, "header"), (_not_causal, "causal"),
+    (_garbage_header, "header"), (_not_causal, "causal"), (_overlapping_offsets, "overlap"),
+    (_unknown_dtype, "unknown dtype 'Q7'"), (_nan_weights, "not finite"),
 ])
 def test_bad_uploads_are_refused_and_leave_nothing(gateway, tiny_model_dir, tmp_path, snapshot, breakage, words):
     bad = tmp_path / "bad"

@@ -13,7 +13,8 @@ from experts.base import GenerationParams, StreamDelta
 from experts.errors import GenerationInputError, InvalidExpertError
 from experts.hf.engine.sync import generate, stream_generate
 from experts.hf.generation import score_ids, start_ids
-from experts.repository.store import safe_extract
+from experts.hf.validation import is_model_file
+from experts.repository.archives import safe_extract
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def _tar(members: dict[str, bytes], link: bool = False) -> bytes:
 
 @pytest.mark.parametrize("members, link, words", [
     ({"../x": b"1"}, False, "escapes"), ({"/abs/x": b"1"}, False, "escapes"),
-    ({"ok": b"1"}, True, "not a regular file"), ({"big": b"1" * 2000}, False, "over the limit"),
+    ({"ok": b"1"}, True, "not a regular file"), ({"model.safetensors": b"1" * 2000}, False, "over the limit"),
 ])
 def test_safe_extract_refuses(tmp_path, members, link, words):
     arc = tmp_path / "a.tar"
@@ -90,5 +91,5 @@ def test_safe_extract_refuses(tmp_path, members, link, words):
     dest = tmp_path / "out"
     dest.mkdir()
     with pytest.raises(InvalidExpertError, match=words):
-        safe_extract(arc, dest, max_bytes=1000)
+        safe_extract(arc, dest, max_bytes=1000, keep=is_model_file)
     assert list(dest.iterdir()) == []
