@@ -1,11 +1,89 @@
-"""Wire models shared by all endpoints (OpenAI-compatible)."""
+"""Wire models shared by all endpoints (OpenAI-compatible), and the input-validation layer of requests.
+
+Every JSON request body is a :class:`RequestModel`, so what any endpoint accepts is checked in one way
+before a service sees it (a 400 in the error envelope otherwise):
+
+* numbers are strict: `true`/`false` are not numbers, `"1"` is not an integer, `1.5` is not an integer
+  (an integer is a valid float); `NaN` and `Infinity` (which Python's JSON parser takes) are refused;
+* every string is valid Unicode: a lone UTF-16 surrogate (`"\\ud800"`, valid JSON) cannot reach a
+  tokenizer, a file name or a response;
+* ids, seeds, token ids and budgets carry their real bounds in the schema (the types below), so
+  `/openapi.json` says what the server takes.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from experts.repository.store import ID_PATTERN
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+ExpertId = Annotated[str, Field(pattern=ID_PATTERN.pattern, min_length=1, max_length=128,
+                                description="An expert id: 1-128 letters, digits, '.', '_', ':', '-', starting "
+                                            "with a letter or digit")]
+# torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; the API takes the signed 64-bit range
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX, description="A signed 64-bit integer")]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Tag = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-class OpenAIBaseModel(BaseModel):
+COMBINATION = "invalid_combination"  # the error type (and envelope code) of a rule between fields
+
+
+def combination_error(message: str) -> PydanticCustomError:
+    """The error of a rule between fields, each valid alone (exactly one of a, b; c needs d...): a 400 with
+    `code: "invalid_combination"`, which a JSON schema cannot express."""
+    return PydanticCustomError(COMBINATION, message)
+
+
+def _bad_unicode(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) in `value` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        return (path or "value") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            where = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _SURROGATE.search(k):
+                return (path or "body") + " (a key)"
+            found = _bad_unicode(v, where)
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found = _bad_unicode(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class RequestModel(BaseModel):
+    """The base of every JSON request body: strict numbers, valid Unicode (see the module docstring)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        where = _bad_unicode(value)
+        if where is not None:
+            at = "" if where == "value" else f" at {where}"
+            raise ValueError(f"text must be valid Unicode: a lone UTF-16 surrogate{at}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_unicode_extras(self) -> Any:
+        if self.model_extra and _bad_unicode(self.model_extra) is not None:
+            raise ValueError("text must be valid Unicode: a lone UTF-16 surrogate in an extra field")
+        return self
+
+
+class OpenAIBaseModel(RequestModel):
     """Requests accept and ignore unknown fields, as OpenAI clients send extras (user, metadata...)."""
 
     model_config = ConfigDict(extra="allow")
@@ -28,7 +106,7 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 

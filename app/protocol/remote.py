@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from app.protocol.admin import ExpertView
+from app.protocol.common import RequestModel
 from experts.remote.upstream import SPEC_DEFAULTS as D
 
 SPEC_KEYS = {"base_url", "model", "timeouts", "max_concurrency", "max_retries", "fallbacks", "retry", "breaker"}
 
 
-class _Strict(BaseModel):
+class _Strict(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -6,7 +6,6 @@ from dataclasses import fields
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Discriminator,
     Field,
@@ -17,11 +16,12 @@ from pydantic import (
     model_validator,
 )
 
+from app.protocol.common import ExpertId, RequestModel
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
-from merging.search.settings import MAX_QUERIES, SearchSettings
+from merging.search.settings import BETA_BOUND, MAX_QUERIES, SearchSettings
 
 
-class ProviderIn(BaseModel):
+class ProviderIn(RequestModel):
     """Where the weights live: this gateway (no `url`) or any server with the merge-sessions contract."""
 
     model_config = ConfigDict(extra="forbid")
@@ -30,6 +30,9 @@ class ProviderIn(BaseModel):
                             "omit for this gateway", examples=["http://127.0.0.1:8001"])
     api_key: SecretStr | None = Field(None, description="The provider's client key (Bearer); never stored "
                                       "in the job or returned")
+    admin_key: SecretStr | None = Field(None, description="The provider's admin key, needed with `name`: "
+                                        "materialising the winner is an admin right on the provider. Used for "
+                                        "that one call (api_key if omitted); never stored or returned")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Per HTTP exchange")
     retries: int = Field(4, ge=0, le=20, description="Extra attempts on connection errors, 429 and 5xx")
 
@@ -41,14 +44,23 @@ class ProviderIn(BaseModel):
         return v.rstrip("/") if v else v
 
 
+# where the wire type says more than the dataclass: each lambda's box; seeds as the optimisers take them
+_WIRE_TYPES: dict[str, Any] = {
+    "lambdas": tuple[Annotated[float, Field(strict=True, ge=-BETA_BOUND, le=BETA_BOUND)], ...],
+    "seed": Annotated[int, Field(ge=0, le=2**32 - 1)] | None,
+}
+
+
 def _settings_fields() -> dict[str, Any]:
-    """One pydantic field per :class:`SearchSettings` field: its type, default, bounds and help."""
-    hints = get_type_hints(SearchSettings)
-    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"], **f.metadata["bounds"]))
+    """One pydantic field per :class:`SearchSettings` field: its type, default, bounds and help (a tuple
+    comes as a JSON array: lax about the container, strict about its items)."""
+    hints = {**get_type_hints(SearchSettings), **_WIRE_TYPES}
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"], **f.metadata["bounds"],
+                                          **({"strict": False} if f.name == "lambdas" else {})))
             for f in fields(SearchSettings)}
 
 
-class _SearchTarget(BaseModel):
+class _SearchTarget(RequestModel):
     """What a search runs against: the provider, the base and pool, the validation data and the loss."""
 
     provider: ProviderIn = ProviderIn()
@@ -80,7 +92,7 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
         "method": "evo_merging", "budget_stage1": 400, "budget_stage2": 800, "seed": 42,
         "name": "evo-dictionary-word"}]})
 
-    name: str | None = Field(None, description="Register the winner under this id (omit: search only)",
+    name: ExpertId | None = Field(None, description="Register the winner under this id (omit: search only)",
                              examples=["evo-merged"])
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None
@@ -106,7 +118,7 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
         return SearchSettings(**self.model_dump(include=SETTING_NAMES))
 
 
-class EnsembleSearchRequest(BaseModel):
+class EnsembleSearchRequest(RequestModel):
     """Search the weights of a black-box ensemble (`mode` score_select or token_mix) through API calls only.
 
     Every member is called once per validation example (token_mix: the reference's log-probabilities;
@@ -132,7 +144,7 @@ class EnsembleSearchRequest(BaseModel):
     popsize: int = Field(10, ge=2, le=1000)
     sigma0: float = Field(0.1, gt=0, le=1)
     l1: float = Field(0.0, ge=0, le=100)
-    seed: int | None = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = 42
     start: Literal["uniform", "current"] = "uniform"
     early_stop: int | None = Field(None, ge=1)
     max_tokens: int = Field(32, ge=1, le=4096, description="score_select: length of each member's answer")
