@@ -212,9 +212,10 @@ def test_the_largest_seed_and_an_out_of_vocabulary_id(edge):
         assert r.status_code == 200, r.text
     r = httpx.post(edge.base + "/v1/completions", json={**ok, "prompt": [1000000000]}, headers=CLIENT)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["code"] == "token_out_of_vocabulary"
 
 
 def test_too_many_choices_is_a_400(edge):
     r = httpx.post(edge.base + "/v1/completions", headers=CLIENT,
                    json={"model": "tiny", "prompt": ["a"] * 100, "n": 2, "max_tokens": 1})
-    assert r.status_code == 400 and "choices" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_choices"
