@@ -6,6 +6,7 @@ FastAPI's generated document is post-processed once, with the gateway's settings
 * every operation lists the statuses the layers around it can send: 401/403 where a key is needed
   (app/auth.py), 400/408/413 where a body is read (app/middleware.py);
 * `n` carries the configured `MERGEGATE_MAX_N` as its maximum;
+* multipart fields are optional, never null (a form cannot send a null);
 * the bearer keys are declared as security schemes, per operation.
 """
 
@@ -30,8 +31,9 @@ SECURITY = {
     "clientKey": {"type": "http", "scheme": "bearer", "description": "A client key (MERGEGATE_API_KEYS) or the "
                   "admin key; /v1 is open when no client keys are configured"},
 }
-# operations that proxy to remote experts or queue on the engine: their failure statuses
+# operations that proxy to remote experts or queue on the engine, and those that call a remote upstream
 SERVING = {"/v1/completions", "/v1/chat/completions"}
+UPSTREAM = {("post", "/admin/experts/remote"), ("patch", "/admin/experts/{expert_id}")}
 
 
 def _role(path: str, settings: Settings) -> str | None:
@@ -44,6 +46,18 @@ def _add(responses: dict[str, Any], *codes: int) -> None:
     for code in codes:
         responses.setdefault(str(code), {"description": DESCRIPTIONS[code],
                                          "content": {"application/json": {"schema": ERROR}}})
+
+
+def _multipart_without_nulls(op: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """A multipart field cannot be null, only left out: optional form fields lose FastAPI's `null` branch."""
+    ref = op.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {}).get("$ref")
+    body = schemas.get(str(ref).rpartition("/")[2], {}) if ref else {}
+    for prop in body.get("properties", {}).values():
+        branches = prop.get("anyOf")
+        if branches and {"type": "null"} in branches:
+            rest = [b for b in branches if b != {"type": "null"}]
+            del prop["anyOf"]
+            prop.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
 
 
 def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -59,8 +73,9 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             n["maximum"] = settings.max_n
     for path, item in schema.get("paths", {}).items():
         role = _role(path, settings)
-        for op in item.values():
+        for method, op in item.items():
             responses = op.setdefault("responses", {})
+            _multipart_without_nulls(op, schemas)
             had_422 = responses.pop("422", None) is not None
             if had_422 or "requestBody" in op or op.get("parameters"):
                 _add(responses, 400)
@@ -74,6 +89,8 @@ def document(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 op["security"] = [{"clientKey": []}, {"adminKey": []}]
             if path in SERVING:
                 _add(responses, 404, 429, 502, 503, 504)
+            if (method, path) in UPSTREAM:
+                _add(responses, 502, 503, 504)
     return schema
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from app.protocol.common import ExpertId, RequestModel
+from app.protocol.common import ExpertId, RequestModel, combination_error
 from experts.repository.store import ID_PATTERN
 from experts.training.config import TrainConfig
 
@@ -24,11 +24,14 @@ class BudgetIn(RequestModel):
     batch_size: int = Field(TrainConfig.batch_size, ge=1, le=512)
     seq_len: int = Field(TrainConfig.seq_len, ge=8, le=8192)
     lr: float = Field(TrainConfig.lr, gt=0, le=1)
-    seed: int = Field(TrainConfig.seed, ge=0)
+    seed: int = Field(TrainConfig.seed, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _valid_config(self) -> BudgetIn:
-        self.config()  # ValueError (e.g. neither max_tokens nor max_seconds) -> a validation error
+        try:
+            self.config()  # TrainConfig's own checks (e.g. neither max_tokens nor max_seconds): a 400
+        except ValueError as e:
+            raise combination_error(str(e)) from None
         return self
 
     def config(self, preset: Callable[..., TrainConfig] = TrainConfig) -> TrainConfig:
@@ -113,7 +116,7 @@ class EvaluateRequest(RequestModel):
     @model_validator(mode="after")
     def _one_source(self) -> EvaluateRequest:
         if (self.corpus is None) == (self.text is None):
-            raise ValueError("give exactly one of corpus or text")
+            raise combination_error("give exactly one of corpus or text")
         if self.stride > self.context_length:
-            raise ValueError("stride must not exceed context_length")
+            raise combination_error("stride must not exceed context_length")
         return self

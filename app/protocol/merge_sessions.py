@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.protocol.btm import BudgetIn
-from app.protocol.common import ExpertId, RequestModel
+from app.protocol.common import ExpertId, RequestModel, combination_error
 
 Split = Literal["train", "validation", "test"]
 
@@ -24,9 +24,9 @@ class ExampleIn(RequestModel):
     @model_validator(mode="after")
     def _one_form(self) -> ExampleIn:
         if (self.text is not None) == (self.completion is not None or self.prompt is not None):
-            raise ValueError("give either 'text' or 'prompt' and 'completion'")
+            raise combination_error("give either 'text' or 'prompt' and 'completion'")
         if self.text is None and not self.completion:
-            raise ValueError("'completion' must be a non-empty string")
+            raise combination_error("'completion' must be a non-empty string")
         return self
 
 
@@ -45,7 +45,7 @@ class ValidationIn(RequestModel):
     @model_validator(mode="after")
     def _one_source(self) -> ValidationIn:
         if sum(x is not None for x in (self.examples, self.corpus, self.task)) != 1:
-            raise ValueError("give exactly one of examples, corpus or task")
+            raise combination_error("give exactly one of examples, corpus or task")
         return self
 
 
@@ -148,7 +148,7 @@ class LoraDataIn(RequestModel):
     @model_validator(mode="after")
     def _one_source(self) -> LoraDataIn:
         if sum(x is not None for x in (self.corpus, self.task, self.examples)) != 1:
-            raise ValueError("give exactly one of corpus, task or examples")
+            raise combination_error("give exactly one of corpus, task or examples")
         return self
 
 

@@ -9,14 +9,13 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    SecretStr,
     Tag,
     create_model,
     field_validator,
     model_validator,
 )
 
-from app.protocol.common import ExpertId, RequestModel
+from app.protocol.common import BearerKey, ExpertId, HttpURL, RequestModel, combination_error
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
 from merging.search.settings import BETA_BOUND, MAX_QUERIES, SearchSettings
 
@@ -26,11 +25,11 @@ class ProviderIn(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, description="Provider root (without /v1), e.g. http://10.0.0.5:8000; "
-                            "omit for this gateway", examples=["http://127.0.0.1:8001"])
-    api_key: SecretStr | None = Field(None, description="The provider's client key (Bearer); never stored "
+    url: HttpURL | None = Field(None, examples=["http://127.0.0.1:8001"],
+                            description="Provider root (without /v1), e.g. http://10.0.0.5:8000; omit for this gateway")
+    api_key: BearerKey | None = Field(None, description="The provider's client key (Bearer); never stored "
                                       "in the job or returned")
-    admin_key: SecretStr | None = Field(None, description="The provider's admin key, needed with `name`: "
+    admin_key: BearerKey | None = Field(None, description="The provider's admin key, needed with `name`: "
                                         "materialising the winner is an admin right on the provider. Used for "
                                         "that one call (api_key if omitted); never stored or returned")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Per HTTP exchange")
@@ -108,9 +107,9 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
     def _budgets(self) -> SearchRequest:
         if self.method == "evo_merging":
             if not (self.denoise or self.scale):
-                raise ValueError("nothing to search: denoise and scale are both off")
+                raise combination_error("nothing to search: denoise and scale are both off")
             if self.budget_stage1 * self.denoise + self.budget_stage2 * self.scale < 1:
-                raise ValueError("the search budget is zero")
+                raise combination_error("the search budget is zero")
         return self
 
     def settings(self) -> SearchSettings:
@@ -156,16 +155,16 @@ class EnsembleSearchRequest(RequestModel):
     @model_validator(mode="after")
     def _no_corpus(self) -> EnsembleSearchRequest:
         if self.validation.corpus is not None:
-            raise ValueError("ensemble searches take inline examples or a task, not a corpus")
+            raise combination_error("ensemble searches take inline examples or a task, not a corpus")
         return self
 
 
 def _search_kind(v: Any) -> str:
     method = v.get("method") if isinstance(v, dict) else getattr(v, "method", None)
-    return "ensemble" if method == "ensemble_weights" else "merge"
+    return "as ensemble search" if method == "ensemble_weights" else "as merge search"
 
 
 AnySearchRequest = Annotated[
-    Annotated[SearchRequest, Tag("merge")] | Annotated[EnsembleSearchRequest, Tag("ensemble")],
+    Annotated[SearchRequest, Tag("as merge search")] | Annotated[EnsembleSearchRequest, Tag("as ensemble search")],
     Discriminator(_search_kind),
 ]

@@ -9,6 +9,7 @@ from app.errors import ApiError
 from app.protocol.admin import DeletedView, ExpertList, ExpertView, LoadedView, PinRequest, RegisterExpertRequest
 from app.protocol.common import error_responses
 from app.routers.respond import ExpertOrJob, expert_or_job
+from experts.repository.store import ID_PATTERN
 
 router = APIRouter(prefix="/admin/experts", tags=["admin: experts"], dependencies=[Depends(require_admin)])
 BACKGROUND = Query(False, description="Return 202 with the job at once instead of waiting for it")
@@ -44,7 +45,7 @@ async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response
 async def upload_expert(
     admin: AdminDep,
     response: Response,
-    id: str = Form(..., description="Unique expert id"),
+    id: str = Form(..., description="Unique expert id", pattern=ID_PATTERN.pattern, max_length=128),
     archive: UploadFile | None = File(None, description="A .tar, .tar.gz or .zip of the model directory"),
     files: list[UploadFile] | None = File(None, description="Or the files: config.json, model.safetensors, tokenizer"),
     tags: str = Form("", description="Comma-separated tags"),
@@ -54,7 +55,7 @@ async def upload_expert(
 ):
     """Validated before anything is registered; a rejected upload leaves nothing behind."""
     if archive is not None and files:
-        raise ApiError(400, "send either an archive or files, not both")
+        raise ApiError(400, "send either an archive or files, not both", code="invalid_combination")
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     file_list = [(f.filename or "", f.file) for f in files or []]
     arch = (archive.filename or "archive", archive.file) if archive is not None else None
