@@ -5,14 +5,19 @@ document, /metrics exposure, and bad input that used to be a 500."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import inspect
 import json
+import pkgutil
 import socket
 import time
 
 import httpx
 import pytest
 
+import app.protocol
 from app.main import create_app
+from app.protocol.common import RequestModel
 from app.settings import Settings
 from tests.helpers import ADMIN_KEY, CLIENT_KEY, Gateway
 
@@ -219,3 +224,52 @@ def test_too_many_choices_is_a_400(edge):
     r = httpx.post(edge.base + "/v1/completions", headers=CLIENT,
                    json={"model": "tiny", "prompt": ["a"] * 100, "n": 2, "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_choices"
+
+
+# -- one validation layer ---------------------------------------------------------------------------------
+
+
+def _refs(node: object, out: set[str]) -> set[str]:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            out.add(ref.rpartition("/")[2])
+        for v in node.values():
+            _refs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _refs(v, out)
+    return out
+
+
+def test_every_json_body_model_is_a_request_model(tmp_path):
+    """Every model a JSON body is validated with (nested ones too) goes through app.protocol.common.RequestModel."""
+    spec = create_app(Settings(data_dir=tmp_path, admin_key=ADMIN_KEY)).openapi()
+    schemas = spec["components"]["schemas"]
+    names: set[str] = set()
+    for item in spec["paths"].values():
+        for op in item.values():
+            _refs(op.get("requestBody", {}).get("content", {}).get("application/json", {}), names)
+    while True:  # close over nested references
+        more = set().union(*(_refs(schemas[n], set()) for n in names)) - names
+        if not more:
+            break
+        names |= more
+    classes = {}
+    for m in pkgutil.iter_modules(app.protocol.__path__):
+        module = importlib.import_module(f"app.protocol.{m.name}")
+        classes.update(dict(inspect.getmembers(module, inspect.isclass)))
+    assert len(names) > 30
+    outside = sorted(n for n in names if not issubclass(classes[n], RequestModel))
+    assert not outside, f"request models outside the validation layer: {outside}"
+
+
+def test_keys_and_urls_the_gateway_sends_on_are_checked(edge):
+    body = {"id": "odd-key", "base_url": "http://127.0.0.1:9/v1", "model": "m", "check": False}
+    for bad in ({"api_key": "clé-ó"}, {"api_key": "two words"}, {"base_url": "http://exa mple/v1"},
+                {"base_url": "ftp://x/v1"}):
+        r = httpx.post(edge.base + "/admin/experts/remote", json={**body, **bad}, headers=ADMIN)
+        assert r.status_code == 400, r.text  # a non-ASCII key used to be a 500 (an unencodable header)
+    spec = httpx.get(edge.base + "/openapi.json").json()
+    upload = spec["components"]["schemas"]["Body_upload_expert_admin_experts_upload_post"]["properties"]
+    assert "anyOf" not in upload["archive"] and upload["id"]["pattern"]  # a form field is left out, never null
