@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from experts.repository.store import ID_PATTERN
+from experts.repository.store import ID_PATTERN, check_expert_id
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -58,9 +58,11 @@ BearerKey = Annotated[SecretStr, AfterValidator(_bearer_safe),
                                       "format": "password"})]
 # An http(s) URL the gateway calls: ASCII host, no spaces
 HttpURL = Annotated[str, Field(pattern=URL_PATTERN, max_length=2048), AfterValidator(_parsable_url)]
-ExpertId = Annotated[str, Field(pattern=ID_PATTERN.pattern, min_length=1, max_length=128,
-                                description="An expert id: 1-128 letters, digits, '.', '_', ':', '-', starting "
-                                            "with a letter or digit")]
+# An expert id, checked by the repository's own rule (and its message); the schema states the same pattern
+EXPERT_ID_SCHEMA = {"type": "string", "pattern": ID_PATTERN.pattern, "minLength": 1, "maxLength": 128}
+_ID_HELP = "An expert id: 1-128 letters, digits, '.', '_', ':', '-', starting with a letter or digit"
+ExpertId = Annotated[str, AfterValidator(check_expert_id),
+                     WithJsonSchema({**EXPERT_ID_SCHEMA, "description": _ID_HELP})]
 # torch.Generator.manual_seed takes [-2**63, 2**64 - 1]; the API takes the signed 64-bit range. Upper bounds are
 # exclusive powers of two: exact as doubles, so a client (or a generator) reading the schema as floats gets them right
 Seed = Annotated[int, Field(ge=INT64_MIN, lt=2**63, description="A signed 64-bit integer")]

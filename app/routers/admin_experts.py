@@ -7,9 +7,8 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from app.deps import AdminDep, require_admin
 from app.errors import ApiError
 from app.protocol.admin import DeletedView, ExpertList, ExpertView, LoadedView, PinRequest, RegisterExpertRequest
-from app.protocol.common import error_responses
+from app.protocol.common import EXPERT_ID_SCHEMA, error_responses
 from app.routers.respond import ExpertOrJob, expert_or_job
-from experts.repository.store import ID_PATTERN
 
 router = APIRouter(prefix="/admin/experts", tags=["admin: experts"], dependencies=[Depends(require_admin)])
 BACKGROUND = Query(False, description="Return 202 with the job at once instead of waiting for it")
@@ -45,7 +44,7 @@ async def register_expert(body: RegisterExpertRequest, admin: AdminDep, response
 async def upload_expert(
     admin: AdminDep,
     response: Response,
-    id: str = Form(..., description="Unique expert id", pattern=ID_PATTERN.pattern, max_length=128),
+    id: str = Form(..., description="Unique expert id", json_schema_extra=EXPERT_ID_SCHEMA),
     archive: UploadFile | None = File(None, description="A .tar, .tar.gz or .zip of the model directory"),
     files: list[UploadFile] | None = File(None, description="Or the files: config.json, model.safetensors, tokenizer"),
     tags: str = Form("", description="Comma-separated tags"),
