@@ -11,6 +11,7 @@ from pathlib import Path
 
 from app import cli_btm, cli_search
 from app.main import create_app
+from app.server import serve
 from app.settings import Settings, resolve_admin_key
 from experts.btm.demo import build_demo
 from experts.errors import RegistryMismatchError
@@ -39,11 +40,8 @@ def _preflight(settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn  # lazy: only `serve` and `demo` need the server
-
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    serve(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
 def _print_howto(settings: Settings) -> None:

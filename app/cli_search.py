@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", required=True, help="the provider's root URL (without /v1)")
     p.add_argument("--api-key-env", default="MERGEGATE_PROVIDER_KEY",
                    help="environment variable holding the provider's client key (default MERGEGATE_PROVIDER_KEY)")
+    p.add_argument("--admin-key-env", default="MERGEGATE_PROVIDER_ADMIN_KEY",
+                   help="environment variable holding the provider's admin key, needed with --name (materialising "
+                        "is an admin right; default MERGEGATE_PROVIDER_ADMIN_KEY, else the client key is tried)")
     p.add_argument("--base", required=True, help="the base expert on the provider")
     pool = p.add_mutually_exclusive_group(required=True)
     pool.add_argument("--pool", help="comma-separated adapter ids, in order")
@@ -116,7 +119,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     except (ValidationError, ValueError, OSError) as e:
         sys.exit(f"mergegate search: {e}")
     key = os.environ.get(args.api_key_env) or None
-    provider = HttpProvider(str(req.provider.url), key, timeout=req.provider.timeout_s, retries=req.provider.retries)
+    provider = HttpProvider(str(req.provider.url), key, admin_key=os.environ.get(args.admin_key_env) or None,
+                            timeout=req.provider.timeout_s, retries=req.provider.retries)
     spec = SearchSpec(session=req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True),
                       settings=req.settings())
     shown = [0.0]

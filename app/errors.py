@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from experts import errors as xe
 from experts.evo import sessions as xs
@@ -92,18 +93,32 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of a request that failed validation: code `invalid_combination` for a rule
+    between fields (app.protocol.common.combination_error), else None."""
     errs = exc.errors()
     if not errs:
-        return "invalid request", None
+        return "invalid request", None, None
     first = errs[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    # union tags ("as text", ...; app/protocol) contain a space, field names and indices do not
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and " " not in str(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
+        return "the request body is not valid JSON", None, None
+    code = "invalid_combination" if first.get("type") == "invalid_combination" else None
     more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-    return (f"{param}: {msg}" if param else msg) + more, param
+    return (f"{param}: {msg}" if param else msg) + more, param, code
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of `app` answers on `path` (Starlette's own 405 names one route's only)."""
+    allowed = []
+    for method in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"):
+        scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": []}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -113,15 +128,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        msg, param = _validation_message(exc)
-        return error_response(ApiError(400, msg, param=param))
+        msg, param, code = _validation_message(exc)
+        return error_response(ApiError(400, msg, param=param, code=code))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
-        return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+        if exc.status_code == 405:
+            allow = allowed_methods(request.app, request.url.path)
+            message = f"{request.method} is not allowed here; allowed: {', '.join(allow)}"
+            headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"}, "allow": ", ".join(allow)}
+        return error_response(ApiError(exc.status_code, message, headers=headers))
 
     async def _domain(_: Request, exc: Exception) -> JSONResponse:
         return error_response(to_api_error(exc))

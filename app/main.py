@@ -20,6 +20,7 @@ from app.auth import Authenticator
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
+from app.openapi import install_openapi
 from app.routers import (
     admin_blackbox,
     admin_btm,
@@ -121,7 +122,8 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
                                     max_n=settings.max_n)
     return Services(
         settings=settings, runtime=runtime, repo=repo, jobs=jobs,
-        auth=Authenticator(resolve_admin_key(settings), [k.get_secret_value() for k in settings.api_keys]),
+        auth=Authenticator(resolve_admin_key(settings), [k.get_secret_value() for k in settings.api_keys],
+                           metrics=settings.metrics),
         completions=completions, admin=admin, merges=MergeService(admin), btm=BTMService(admin, btm),
         merge_sessions=MergeSessionService(admin, manager), remote_admin=remote_admin,
         searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox)
@@ -164,10 +166,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MergeGate", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    install_openapi(app, settings)
     for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
               admin_merges.router, admin_remote.router, admin_btm.router, merge_sessions.router,
               merge_sessions.admin_router, admin_blackbox.router, admin_searches.router, admin_orphans.router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
-                       max_upload=settings.max_upload_bytes)
+                       max_upload=settings.max_upload_bytes, body_timeout_s=settings.body_timeout_s,
+                       auth=lambda: getattr(getattr(app.state, "services", None), "auth", None))
     return app

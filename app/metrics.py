@@ -73,10 +73,11 @@ class Metrics:
             prefill.inc(stats.prefill_tokens)
 
     def forget_model(self, model: str) -> None:
-        """A deleted expert's series leave /metrics."""
+        """A deleted expert's series leave /metrics (engine, tokens and remote series: the id is the first label)."""
         self._engine_series.pop(model, None)
         for metric in (self.engine_batch, self.engine_queue, self.engine_wait, self.engine_tokens,
-                       self.engine_prefill, self.engine_steps, self.tokens):
+                       self.engine_prefill, self.engine_steps, self.tokens, self.remote_requests,
+                       self.remote_errors, self.remote_upstream, self.remote_overhead, self.remote_breaker):
             for labels in list(metric._metrics):
                 if labels and labels[0] == model:
                     metric.remove(*labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -31,6 +31,10 @@ class Settings(BaseSettings):
                                   "differ (for one start; nothing is deleted, orphans are quarantined)")
     fault_pause: str | None = Field(None, description="testing only: '<job kind>:<text>;...' makes such jobs "
                                     "stop for good at their first progress message containing <text> (crash tests)")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds to wait for the next piece of a request body "
+                                  "before answering 408 and closing the connection")
+    metrics: Literal["admin", "open", "off"] = Field(
+        "admin", description="/metrics exposure: admin (the admin key), open (no key) or off (404)")
     max_n: int = 16
     # The batching engine (docs/engine.md), per loaded model.
     max_batch_size: int = Field(64, ge=1, description="rows (choices) decoding at once")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from app.protocol.common import RequestModel
 
 
-class MixPart(BaseModel):
+class MixPart(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(..., description="A registered LoRA adapter of the base named by `model`", examples=["pool-a"])
@@ -16,7 +18,7 @@ class MixPart(BaseModel):
     beta: float | None = Field(None, ge=-1.5, le=1.5, description="evo: signed scale (Evo-Merging's beta)")
 
 
-class AdapterMix(BaseModel):
+class AdapterMix(RequestModel):
     """Served without registering anything; checked like a LoRA merge recipe (same base, same targets,
     parameters in range). The same mix as a compact model id: `<base>@<method>:<id>*<w>,...`."""
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.protocol.common import ExpertId, RequestModel
+
 
 class ExpertView(BaseModel):
     id: str
@@ -34,10 +36,11 @@ class ExpertList(BaseModel):
     data: list[ExpertView]
 
 
-class RegisterExpertRequest(BaseModel):
+class RegisterExpertRequest(RequestModel):
     """Register a Hugging Face causal-LM directory that already exists on the gateway's machine."""
 
-    id: str = Field(..., description="Unique expert id (letters, digits, '.', '_', ':', '-')", examples=["my-expert"])
+    id: ExpertId = Field(..., description="Unique expert id (letters, digits, '.', '_', ':', '-')",
+                         examples=["my-expert"])
     path: str = Field(..., description="Directory on the server with config.json, *.safetensors, tokenizer files",
                       examples=["/models/my-expert"])
     base: str | None = Field(None, description="For a LoRA adapter directory: the registered base expert")
@@ -48,7 +51,7 @@ class RegisterExpertRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-class PinRequest(BaseModel):
+class PinRequest(RequestModel):
     pinned: bool = True
 
 

@@ -7,16 +7,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.protocol.admin import ExpertView
+from app.protocol.common import ExpertId, RequestModel
 
 
-class MemberIn(BaseModel):
+class MemberIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(..., description="A registered expert: local, lora, remote, or a BTM forest")
     weight: float | None = Field(None, ge=0, description="This member's weight (or give `weights`)")
 
 
-class RegisterEnsembleRequest(BaseModel):
+class RegisterEnsembleRequest(RequestModel):
     """An `ensemble` expert whose members may be local or remote (black-box)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -25,7 +26,7 @@ class RegisterEnsembleRequest(BaseModel):
          "members": [{"id": "vllm-a", "weight": 2}, {"id": "demo-code", "weight": 1}]},
     ]})
 
-    id: str = Field(..., examples=["duo"])
+    id: ExpertId = Field(..., examples=["duo"])
     mode: Literal["score_select", "token_mix"] = Field(
         ..., description="score_select: candidates scored by every member, the best weighted length-normalised "
                          "log-likelihood wins (any tokenizers). token_mix: next-token distributions mixed per step "
@@ -43,7 +44,7 @@ class RegisterEnsembleRequest(BaseModel):
         return [m if isinstance(m, str) else m.model_dump() for m in self.members]
 
 
-class PatchEnsembleRequest(BaseModel):
+class PatchEnsembleRequest(RequestModel):
     """Set the weights by hand (or the candidates, or top_logprobs); the members stay."""
 
     model_config = ConfigDict(extra="forbid")

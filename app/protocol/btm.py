@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
+from app.protocol.common import ExpertId, RequestModel, combination_error
+from experts.repository.store import ID_PATTERN
 from experts.training.config import TrainConfig
 
 
-class BudgetIn(BaseModel):
+class BudgetIn(RequestModel):
     """A training budget on the wire: the fields of :class:`experts.training.config.TrainConfig` a client
     sets, under the same names and with TrainConfig's own defaults (read from the dataclass, never restated
     here); the rest of the config keeps TrainConfig's (or the preset's) values. :meth:`config` validates it
@@ -22,11 +24,14 @@ class BudgetIn(BaseModel):
     batch_size: int = Field(TrainConfig.batch_size, ge=1, le=512)
     seq_len: int = Field(TrainConfig.seq_len, ge=8, le=8192)
     lr: float = Field(TrainConfig.lr, gt=0, le=1)
-    seed: int = Field(TrainConfig.seed, ge=0)
+    seed: int = Field(TrainConfig.seed, ge=0, lt=2**63)
 
     @model_validator(mode="after")
     def _valid_config(self) -> BudgetIn:
-        self.config()  # ValueError (e.g. neither max_tokens nor max_seconds) -> a validation error
+        try:
+            self.config()  # TrainConfig's own checks (e.g. neither max_tokens nor max_seconds): a 400
+        except ValueError as e:
+            raise combination_error(str(e)) from None
         return self
 
     def config(self, preset: Callable[..., TrainConfig] = TrainConfig) -> TrainConfig:
@@ -35,7 +40,7 @@ class BudgetIn(BaseModel):
         return preset(**self.model_dump())
 
 
-class SizeIn(BaseModel):
+class SizeIn(RequestModel):
     n_layer: int = Field(4, ge=1, le=48)
     n_embd: int = Field(256, ge=16, le=4096)
     n_head: int = Field(4, ge=1, le=64)
@@ -43,53 +48,54 @@ class SizeIn(BaseModel):
     vocab_size: int = Field(4096, ge=300, le=65536)
 
 
-class SeedRequest(BaseModel):
-    id: str = Field(..., examples=["btm-seed"])
+class SeedRequest(RequestModel):
+    id: ExpertId = Field(..., examples=["btm-seed"])
     domains: list[str] = Field(..., min_length=1, examples=[["code", "legal", "scripture"]])
     budget: BudgetIn
     size: SizeIn = SizeIn()
 
 
-class BranchRequest(BaseModel):
-    id: str = Field(..., examples=["legal-init"])
+class BranchRequest(RequestModel):
+    id: ExpertId = Field(..., examples=["legal-init"])
     parents: list[str] = Field(..., min_length=1)
     domain: str | None = Field(None, description="New domain; its sample gives the default weights")
     weights: list[float] | None = Field(None, description="Explicit weights (default: the parents' domain posterior)")
 
 
-class TrainRequest(BaseModel):
-    id: str = Field(..., examples=["btm-legal"])
+class TrainRequest(RequestModel):
+    id: ExpertId = Field(..., examples=["btm-legal"])
     source: str = Field(..., description="Expert to continue training")
     domain: str
     budget: BudgetIn
 
 
-class PriorIn(BaseModel):
+class PriorIn(RequestModel):
     corpus: str | None = Field(None, description="Target data for the cached prior (a corpus name)")
     split: Literal["train", "validation", "test"] = "validation"
     sequences: int = Field(8, ge=1, le=256)
     weights: list[float] | None = Field(None, description="An explicit prior instead")
 
 
-class ForestRequest(BaseModel):
-    id: str = Field(..., examples=["btm-forest"])
+class ForestRequest(RequestModel):
+    id: ExpertId = Field(..., examples=["btm-forest"])
     members: list[str] = Field(..., min_length=1)
     prior: PriorIn = PriorIn()
     top_k: int | None = Field(None, ge=1)
     posterior: Literal["paper", "reference"] = "paper"
 
 
-class AddMemberRequest(BaseModel):
+class AddMemberRequest(RequestModel):
     expert: str
 
 
-class AverageRequest(BaseModel):
-    id: str = Field(..., examples=["btm-average"])
+class AverageRequest(RequestModel):
+    id: ExpertId = Field(..., examples=["btm-average"])
     weighting: Literal["uniform", "prior"] = "uniform"
 
 
-class PipelineRequest(BaseModel):
-    prefix: str = Field(..., examples=["btm"], description="Ids: <prefix>-seed, <prefix>-<domain>, <prefix>-forest")
+class PipelineRequest(RequestModel):
+    prefix: str = Field(..., examples=["btm"], pattern=ID_PATTERN.pattern, max_length=64,
+                        description="Ids: <prefix>-seed, <prefix>-<domain>, <prefix>-forest")
     domains: list[str] = Field(..., min_length=1, examples=[["code", "legal"]])
     budget: BudgetIn = Field(..., description="Total budget; the seed takes seed_fraction of it")
     seed_fraction: float = Field(0.5, gt=0, lt=1)
@@ -98,7 +104,7 @@ class PipelineRequest(BaseModel):
     averages: bool = True
 
 
-class EvaluateRequest(BaseModel):
+class EvaluateRequest(RequestModel):
     model: str
     corpus: str | None = Field(None, description="A corpus name (with split), or give text")
     split: Literal["train", "validation", "test"] = "test"
@@ -110,7 +116,7 @@ class EvaluateRequest(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> EvaluateRequest:
         if (self.corpus is None) == (self.text is None):
-            raise ValueError("give exactly one of corpus or text")
+            raise combination_error("give exactly one of corpus or text")
         if self.stride > self.context_length:
-            raise ValueError("stride must not exceed context_length")
+            raise combination_error("stride must not exceed context_length")
         return self

@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.protocol.adapters import AdapterMix
-from app.protocol.common import OpenAIBaseModel, StreamOptions, Usage
-from app.protocol.completions import normalize_stop
+from app.protocol.common import OpenAIBaseModel, Seed, StreamOptions, Usage, combination_error
+from app.protocol.completions import MAX_STOP, ZERO_ONLY, StopSequence, no_penalty, normalize_stop
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -22,19 +22,19 @@ class ChatCompletionRequest(OpenAIBaseModel):
     adapters: AdapterMix | None = Field(None, description="A request-time mix of LoRA adapters on `model` (a base); "
                                         "the openai client sends it with extra_body")
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred over max_tokens")
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="Preferred over max_tokens")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=128, description="Choices (at most MERGEGATE_MAX_N)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs: true")
+    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP)
+    seed: Seed | None = None
+    presence_penalty: float = Field(0.0, json_schema_extra=ZERO_ONLY, description="Only 0 (not implemented)")
+    frequency_penalty: float = Field(0.0, json_schema_extra=ZERO_ONLY, description="Only 0 (not implemented)")
     user: str | None = None
 
     model_config = {"extra": "allow", "json_schema_extra": {"examples": [
@@ -42,17 +42,12 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     _stop = field_validator("stop", mode="before")(classmethod(lambda cls, v: normalize_stop(v)))
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("presence/frequency penalties are not supported; send 0 or omit them")
-        return v
+    _penalties = field_validator("presence_penalty", "frequency_penalty")(classmethod(lambda cls, v: no_penalty(v)))
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs: true")
+            raise combination_error("top_logprobs requires logprobs: true")
         return self
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.protocol.btm import BudgetIn
+from app.protocol.common import ExpertId, RequestModel, combination_error
 
 Split = Literal["train", "validation", "test"]
 
 
-class ExampleIn(BaseModel):
+class ExampleIn(RequestModel):
     """A prompt/completion pair (only the completion's tokens are scored) or a plain text."""
 
     model_config = ConfigDict(extra="forbid")
@@ -23,13 +24,13 @@ class ExampleIn(BaseModel):
     @model_validator(mode="after")
     def _one_form(self) -> ExampleIn:
         if (self.text is not None) == (self.completion is not None or self.prompt is not None):
-            raise ValueError("give either 'text' or 'prompt' and 'completion'")
+            raise combination_error("give either 'text' or 'prompt' and 'completion'")
         if self.text is None and not self.completion:
-            raise ValueError("'completion' must be a non-empty string")
+            raise combination_error("'completion' must be a non-empty string")
         return self
 
 
-class ValidationIn(BaseModel):
+class ValidationIn(RequestModel):
     """Exactly one of: inline `examples`, a registered `corpus` (+ split), or a `task` (+ split)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -44,11 +45,11 @@ class ValidationIn(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> ValidationIn:
         if sum(x is not None for x in (self.examples, self.corpus, self.task)) != 1:
-            raise ValueError("give exactly one of examples, corpus or task")
+            raise combination_error("give exactly one of examples, corpus or task")
         return self
 
 
-class LossIn(BaseModel):
+class LossIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     max_tokens_per_example: int = Field(128, ge=2, le=8192,
@@ -57,14 +58,14 @@ class LossIn(BaseModel):
     append_eos: bool = Field(False, description="Score an end-of-text token after each completion")
 
 
-class PoolSelector(BaseModel):
+class PoolSelector(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     tags: list[str] = Field(..., min_length=1, description="Every lora expert on the base carrying all these "
                             "tags, ordered by id")
 
 
-class SessionCreateRequest(BaseModel):
+class SessionCreateRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field(..., description="The registered base expert", examples=["pool-base"])
@@ -92,7 +93,7 @@ class SessionView(BaseModel):
     beta_range: list[float]
 
 
-class CandidateIn(BaseModel):
+class CandidateIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     alpha: list[float] = Field(..., description="Keep fraction per adapter, in [0, 1]")
@@ -105,7 +106,7 @@ class EvaluateView(BaseModel):
     queries_left: int
 
 
-class BatchIn(BaseModel):
+class BatchIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     candidates: list[CandidateIn] = Field(..., min_length=1, max_length=1000)
@@ -118,7 +119,7 @@ class BatchView(BaseModel):
 
 
 class MaterializeIn(CandidateIn):
-    name: str = Field(..., description="Id of the expert to register", examples=["evo-merged"])
+    name: ExpertId = Field(..., description="Id of the expert to register", examples=["evo-merged"])
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None
 
@@ -132,13 +133,14 @@ class SessionDeletedView(BaseModel):
 # -- /admin/loras/train --------------------------------------------------------------------------
 
 
-class LoraDataIn(BaseModel):
+class LoraDataIn(RequestModel):
     """Exactly one of: a corpus (optionally part [k, K] of its train split), a task, inline examples."""
 
     model_config = ConfigDict(extra="forbid")
 
     corpus: str | None = None
-    part: tuple[int, int] | None = Field(None, description="[k, K]: the k-th of K contiguous parts (corpus)")
+    part: tuple[Annotated[int, Field(strict=True, ge=0)], Annotated[int, Field(strict=True, ge=1)]] | None = Field(
+        None, strict=False, description="[k, K]: part k (0-based) of K contiguous parts (corpus)")
     task: str | None = None
     examples: list[ExampleIn] | None = Field(None, min_length=1, max_length=100_000)
     validation: list[ExampleIn] | None = Field(None, min_length=1, max_length=10_000)
@@ -146,11 +148,11 @@ class LoraDataIn(BaseModel):
     @model_validator(mode="after")
     def _one_source(self) -> LoraDataIn:
         if sum(x is not None for x in (self.corpus, self.task, self.examples)) != 1:
-            raise ValueError("give exactly one of corpus, task or examples")
+            raise combination_error("give exactly one of corpus, task or examples")
         return self
 
 
-class LoraIn(BaseModel):
+class LoraIn(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(8, ge=1, le=512)
@@ -158,10 +160,10 @@ class LoraIn(BaseModel):
     target_modules: list[str] | None = Field(None, description="Default: peft's choice for the architecture")
 
 
-class LoraTrainRequest(BaseModel):
+class LoraTrainRequest(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(..., examples=["lora-legal"])
+    id: ExpertId = Field(..., examples=["lora-legal"])
     base: str = Field(..., examples=["pool-base"])
     data: LoraDataIn
     lora: LoraIn = LoraIn()

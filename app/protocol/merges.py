@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.protocol.common import ExpertId, RequestModel
+
 RECIPE_EXAMPLE = {
     "method": "ties", "base": "demo-code",
     "experts": [{"id": "expert-a", "weight": 0.5, "density": 0.5}, {"id": "expert-b", "weight": 0.5, "density": 0.5}],
@@ -13,8 +15,8 @@ RECIPE_EXAMPLE = {
 }
 
 
-class MergeRequest(BaseModel):
-    id: str = Field(..., description="Id of the merged expert to register", examples=["merged-ties"])
+class MergeRequest(RequestModel):
+    id: ExpertId = Field(..., description="Id of the merged expert to register", examples=["merged-ties"])
     recipe: dict[str, Any] = Field(..., description="A merge recipe: method, base, experts with per-expert "
                                    "parameters, global parameters, output dtype, seed", examples=[RECIPE_EXAMPLE])
     tags: list[str] = Field(default_factory=list)
@@ -23,9 +25,9 @@ class MergeRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
 
-class PreviewRequest(BaseModel):
+class PreviewRequest(RequestModel):
     recipe: dict[str, Any] = Field(..., examples=[RECIPE_EXAMPLE])
-    id: str | None = Field(None, description="Optional output id, checked for availability")
+    id: ExpertId | None = Field(None, description="Optional output id, checked for availability")
 
 
 class PreviewView(BaseModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from app.protocol.common import RequestModel
+
 
 class OrphanView(BaseModel):
     object: str = "orphan"
@@ -20,7 +22,7 @@ class OrphanList(BaseModel):
     data: list[OrphanView]
 
 
-class AdoptOrphanRequest(BaseModel):
+class AdoptOrphanRequest(RequestModel):
     """Register a quarantined artifact again: validated and registered like any other expert."""
 
     id: str = Field(..., description="The expert id to register it as", examples=["my-expert"])

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field
 
 from app.protocol.admin import ExpertView
+from app.protocol.common import BearerKey, ExpertId, HttpURL, RequestModel
 from experts.remote.upstream import SPEC_DEFAULTS as D
 
 SPEC_KEYS = {"base_url", "model", "timeouts", "max_concurrency", "max_retries", "fallbacks", "retry", "breaker"}
 
 
-class _Strict(BaseModel):
+class _Strict(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -39,7 +40,7 @@ class BreakerPolicy(_Strict):
 
 
 class RemoteSettings(_Strict):
-    base_url: str | None = Field(None, description="The upstream's OpenAI base URL, as given to the openai client",
+    base_url: HttpURL | None = Field(None, description="The upstream's OpenAI base URL, as given to the openai client",
                                  examples=["http://127.0.0.1:9000/v1"])
     model: str | None = Field(None, description="The upstream's model name", examples=["gpt-4o-mini"])
     timeouts: Timeouts | None = None
@@ -59,11 +60,11 @@ class RemoteSettings(_Strict):
 class RegisterRemoteRequest(RemoteSettings):
     """Register an OpenAI-compatible upstream as a `remote` expert."""
 
-    id: str = Field(..., description="Unique expert id", examples=["gpt-mini"])
-    base_url: str = Field(..., description="The upstream's OpenAI base URL, as given to the openai client",
+    id: ExpertId = Field(..., description="Unique expert id", examples=["gpt-mini"])
+    base_url: HttpURL = Field(..., description="The upstream's OpenAI base URL, as given to the openai client",
                           examples=["http://127.0.0.1:9000/v1"])
     model: str = Field(..., description="The upstream's model name", examples=["gpt-4o-mini"])
-    api_key: SecretStr | None = Field(None, description="Sent as 'Authorization: Bearer'; stored in "
+    api_key: BearerKey | None = Field(None, description="Sent as 'Authorization: Bearer'; stored in "
                                                         "<data_dir>/secrets, never returned")
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None
@@ -73,7 +74,7 @@ class RegisterRemoteRequest(RemoteSettings):
 class PatchExpertRequest(RemoteSettings):
     """Change a remote expert: rotate its key (`"api_key": null` removes it), timeouts, fallbacks..."""
 
-    api_key: SecretStr | None = None
+    api_key: BearerKey | None = None
     tags: list[str] | None = None
     domain: str | None = None
     check: bool = Field(False, description="Verify the upstream with the new settings before saving them")

@@ -6,30 +6,32 @@ from dataclasses import fields
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Discriminator,
     Field,
-    SecretStr,
     Tag,
     create_model,
     field_validator,
     model_validator,
 )
 
+from app.protocol.common import BearerKey, ExpertId, HttpURL, RequestModel, combination_error
 from app.protocol.merge_sessions import LossIn, PoolSelector, ValidationIn
-from merging.search.settings import MAX_QUERIES, SearchSettings
+from merging.search.settings import BETA_BOUND, MAX_QUERIES, SearchSettings
 
 
-class ProviderIn(BaseModel):
+class ProviderIn(RequestModel):
     """Where the weights live: this gateway (no `url`) or any server with the merge-sessions contract."""
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, description="Provider root (without /v1), e.g. http://10.0.0.5:8000; "
-                            "omit for this gateway", examples=["http://127.0.0.1:8001"])
-    api_key: SecretStr | None = Field(None, description="The provider's client key (Bearer); never stored "
+    url: HttpURL | None = Field(None, examples=["http://127.0.0.1:8001"],
+                            description="Provider root (without /v1), e.g. http://10.0.0.5:8000; omit for this gateway")
+    api_key: BearerKey | None = Field(None, description="The provider's client key (Bearer); never stored "
                                       "in the job or returned")
+    admin_key: BearerKey | None = Field(None, description="The provider's admin key, needed with `name`: "
+                                        "materialising the winner is an admin right on the provider. Used for "
+                                        "that one call (api_key if omitted); never stored or returned")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Per HTTP exchange")
     retries: int = Field(4, ge=0, le=20, description="Extra attempts on connection errors, 429 and 5xx")
 
@@ -41,14 +43,23 @@ class ProviderIn(BaseModel):
         return v.rstrip("/") if v else v
 
 
+# where the wire type says more than the dataclass: each lambda's box; seeds as the optimisers take them
+_WIRE_TYPES: dict[str, Any] = {
+    "lambdas": tuple[Annotated[float, Field(strict=True, ge=-BETA_BOUND, le=BETA_BOUND)], ...],
+    "seed": Annotated[int, Field(ge=0, le=2**32 - 1)] | None,
+}
+
+
 def _settings_fields() -> dict[str, Any]:
-    """One pydantic field per :class:`SearchSettings` field: its type, default, bounds and help."""
-    hints = get_type_hints(SearchSettings)
-    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"], **f.metadata["bounds"]))
+    """One pydantic field per :class:`SearchSettings` field: its type, default, bounds and help (a tuple
+    comes as a JSON array: lax about the container, strict about its items)."""
+    hints = {**get_type_hints(SearchSettings), **_WIRE_TYPES}
+    return {f.name: (hints[f.name], Field(f.default, description=f.metadata["help"], **f.metadata["bounds"],
+                                          **({"strict": False} if f.name == "lambdas" else {})))
             for f in fields(SearchSettings)}
 
 
-class _SearchTarget(BaseModel):
+class _SearchTarget(RequestModel):
     """What a search runs against: the provider, the base and pool, the validation data and the loss."""
 
     provider: ProviderIn = ProviderIn()
@@ -80,7 +91,7 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
         "method": "evo_merging", "budget_stage1": 400, "budget_stage2": 800, "seed": 42,
         "name": "evo-dictionary-word"}]})
 
-    name: str | None = Field(None, description="Register the winner under this id (omit: search only)",
+    name: ExpertId | None = Field(None, description="Register the winner under this id (omit: search only)",
                              examples=["evo-merged"])
     tags: list[str] = Field(default_factory=list)
     domain: str | None = None
@@ -96,9 +107,9 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
     def _budgets(self) -> SearchRequest:
         if self.method == "evo_merging":
             if not (self.denoise or self.scale):
-                raise ValueError("nothing to search: denoise and scale are both off")
+                raise combination_error("nothing to search: denoise and scale are both off")
             if self.budget_stage1 * self.denoise + self.budget_stage2 * self.scale < 1:
-                raise ValueError("the search budget is zero")
+                raise combination_error("the search budget is zero")
         return self
 
     def settings(self) -> SearchSettings:
@@ -106,7 +117,7 @@ class SearchRequest(_SearchSettingsIn):  # type: ignore[misc, valid-type]
         return SearchSettings(**self.model_dump(include=SETTING_NAMES))
 
 
-class EnsembleSearchRequest(BaseModel):
+class EnsembleSearchRequest(RequestModel):
     """Search the weights of a black-box ensemble (`mode` score_select or token_mix) through API calls only.
 
     Every member is called once per validation example (token_mix: the reference's log-probabilities;
@@ -132,7 +143,7 @@ class EnsembleSearchRequest(BaseModel):
     popsize: int = Field(10, ge=2, le=1000)
     sigma0: float = Field(0.1, gt=0, le=1)
     l1: float = Field(0.0, ge=0, le=100)
-    seed: int | None = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = 42
     start: Literal["uniform", "current"] = "uniform"
     early_stop: int | None = Field(None, ge=1)
     max_tokens: int = Field(32, ge=1, le=4096, description="score_select: length of each member's answer")
@@ -144,16 +155,16 @@ class EnsembleSearchRequest(BaseModel):
     @model_validator(mode="after")
     def _no_corpus(self) -> EnsembleSearchRequest:
         if self.validation.corpus is not None:
-            raise ValueError("ensemble searches take inline examples or a task, not a corpus")
+            raise combination_error("ensemble searches take inline examples or a task, not a corpus")
         return self
 
 
 def _search_kind(v: Any) -> str:
     method = v.get("method") if isinstance(v, dict) else getattr(v, "method", None)
-    return "ensemble" if method == "ensemble_weights" else "merge"
+    return "as ensemble search" if method == "ensemble_weights" else "as merge search"
 
 
 AnySearchRequest = Annotated[
-    Annotated[SearchRequest, Tag("merge")] | Annotated[EnsembleSearchRequest, Tag("ensemble")],
+    Annotated[SearchRequest, Tag("as merge search")] | Annotated[EnsembleSearchRequest, Tag("as ensemble search")],
     Discriminator(_search_kind),
 ]

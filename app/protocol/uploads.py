@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from app.protocol.admin import ExpertView
+from app.protocol.common import EXPERT_ID_SCHEMA
 
 ARCHIVE = ("A .tar, .tar.gz, .tar.bz2, .tar.xz or .zip of the model directory (a single top folder is "
            "flattened)")
@@ -21,7 +22,7 @@ def upload_request_body() -> dict[str, Any]:
     schema = {
         "title": "UploadForm", "type": "object", "required": ["id"],
         "properties": {
-            "id": {"type": "string", "description": "Unique expert id (letters, digits, '.', '_', ':', '-')"},
+            "id": {**EXPERT_ID_SCHEMA, "description": "Unique expert id (letters, digits, '.', '_', ':', '-')"},
             "archive": {**binary, "description": ARCHIVE},
             "files": {"type": "array", "items": binary, "description": FILES},
             "tags": {"type": "string", "default": "", "description": "Comma-separated tags"},

@@ -33,9 +33,10 @@ async def list_corpora(svc: BTMDep) -> dict[str, Any]:
 
 
 @router.post("/admin/corpora", status_code=201, responses=ERRS, summary="Upload a corpus for a new domain")
-async def upload_corpus(svc: BTMDep, name: str = Form(..., examples=["recipes"]),
+async def upload_corpus(svc: BTMDep, name: str = Form(..., examples=["recipes"], min_length=1),
                         file: UploadFile = File(..., description="UTF-8 text, or JSONL with a text field"),
-                        format: Literal["text", "jsonl"] = Form("text"), text_field: str = Form("text")):
+                        format: Literal["text", "jsonl"] = Form("text"),
+                        text_field: str = Form("text", min_length=1)):
     """Split deterministically into train/validation/test; non-UTF-8 or empty data is refused."""
     return await svc.upload_corpus(name, await file.read(), format, text_field)
 

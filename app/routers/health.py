@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from anyio.to_thread import run_sync
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import MetricsDep, RepoDep
 from app.errors import ApiError
+from app.protocol.common import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -28,6 +29,12 @@ async def ready(repo: RepoDep) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep) -> Response:
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"},
+                       **error_responses(401, 403, 404)})
+async def metrics(metrics: MetricsDep, request: Request) -> Response:
+    """Exposure follows `MERGEGATE_METRICS`: `admin` (default: the admin key), `open`, or `off` (404)."""
+    if request.app.state.services.settings.metrics == "off":
+        raise ApiError(404, "metrics are turned off (MERGEGATE_METRICS=off)", code="not_found")
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")

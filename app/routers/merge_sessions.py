@@ -57,10 +57,12 @@ async def evaluate_batch(session_id: str, body: BatchIn, svc: MergeSessionsDep):
 
 
 @router.post("/{session_id}/materialize", status_code=201, response_model=ExpertView,
-             responses=error_responses(400, 401, 404, 409),
-             summary="Register the merge for (alpha, beta) as a servable lora expert")
+             dependencies=[Depends(require_admin)], responses=error_responses(400, 401, 403, 404, 409, 429),
+             summary="Register the merge for (alpha, beta) as a servable lora expert (admin key)")
 async def materialize(session_id: str, body: MaterializeIn, svc: MergeSessionsDep):
-    """An `evo` recipe over the session's pool: the new expert's lineage holds the coefficients."""
+    """An `evo` recipe over the session's pool: the new expert's lineage holds the coefficients. Registering
+    an expert is an admin right: this call needs the admin key (a client key is a 403), and it counts as one
+    query of the session's budget (429 `query_budget_exhausted` when spent)."""
     return await svc.materialize(session_id, body.alpha, body.beta, body.name, body.tags, body.domain)
 
 

@@ -172,6 +172,7 @@ class AdminService:
     # -- management ---------------------------------------------------------------------------
     async def delete(self, expert_id: str) -> None:
         await run_sync(self.repo.delete, expert_id)
+        self.metrics.forget_model(expert_id)  # a deleted expert's series leave /metrics
 
     async def load(self, expert_id: str) -> dict[str, Any]:
         await self.runtime.run_torch(self.repo.load, expert_id)

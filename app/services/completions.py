@@ -63,7 +63,8 @@ class CompletionService:
 
     def _local(self, expert: Expert) -> LocalExpert:
         if not isinstance(expert, LocalExpert):
-            raise ApiError(400, f"expert {expert.id!r} cannot generate here", param="model")
+            raise ApiError(400, f"expert {expert.id!r} cannot generate here", param="model",
+                           code="model_cannot_generate")
         return expert
 
     async def _prepare(self, expert: LocalExpert, prompt: Any, max_tokens: int, n: int) -> list[Prompt]:
@@ -78,7 +79,7 @@ class CompletionService:
             raw = list(prompt)
         if len(raw) * n > self.max_choices:
             raise ApiError(400, f"{len(raw)} prompts x n={n} is {len(raw) * n} choices; the limit per request is "
-                                f"{self.max_choices}", param="prompt")
+                                f"{self.max_choices}", param="prompt", code="too_many_choices")
         if expert.is_loaded() and sum(len(p) for p in raw) <= INLINE_PREPARE_CHARS:
             return [expert.prepare(p, max_tokens) for p in raw]  # short: cheaper than a thread hop
         return await run_sync(lambda: [expert.prepare(p, max_tokens) for p in raw])

@@ -64,7 +64,8 @@ class SearchService:
         if p.url is None:
             return LocalProvider(self.manager, self.admin.runtime.torch)
         key = p.api_key.get_secret_value() if p.api_key is not None else None
-        return HttpProvider(p.url, key, timeout=p.timeout_s, retries=p.retries)
+        admin_key = p.admin_key.get_secret_value() if p.admin_key is not None else None
+        return HttpProvider(p.url, key, admin_key=admin_key, timeout=p.timeout_s, retries=p.retries)
 
     async def start(self, req: SearchRequest | EnsembleSearchRequest, background: bool) -> tuple[int, dict[str, Any]]:
         if isinstance(req, EnsembleSearchRequest):

@@ -134,7 +134,9 @@ def choose(mixed: Mapping[str, float], *, temperature: float, top_p: float, rng:
             if p > best_p:
                 best, best_p = t, p
         return best
-    items = [(t, p ** (1.0 / temperature)) for t, p in mixed.items() if p > 0]
+    top = max(mixed.values(), default=0.0)
+    # relative to the most likely token (which keeps weight 1), so a tiny temperature cannot underflow them all
+    items = [(t, (p / top) ** (1.0 / temperature)) for t, p in mixed.items() if p > 0]
     z = sum(p for _, p in items)
     items = sorted(((t, p / z) for t, p in items), key=lambda x: -x[1])
     if top_p < 1.0:

@@ -136,9 +136,10 @@ class LocalProvider:
 class HttpProvider:
     """A merge-session provider behind a URL (the true black-box case)."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 120.0, retries: int = 4,
-                 **evaluator_kw: Any) -> None:
+    def __init__(self, url: str, api_key: str | None = None, *, admin_key: str | None = None, timeout: float = 120.0,
+                 retries: int = 4, **evaluator_kw: Any) -> None:
         self.url, self.api_key, self.timeout, self.retries = url.rstrip("/"), api_key, timeout, retries
+        self.admin_key = admin_key  # materialising is an admin right on the provider; api_key if not given
         self.evaluator_kw = evaluator_kw
         self.name = self.url
 
@@ -148,11 +149,13 @@ class HttpProvider:
                                **self.evaluator_kw)
         return ev, view
 
-    def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *,
+                 key: str | None = None) -> Any:
+        key = key or self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         r = httpx.request(method, self.url + path, json=body, headers=headers, timeout=max(self.timeout, 300.0))
         if r.status_code >= 400:
-            message = redact(error_fields(r.content).get("message", ""), self.api_key)
+            message = redact(redact(error_fields(r.content).get("message", ""), self.api_key), self.admin_key)
             raise EvaluationRejectedError(f"{method} {self.url}{path}: {r.status_code}: {message}",
                                           status=r.status_code)
         return r.json()
@@ -167,7 +170,7 @@ class HttpProvider:
                     tags: Sequence[str] = (), domain: str | None = None) -> dict[str, Any]:
         body = {"alpha": [float(a) for a in alpha], "beta": [float(b) for b in beta], "name": name,
                 "tags": list(tags), "domain": domain}
-        return self._request("POST", f"/v1/merge/sessions/{session_id}/materialize", body)
+        return self._request("POST", f"/v1/merge/sessions/{session_id}/materialize", body, key=self.admin_key)
 
 
 @dataclass
@@ -224,7 +227,7 @@ def run_search(provider: Provider, spec: SearchSpec, *,
     it (``provider.close(view["id"])``). On an error the session is closed here.
     """
     total = search_budget(spec)
-    body = {**spec.session, "budget": max(total, 1)}
+    body = {**spec.session, "budget": max(total, 1) + 1}  # + 1: materialising the winner is one more query
     progress = Progress(total)
     evaluator, view = provider.open(body)
     progress.session = {"id": view.get("id"), "n": view.get("n"), "experts": view.get("experts")}

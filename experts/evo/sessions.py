@@ -7,8 +7,9 @@ beta in [-1.5, 1.5]^N) and gets back one number: the mean token cross-entropy of
     A = sum_i beta_i S_{alpha_i}(A_i),  B = sum_i beta_i B_i,  W = W0 + s B A   (s = lora_alpha / r)
 
 on its validation data (completion tokens only for prompt/completion pairs). No weights, logits or
-gradients leave the session. `materialize` registers the same merge as a servable `lora` expert (an
-`evo` recipe through :class:`experts.repository.merges.MergeRunner`, so the lineage holds the coefficients).
+gradients leave the session. `materialize` (an admin right over HTTP, one query of the budget) registers
+the same merge as a servable `lora` expert (an `evo` recipe through
+:class:`experts.repository.merges.MergeRunner`, so the lineage holds the coefficients).
 
 Speed (see ``bench/merge_sessions.py``): at creation the base is loaded once into a private resident
 copy (never the served cache entry), the adapters' factors are stacked once into an
@@ -224,12 +225,20 @@ class MergeSessionManager:
     def materialize(self, session_id: str, alpha: Sequence[float], beta: Sequence[float], name: str, *,
                     tags: Sequence[str] = (), domain: str | None = None,
                     extra_lineage: Mapping[str, Any] | None = None) -> ExpertRecord:
-        """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe (no query counted);
-        its lineage (recipe, session, `extra_lineage`) is written with the record, in one step."""
+        """Register the merge for (alpha, beta) as a `lora` expert via an `evo` recipe; its lineage (recipe,
+        session, `extra_lineage`) is written with the record, in one step.
+
+        Materialising counts as one query of the session's budget (BudgetExhaustedError when it is spent),
+        refunded if the merge fails: a session cannot register experts without limit."""
         s = self.get(session_id)
         a, b = s.check_vectors(alpha, beta)
         experts = [{"id": e, "alpha": x, "beta": y} for e, x, y in zip(s.experts, a, b, strict=True)]
         recipe = load_recipe({"method": "evo", "base": s.base, "experts": experts})
-        extra = {"session": {"id": s.id, "queries_used": s.used, "validation": s.validation.describe()},
-                 **(extra_lineage or {})}
-        return MergeRunner(self.repo).run(recipe, name, tags=list(tags), domain=domain, extra_lineage=extra)
+        s.reserve(1)
+        try:
+            extra = {"session": {"id": s.id, "queries_used": s.used, "validation": s.validation.describe()},
+                     **(extra_lineage or {})}
+            return MergeRunner(self.repo).run(recipe, name, tags=list(tags), domain=domain, extra_lineage=extra)
+        except BaseException:
+            s.refund(1)
+            raise

@@ -124,10 +124,14 @@ def find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
 def sample(logits: torch.Tensor, params: GenerationParams, gen: torch.Generator) -> torch.Tensor:
     if params.temperature <= 0:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # shifted so the largest logit is 0 before dividing: a tiny temperature sends the others to -inf (probability
+    # 0), never to +inf; floored at the dtype's smallest normal number, as a float32 0 would make 0/0 = NaN
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(shifted / max(params.temperature, torch.finfo(logits.dtype).tiny), dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= params.top_p  # keep the smallest nucleus
+        drop[..., 0] = False  # and always the most likely token (a top_p that rounds to 0 would drop them all)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -74,7 +74,7 @@ class LocalExpert:
             bad = next((i for i in ids if not 0 <= i < vocab), None)
             if bad is not None:
                 raise GenerationInputError(f"token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
-                                           param="prompt")
+                                           code="token_out_of_vocabulary", param="prompt")
             if not ids:
                 ids, n_prompt = generation.start_ids(tok, "")
             else:

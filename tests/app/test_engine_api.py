@@ -62,7 +62,7 @@ def test_concurrent_streamed_and_plain_requests_equal_the_same_requests_alone(ga
 
 
 def _metric(gw: Gateway, name: str, model: str = "tiny") -> float:
-    text = httpx.get(gw.base + "/metrics", headers=AUTH, timeout=10).text
+    text = httpx.get(gw.base + "/metrics", headers=gw.admin_headers, timeout=10).text
     m = re.search(rf'^{name}\{{model="{model}"\}} ([0-9.e+]+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 

@@ -97,7 +97,7 @@ def test_health_ready_metrics_and_request_id(gateway):
     assert r.json() == {"status": "ok"} and r.headers["x-request-id"].startswith("req-")
     assert httpx.get(gateway.base + "/ready").json() == {"status": "ready"}
     httpx.post(gateway.base + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}, headers=CLIENT)
-    text = httpx.get(gateway.base + "/metrics").text
+    text = httpx.get(gateway.base + "/metrics", headers=ADMIN).text
     assert 'mergegate_requests_total{method="POST",route="/v1/completions",status="200"}' in text
     assert 'mergegate_tokens_total{direction="out",model="tiny"}' in text
     import re

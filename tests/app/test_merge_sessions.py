@@ -85,7 +85,8 @@ def test_evaluate_returns_only_a_loss_equal_to_the_materialised_expert(gateway, 
         body = r.json()
         assert set(body) == {"loss", "queries_used", "queries_left"}
         assert body["queries_used"] == 1 and body["queries_left"] == 49
-        r = c.post(f"/sessions/{s['id']}/materialize", json={**cand, "name": "ms-merged", "tags": ["evo"]})
+        r = c.post(f"/sessions/{s['id']}/materialize", json={**cand, "name": "ms-merged", "tags": ["evo"]},
+                   headers=gateway.admin_headers)  # registering an expert is an admin right
         assert r.status_code == 201, r.text
         e = r.json()
     assert e["kind"] == "lora" and e["spec"]["base"] == "tiny" and e["lineage"]["recipe"]["method"] == "evo"
@@ -168,6 +169,27 @@ def test_session_refusals_delete_and_auth(gateway, pool):
         for r in (c.get(f"/sessions/{sid}"), c.delete(f"/sessions/{sid}"),
                   c.post(f"/sessions/{sid}/evaluate", json={"alpha": [1, 1], "beta": [0, 0]})):
             assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+
+
+def test_materialize_needs_the_admin_key_and_counts_against_the_budget(gateway, pool):
+    cand = {"alpha": [1.0, 0.5, 0.8, 0.2], "beta": [0.6, -0.4, 0.3, 0.9]}
+    with api(gateway) as c:
+        sid = create(c, budget=2)["id"]
+        url = f"/sessions/{sid}/materialize"
+        r = c.post(url, json={**cand, "name": "ms-by-client"})  # a client key cannot register experts
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert httpx.post(f"{gateway.base}/v1/merge{url}", json={**cand, "name": "ms-by-nobody"}).status_code == 401
+        assert c.get(f"/sessions/{sid}").json()["used"] == 0  # refused calls cost nothing
+        assert c.post(f"/sessions/{sid}/evaluate", json=cand).status_code == 200
+        r = c.post(url, json={**cand, "name": "ms-by-admin"}, headers=gateway.admin_headers)
+        assert r.status_code == 201, r.text
+        assert c.get(f"/sessions/{sid}").json()["used"] == 2  # the materialisation was one query
+        r = c.post(url, json={**cand, "name": "ms-over-budget"}, headers=gateway.admin_headers)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "query_budget_exhausted"
+    with gateway.admin() as a:
+        for name in ("ms-by-client", "ms-by-nobody", "ms-over-budget"):
+            assert a.get(f"/admin/experts/{name}").status_code == 404
+        assert a.delete("/admin/experts/ms-by-admin").status_code == 200
 
 
 def test_lora_training_job_lowers_the_validation_loss(gateway, pool):

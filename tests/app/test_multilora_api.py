@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import CLIENT_KEY, build_adapter_dir
+from tests.helpers import ADMIN_KEY, CLIENT_KEY, build_adapter_dir
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
@@ -80,7 +80,7 @@ def test_requests_for_many_adapters_share_the_base_and_equal_each_alone(gateway,
     with gateway.admin() as c:
         experts = {e["id"]: e for e in c.get("/admin/experts").json()["data"]}
     assert experts["lm-0"]["loaded"] is True  # served: its base is resident...
-    metrics = httpx.get(gateway.base + "/metrics", headers=AUTH).text
+    metrics = httpx.get(gateway.base + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert "mergegate_adapter_cache_bytes" in metrics
 
 

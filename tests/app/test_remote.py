@@ -257,7 +257,7 @@ def test_breaker_opens_fails_fast_and_closes(front, fake):
     st = remote(front, "brk")
     assert st["breaker"]["state"] == "closed" and st["breaker"]["times_opened"] == 2
     assert st["counters"]["errors"]["breaker_open"] == 1
-    metrics = call(front, "GET", "/metrics").text
+    metrics = call(front, "GET", "/metrics", headers=ADMIN).text
     assert 'mergegate_remote_breaker_state{expert="brk"} 0.0' in metrics
     assert 'mergegate_remote_errors_total{error="breaker_open",expert="brk"} 1.0' in metrics
     assert 'mergegate_remote_overhead_seconds_count{expert="brk"}' in metrics

@@ -15,8 +15,8 @@ from merging.search.settings import DEFAULTS, METHODS, SearchSettings
 
 SETTINGS = {f.name for f in fields(SearchSettings)}
 REQUEST_ONLY = {"provider", "base", "pool", "validation", "loss", "name", "tags", "domain"}
-CLI_ONLY = {"help", "url", "api_key_env", "base", "pool", "pool_tag", "task", "corpus", "examples", "split",
-            "max_examples", "max_tokens_per_example", "timeout", "retries", "name", "tags", "out", "quiet"}
+CLI_ONLY = {"help", "url", "api_key_env", "admin_key_env", "base", "pool", "pool_tag", "task", "corpus", "examples",
+            "split", "max_examples", "max_tokens_per_example", "timeout", "retries", "name", "tags", "out", "quiet"}
 # the evaluator and pool size, callbacks, concurrency, and beta's box (fixed by the merge sessions' range)
 NOT_SETTINGS = {"evaluator", "n", "on_trial", "should_stop", "workers", "beta_bound", "bound"}
 REQUIRED = ["--url", "http://127.0.0.1:1", "--base", "b", "--pool", "a,b", "--task", "dictionary_word"]

@@ -116,7 +116,8 @@ def test_same_seed_same_result_and_lorahub(gateway, pool):
 def test_http_provider_gives_the_in_process_result_and_registers_a_remote(gateway, pool, provider):
     with gateway.admin() as c:
         local = run(c, body())["result"]["search"]
-        remote_body = body(name="se-remote", provider={"url": provider.base, "api_key": "provider-client-key"})
+        remote_body = body(name="se-remote", provider={"url": provider.base, "api_key": "provider-client-key",
+                                                       "admin_key": provider.admin_key})
         job = run(c, remote_body)
         s = job["result"]["search"]
         assert (s["alpha"], s["beta"], s["loss"]) == (local["alpha"], local["beta"], local["loss"])
@@ -191,7 +192,7 @@ def test_cli_search_against_a_url_matches_the_job(gateway, pool, tmp_path):
             "--examples", str(tmp_path / "ex.jsonl"), "--seed", "7", "--budget-stage1", "12", "--budget-stage2", "12",
             "--popsize", "4", "--sigma0", "0.2", "--name", "se-cli", "--out", str(out)]
     (tmp_path / "ex.jsonl").write_text("\n".join(json.dumps(e) for e in EXAMPLES))
-    env = {**os.environ, "MERGEGATE_PROVIDER_KEY": CLIENT_KEY}
+    env = {**os.environ, "MERGEGATE_PROVIDER_KEY": CLIENT_KEY, "MERGEGATE_PROVIDER_ADMIN_KEY": ADMIN_KEY}
     p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "queries" in p.stderr  # progress lines

@@ -338,12 +338,9 @@ class ModelScheduler:
         seen: set[int] = set()
         for g in groups:
             key = id(g.request)
-            if key in seen:
-                continue
+            if key not in seen and not g.request.cancelled:
+                g.request.emit(by_request.get(key, []))
             seen.add(key)
-            if g.request.cancelled:
-                continue
-            g.request.emit(by_request.get(key, []))
 
 
 def _adapters(groups: Iterable[Group]) -> list[Any] | None:
