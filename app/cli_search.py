@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from pydantic import ValidationError
 
 from app.protocol.searches import SearchRequest
+from app.redaction import install_redaction
 from experts.evo.http import EvaluationError
 from experts.evo.search_job import HttpProvider, Progress, SearchSpec, run_search
 from merging.search.settings import SearchSettings
@@ -119,7 +120,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     except (ValidationError, ValueError, OSError) as e:
         sys.exit(f"mergegate search: {e}")
     key = os.environ.get(args.api_key_env) or None
-    provider = HttpProvider(str(req.provider.url), key, admin_key=os.environ.get(args.admin_key_env) or None,
+    admin_key = os.environ.get(args.admin_key_env) or None
+    install_redaction(key, admin_key)  # the provider's keys: in no message and no log line
+    provider = HttpProvider(str(req.provider.url), key, admin_key=admin_key,
                             timeout=req.provider.timeout_s, retries=req.provider.retries)
     spec = SearchSpec(session=req.model_dump(include={"base", "pool", "validation", "loss"}, exclude_none=True),
                       settings=req.settings())

@@ -21,6 +21,7 @@ from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import GatewayMiddleware
 from app.openapi import install_openapi
+from app.redaction import RedactionMiddleware, install_redaction
 from app.routers import (
     admin_blackbox,
     admin_btm,
@@ -103,6 +104,8 @@ class Services:
 def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient) -> Services:
     """Construct every service from what it needs, in dependency order."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    admin_key, client_keys = resolve_admin_key(settings), [k.get_secret_value() for k in settings.api_keys]
+    install_redaction(admin_key, *client_keys)  # before anything can log or answer
     limits = Limits(max_batch_size=settings.max_batch_size, max_batched_tokens=settings.max_batched_tokens,
                     max_queue=settings.max_queue, admit_window_s=settings.admit_window_ms / 1000)
     runtime = Runtime(limits=limits, observer=metrics, http=http, secrets_dir=settings.data_dir / "secrets")
@@ -122,8 +125,7 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
                                     max_n=settings.max_n)
     return Services(
         settings=settings, runtime=runtime, repo=repo, jobs=jobs,
-        auth=Authenticator(resolve_admin_key(settings), [k.get_secret_value() for k in settings.api_keys],
-                           metrics=settings.metrics),
+        auth=Authenticator(admin_key, client_keys, metrics=settings.metrics),
         completions=completions, admin=admin, merges=MergeService(admin), btm=BTMService(admin, btm),
         merge_sessions=MergeSessionService(admin, manager), remote_admin=remote_admin,
         searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox)
@@ -174,4 +176,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes, body_timeout_s=settings.body_timeout_s,
                        auth=lambda: getattr(getattr(app.state, "services", None), "auth", None))
+    app.add_middleware(RedactionMiddleware)  # added last: the outermost, it sees every response byte
     return app

@@ -72,9 +72,14 @@ class RegisterRemoteRequest(RemoteSettings):
 
 
 class PatchExpertRequest(RemoteSettings):
-    """Change a remote expert: rotate its key (`"api_key": null` removes it), timeouts, fallbacks..."""
+    """Change a remote expert: rotate its key (`"api_key": null` removes it), timeouts, fallbacks...
+
+    A new `base_url` needs the key for that upstream in the same request (`api_key`), or
+    `"keep_key": true` to send the stored key there: the stored key never follows a URL change silently."""
 
     api_key: BearerKey | None = None
+    keep_key: bool = Field(False, description="With a new base_url: send the stored key to the new upstream "
+                                              "(otherwise a new base_url needs api_key)")
     tags: list[str] | None = None
     domain: str | None = None
     check: bool = Field(False, description="Verify the upstream with the new settings before saving them")

@@ -45,6 +45,16 @@ class RemoteAdminService:
             if not self.repo.registry.has_expert(fid):
                 raise InvalidExpertError(f"fallback {fid!r} is not a registered expert")
 
+    def _check_key_follows(self, expert_id: str, old: RemoteSpec, new: RemoteSpec, rotate: bool,
+                           keep_key: bool) -> None:
+        """A stored key is sent to a new base_url only when the request says so (`keep_key`), never by default."""
+        if keep_key and rotate:
+            raise InvalidExpertError("send either api_key (a new key) or keep_key (the stored one), not both")
+        if new.base_url != old.base_url and not rotate and not keep_key and self.runtime.secrets.has(expert_id):
+            raise InvalidExpertError(
+                f"base_url changes from {old.base_url} to {new.base_url}: send the key for the new upstream as "
+                "api_key (null for none), or \"keep_key\": true to send the stored key there")
+
     async def register(self, req: RegisterRemoteRequest) -> dict[str, Any]:
         check_expert_id(req.id)
         if self.repo.registry.has_expert(req.id):
@@ -79,6 +89,8 @@ class RemoteAdminService:
         spec = RemoteSpec.from_dict(_merge(record.spec, req.spec_fields()))
         self._check_fallbacks(expert_id, spec)
         rotate = "api_key" in req.model_fields_set
+        old = RemoteSpec.from_dict(record.spec)
+        self._check_key_follows(expert_id, old, spec, rotate, req.keep_key)
         key = _key(req.api_key) if rotate else self.runtime.secrets.get(expert_id)
         found = await check_upstream(self.runtime.http, expert_id, spec, key) if req.check else None
         values: dict[str, Any] = {"spec": spec.to_dict()}
@@ -93,7 +105,6 @@ class RemoteAdminService:
                 else:
                     self.runtime.secrets.delete(expert_id)
             self.repo.registry.update_expert(expert_id, **values)
-        old = RemoteSpec.from_dict(record.spec)
         if rotate or (old.base_url, old.model) != (spec.base_url, spec.model):
             self.runtime.reset(expert_id)  # a new upstream or key starts with a clean slate
         return {**self.describe(expert_id), "check": found}

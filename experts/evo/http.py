@@ -35,7 +35,8 @@ from typing import Any
 
 import httpx
 
-from experts.remote.upstream import error_fields, redact, retry_after_s
+from experts.remote.redact import REDACTOR
+from experts.remote.upstream import error_fields, retry_after_s
 
 __all__ = [
     "BUDGET_CODES",
@@ -96,6 +97,7 @@ class _Transport:
             raise ValueError("retries, backoff and max_backoff must be >= 0 and timeout > 0")
         self.base = base_url.rstrip("/")
         self.api_key = api_key
+        REDACTOR.add(api_key)  # a provider key: never in an error, a job row or a log line
         self.retries, self.backoff = retries, backoff
         self.max_backoff, self.retry_after_cap = max_backoff, retry_after_cap
         self.sleep = sleep
@@ -136,20 +138,19 @@ class _Transport:
             response = self.client.post(url, json=body, headers=headers, timeout=self.timeout)
         except httpx.HTTPError as e:
             sent = not isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)
-            detail = redact(str(e), self.api_key)
-            err = EvaluationUnavailableError(f"POST {url}: {type(e).__name__}: {detail}")
+            err = EvaluationUnavailableError(REDACTOR.redact(f"POST {url}: {type(e).__name__}: {e}"))
             raise _Retry(err, None if (sent and not idempotent) else self._delay(attempt, None)) from None
         status = response.status_code
         if 200 <= status < 300:
             try:
-                return status, response.json()
-            except ValueError:
+                return status, REDACTOR.redact_obj(response.json())
+            except (ValueError, RecursionError):
                 raise EvaluationError(f"POST {url}: {status} with a non-JSON body", status=status,
                                       attempts=attempt) from None
         if status in (404, 405) and path.endswith("/evaluate_batch"):
             return status, None
         fields = error_fields(response.content)
-        message = f"POST {url}: {status}: {redact(fields.get('message', ''), self.api_key)}"
+        message = REDACTOR.redact(f"POST {url}: {status}: {fields.get('message', '')}")
         code = fields.get("code")
         if status == 429 and code in BUDGET_CODES:
             raise BudgetExhaustedError(message, status=status, code=code, attempts=attempt)
@@ -228,7 +229,7 @@ class HttpEvaluator:
                 self._batch = True
                 losses = data.get("losses") if isinstance(data, dict) else None
                 if not isinstance(losses, list) or len(losses) != len(candidates):
-                    raise EvaluationError(f"evaluate_batch answered {str(data)[:200]!r} for "
+                    raise EvaluationError(f"evaluate_batch answered {_shown(data)} for "
                                           f"{len(candidates)} candidates", status=status)
                 return [_loss({"loss": v}, "losses[]") for v in losses]
             if self._batch is True:
@@ -270,7 +271,7 @@ def create_session(base_url: str, api_key: str | None, body: Mapping[str, Any], 
     finally:
         http.close()
     if not isinstance(data, dict):
-        raise EvaluationError(f"POST {base_url}{_SESSIONS}: expected a JSON object, got {str(data)[:200]!r}")
+        raise EvaluationError(f"POST {base_url}{_SESSIONS}: expected a JSON object, got {_shown(data)}")
     return data
 
 
@@ -283,8 +284,13 @@ def session_evaluator(
     if n is None and isinstance(session.get("experts"), list):
         n = len(session["experts"])
     if not isinstance(sid, str):
-        raise EvaluationError(f"session response has no id: {str(dict(session))[:200]!r}")
+        raise EvaluationError(f"session response has no id: {_shown(dict(session))}")
     return HttpEvaluator(base_url, sid, api_key, n=n, **kw)
+
+
+def _shown(data: Any) -> str:
+    """A provider's answer, quoted in an error: redacted first, then cut to 200 characters."""
+    return repr(REDACTOR.redact(str(data))[:200])
 
 
 def _floats(v: Sequence[float]) -> list[float]:
@@ -294,5 +300,5 @@ def _floats(v: Sequence[float]) -> list[float]:
 def _loss(data: Any, what: str) -> float:
     value = data.get("loss") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise EvaluationError(f"expected a numeric {what} in the response, got {str(data)[:200]!r}")
+        raise EvaluationError(f"expected a numeric {what} in the response, got {_shown(data)}")
     return float(value)

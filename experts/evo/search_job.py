@@ -29,7 +29,8 @@ import httpx
 
 from experts.evo.http import EvaluationRejectedError, create_session, session_evaluator
 from experts.evo.sessions import LossOptions, ValidationSpec
-from experts.remote.upstream import error_fields, redact
+from experts.remote.redact import REDACTOR
+from experts.remote.upstream import error_fields
 from merging.search import SearchResult, Trial, run_method
 from merging.search.settings import DEFAULTS, SearchSettings
 
@@ -140,6 +141,7 @@ class HttpProvider:
                  retries: int = 4, **evaluator_kw: Any) -> None:
         self.url, self.api_key, self.timeout, self.retries = url.rstrip("/"), api_key, timeout, retries
         self.admin_key = admin_key  # materialising is an admin right on the provider; api_key if not given
+        REDACTOR.add(api_key, admin_key)  # a provider key: never in an error, a job row or a log line
         self.evaluator_kw = evaluator_kw
         self.name = self.url
 
@@ -154,11 +156,15 @@ class HttpProvider:
         key = key or self.api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         r = httpx.request(method, self.url + path, json=body, headers=headers, timeout=max(self.timeout, 300.0))
-        if r.status_code >= 400:
-            message = redact(redact(error_fields(r.content).get("message", ""), self.api_key), self.admin_key)
-            raise EvaluationRejectedError(f"{method} {self.url}{path}: {r.status_code}: {message}",
+        if not 200 <= r.status_code < 300:  # a redirect is refused too: its target is not this provider
+            message = error_fields(r.content).get("message", "")
+            raise EvaluationRejectedError(REDACTOR.redact(f"{method} {self.url}{path}: {r.status_code}: {message}"),
                                           status=r.status_code)
-        return r.json()
+        try:
+            return REDACTOR.redact_obj(r.json())
+        except (ValueError, RecursionError):
+            raise EvaluationRejectedError(f"{method} {self.url}{path}: {r.status_code} with a body that is not "
+                                          "JSON", status=r.status_code) from None
 
     def close(self, session_id: str) -> None:
         try:

@@ -1,4 +1,7 @@
-"""The registration check of a remote expert: does the upstream answer, and does it serve the model?"""
+"""The registration check of a remote expert: does the upstream answer, and does it serve the model?
+
+What the upstream said (error messages in `notes`, the model ids it lists) goes back to the admin, so the
+key under test is added to the redaction set first and everything returned or raised is redacted."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from typing import Any
 import httpx
 
 from experts.errors import UpstreamError
-from experts.remote.upstream import RemoteSpec, error_fields, redact
+from experts.remote.redact import REDACTOR
+from experts.remote.upstream import RemoteSpec, error_fields
 
 PROBES = (("completion", "/completions", {"prompt": "Hello", "max_tokens": 1}),
           ("chat", "/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1}))
@@ -19,18 +23,19 @@ async def check_upstream(http: httpx.AsyncClient, expert_id: str, spec: RemoteSp
     """GET /models first; if that fails or does not list the model, a one-token completion, then a
     one-token chat completion. Returns what was found; raises UpstreamError: 400 when the upstream
     answered but refused (key, model), 502 when it could not be used (unreachable, 5xx, garbage)."""
+    REDACTOR.add(api_key)  # not stored yet, but already a secret
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     found: dict[str, Any] = {"base_url": spec.base_url, "model": spec.model}
     notes: list[str] = []
     t0 = time.perf_counter()
 
     def fail(status: int, message: str) -> UpstreamError:
-        return UpstreamError(expert_id, status, "check_failed", redact(f"upstream check failed: {message}", api_key),
+        return UpstreamError(expert_id, status, "check_failed", REDACTOR.redact(f"upstream check failed: {message}"),
                              code="upstream_check_failed")
 
     def ok(method: str) -> dict[str, Any]:
-        return {**found, "ok": True, "method": method, "notes": notes,
-                "upstream_ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return REDACTOR.redact_obj({**found, "ok": True, "method": method, "notes": notes,
+                                    "upstream_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     async def call(method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
         try:

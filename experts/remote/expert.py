@@ -23,7 +23,8 @@ import httpx
 
 from experts.base import GenerationParams, GenerationResult, StreamDelta, StreamEnd, TokenLogprob
 from experts.errors import ExpertUnavailableError, UpstreamError
-from experts.remote.upstream import RemoteRuntime, RemoteSpec, Slot, error_fields, redact, retry_after_s, split_events
+from experts.remote.redact import REDACTOR
+from experts.remote.upstream import RemoteRuntime, RemoteSpec, Slot, error_fields, retry_after_s, split_events
 from experts.repository.registry import ExpertRecord
 
 T = TypeVar("T")
@@ -99,7 +100,7 @@ class RemoteExpert:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _err(self, status: int, kind: str, message: str, **kw: Any) -> UpstreamError:
-        return UpstreamError(self.id, status, kind, redact(message, self.runtime.secrets.get(self.id)), **kw)
+        return UpstreamError(self.id, status, kind, REDACTOR.redact(message), **kw)
 
     async def proxy(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """POST `body` to the upstream's `path` (/completions, /chat/completions); returns (answer, upstream ms)."""
@@ -113,8 +114,8 @@ class RemoteExpert:
             ms = (time.perf_counter() - t0) * 1000
             self._check_status(response.status_code, response.headers, response.content)
             try:
-                data = response.json()
-            except ValueError:
+                data = REDACTOR.redact_obj(response.json())  # what an upstream echoes never reaches anyone
+            except (ValueError, RecursionError):
                 raise self._err(502, "malformed", f"upstream answered {response.status_code} with a body "
                                 "that is not JSON") from None
             if not isinstance(data, dict):
@@ -271,25 +272,31 @@ class RemoteExpert:
             slot.release()
 
     def _rewrite(self, event: bytes) -> tuple[bytes, bool]:
-        """One SSE event out, with `model` set to this expert's id; (b'', False) for an empty event."""
+        """One SSE event out, redacted, with `model` set to this expert's id; (b'', False) for an empty event.
+
+        An event whose JSON hides characters behind escapes (\\u...) is parsed and redacted field by field,
+        since no byte pattern can see a key spelled that way."""
         lines = event.split(b"\n")
         data = [ln[5:].removeprefix(b" ") for ln in lines if ln.startswith(b"data:")]
         if not data:
-            return (event + b"\n\n" if event.strip() else b""), False
+            return (REDACTOR.redact_bytes(event) + b"\n\n" if event.strip() else b""), False
         payload = b"\n".join(data)
         if payload.strip() == _DONE:
             return b"data: [DONE]\n\n", True
-        if b'"model"' not in payload:
-            return event + b"\n\n", False
+        named = b'"model"' in payload
+        if not named and b"\\u" not in payload and b"\\/" not in payload:
+            return REDACTOR.redact_bytes(event) + b"\n\n", False
         try:
-            obj = json.loads(payload)
-        except ValueError:
-            raise self._err(502, "malformed", "upstream sent an SSE event that is not JSON") from None
+            obj = REDACTOR.redact_obj(json.loads(payload))
+        except (ValueError, RecursionError):
+            if named:
+                raise self._err(502, "malformed", "upstream sent an SSE event that is not JSON") from None
+            return REDACTOR.redact_bytes(event) + b"\n\n", False
         if isinstance(obj, dict) and "model" in obj:
             obj["model"] = self.id
         other = [ln for ln in lines if not ln.startswith(b"data:")]
         out = json.dumps(obj, separators=(",", ":")).encode()
-        return b"".join(ln + b"\n" for ln in other) + b"data: " + out + b"\n\n", False
+        return REDACTOR.redact_bytes(b"".join(ln + b"\n" for ln in other) + b"data: " + out + b"\n\n"), False
 
     async def _tail(self, first: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:

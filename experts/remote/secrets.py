@@ -3,7 +3,8 @@
 The registry row (and so every API response built from it) never holds a key. Files are created
 0600 inside a 0700 directory and replaced atomically (write a temp file, fsync, rename), so a crash
 never leaves a half-written key. Keys are cached in memory after the first read; this process is
-the only writer.
+the only writer. Every key found at start-up, read or written joins the process's redaction set
+(experts.remote.redact), so no response, job row or log line can carry it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from experts.remote.redact import REDACTOR
 from experts.repository.store import check_expert_id
 
 
@@ -18,6 +20,12 @@ class SecretStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cache: dict[str, str | None] = {}
+        if root.is_dir():
+            for path in root.glob("*.key"):
+                try:
+                    REDACTOR.add(path.read_text())
+                except OSError:
+                    pass
 
     def path(self, expert_id: str) -> Path:
         check_expert_id(expert_id)  # ids are path-safe; this keeps it that way
@@ -27,6 +35,7 @@ class SecretStore:
         if expert_id not in self._cache:
             try:
                 self._cache[expert_id] = self.path(expert_id).read_text().strip() or None
+                REDACTOR.add(self._cache[expert_id])
             except FileNotFoundError:
                 self._cache[expert_id] = None
         return self._cache[expert_id]
@@ -35,6 +44,7 @@ class SecretStore:
         return self.get(expert_id) is not None
 
     def set(self, expert_id: str, key: str) -> None:
+        REDACTOR.add(key)
         path = self.path(expert_id)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -21,6 +21,7 @@ import httpx
 
 from experts.errors import InvalidExpertError
 from experts.remote.breaker import CircuitBreaker
+from experts.remote.redact import redact, redact_obj
 from experts.remote.secrets import SecretStore
 
 # Where each flat field of RemoteSpec lives in the stored (and wire) spec, e.g. timeouts.connect.
@@ -134,11 +135,14 @@ def retry_after_s(headers: httpx.Headers, now: float | None = None) -> float | N
 
 
 def error_fields(body: bytes) -> dict[str, Any]:
-    """message/type/code/param of an upstream error body, OpenAI-shaped or not."""
+    """message/type/code/param of an upstream error body, OpenAI-shaped or not.
+
+    Every secret is redacted before anything is cut to length (and the redaction also removes what a
+    cut would leave of a key), so the message can be shown, stored and logged."""
     try:
-        data = json.loads(body)
-    except ValueError:
-        text = body.decode(errors="replace").strip()
+        data = redact_obj(json.loads(body))
+    except (ValueError, RecursionError):
+        text = redact(body.decode(errors="replace")).strip()
         return {"message": text[:300] or "(empty body)"}
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
@@ -149,12 +153,6 @@ def error_fields(body: bytes) -> dict[str, Any]:
                 out[k] = err[k]
         return out
     return {"message": str(err)[:300]}
-
-
-def redact(text: str, secret: str | None) -> str:
-    if secret and secret in text:
-        text = text.replace(secret, "[redacted]")
-    return text
 
 
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:

@@ -4,6 +4,10 @@ A job's row in the registry is its source of truth: status, progress 0..1 with a
 or error, timestamps, and the owner (the gateway instance running it). Workers run in a thread
 pool. On start-up, jobs this instance owned that are still queued/running were interrupted by a
 crash: they are marked failed, never left running forever.
+
+Every write of a job row that carries text from elsewhere goes through `_redacted`: `params`,
+`message`, `error`, `detail` and `result` lose any secret (experts.remote.redact) before they reach the
+registry, whatever produced them (a provider's error, an upstream's answer quoted in a search's progress).
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from experts.errors import JobCancelledError, JobStateError
+from experts.remote.redact import REDACTOR
 from experts.repository.registry import JobRecord, Registry
 
 log = logging.getLogger("mergegate.jobs")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 PROGRESS_WRITE_INTERVAL_S = 0.25
+REDACTED_FIELDS = ("params", "message", "error", "detail", "result")
+
+
+def _redacted(values: dict[str, Any]) -> dict[str, Any]:
+    """A job row's values with every secret removed from the fields that carry text from elsewhere."""
+    return {k: REDACTOR.redact_obj(v) if k in REDACTED_FIELDS else v for k, v in values.items()}
 
 
 class JobContext:
@@ -57,7 +68,7 @@ class JobContext:
                 values["message"] = message
             if detail is not None:
                 values["detail"] = detail
-            self._service.registry.update_job(self.job_id, only_if_status=["running"], **values)
+            self._service.registry.update_job(self.job_id, only_if_status=["running"], **_redacted(values))
 
 
 JobFn = Callable[[JobContext], Any]
@@ -78,8 +89,8 @@ class JobService:
         return n
 
     def submit(self, kind: str, params: dict[str, Any], fn: JobFn, *, message: str | None = None) -> JobRecord:
-        job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, params=params, status="queued",
-                        message=message or "queued", owner=self.owner)
+        job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, params=REDACTOR.redact_obj(params),
+                        status="queued", message=REDACTOR.redact(message or "queued"), owner=self.owner)
         self.registry.insert_job(job)
         ctx = JobContext(self, job.id)
         with self._lock:
@@ -113,7 +124,8 @@ class JobService:
                 self._contexts.pop(job_id, None)
 
     def _finish(self, job_id: str, **values: Any) -> None:
-        self.registry.update_job(job_id, only_if_status=["running", "queued"], finished_at=time.time(), **values)
+        self.registry.update_job(job_id, only_if_status=["running", "queued"], finished_at=time.time(),
+                                 **_redacted(values))
 
     def get(self, job_id: str) -> JobRecord:
         return self.registry.get_job(job_id)
