@@ -60,6 +60,9 @@ class BranchRequest(RequestModel):
     parents: list[str] = Field(..., min_length=1)
     domain: str | None = Field(None, description="New domain; its sample gives the default weights")
     weights: list[float] | None = Field(None, description="Explicit weights (default: the parents' domain posterior)")
+    prior_split: Literal["train", "validation", "test"] = Field(
+        "validation", description="Held-out data of the new domain for the default weights (spec §1.3, §2.3)")
+    prior_sequences: int = Field(100, ge=1, le=1000, description="Dev sequences for the default weights")
 
 
 class TrainRequest(RequestModel):
@@ -67,12 +70,13 @@ class TrainRequest(RequestModel):
     source: str = Field(..., description="Expert to continue training")
     domain: str
     budget: BudgetIn
+    resume: bool = Field(False, description="Resume the source's optimizer state and schedule (a seed's)")
 
 
 class PriorIn(RequestModel):
     corpus: str | None = Field(None, description="Target data for the cached prior (a corpus name)")
     split: Literal["train", "validation", "test"] = "validation"
-    sequences: int = Field(8, ge=1, le=256)
+    sequences: int = Field(100, ge=1, le=1000, description="Sequences for the cached prior (spec §2.3: 100)")
     weights: list[float] | None = Field(None, description="An explicit prior instead")
 
 
@@ -93,6 +97,12 @@ class AverageRequest(RequestModel):
     weighting: Literal["uniform", "prior"] = "uniform"
 
 
+class PipelinePrior(RequestModel):
+    corpus: str | None = Field(None, description="Target data for the cached prior (a corpus name)")
+    split: Literal["train", "validation", "test"] = "validation"
+    sequences: int = Field(100, ge=1, le=1000)
+
+
 class PipelineRequest(RequestModel):
     prefix: str = Field(..., examples=["btm"], pattern=ID_PATTERN.pattern, max_length=64,
                         description="Ids: <prefix>-seed, <prefix>-<domain>, <prefix>-forest")
@@ -102,6 +112,13 @@ class PipelineRequest(RequestModel):
     size: SizeIn = SizeIn()
     top_k: int | None = Field(None, ge=1)
     averages: bool = True
+    branch_from: Literal["seed", "posterior"] = Field(
+        "seed", description="seed: every first-round expert copies the seed (the paper); posterior: sequential")
+    batch_split: Literal["paper", "full"] = Field(
+        "paper", description="paper: experts take the dense second half's updates at 1/n of the batch; "
+                             "full: the full batch for 1/n of those updates")
+    prior: PipelinePrior = Field(default_factory=lambda: PipelinePrior(),
+                                 description="Target data for the forest's cached prior (default: uniform)")
 
 
 class EvaluateRequest(RequestModel):

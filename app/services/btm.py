@@ -21,6 +21,7 @@ from app.services.admin import AdminService
 from experts.btm.forest import average_forest, create_forest, sample_sequences
 from experts.btm.operations import BTM, ModelSize
 from experts.btm.pipeline import existing_stages, pipeline_key, run_pipeline
+from experts.btm.protocol import plan_budget
 from experts.data.corpora import add_user_corpus, available_domains, list_corpora
 from experts.data.evaluation import evaluate_ids
 from experts.data.tokens import tokenize_text
@@ -92,8 +93,10 @@ class BTMService:
 
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(0.05, "branching", force=True)
-            r = self.btm.branch(req.id, req.parents, req.domain, req.weights)
-            return {"expert": r.id, "weights": [p["weight"] for p in r.lineage["parents"]]}
+            r = self.btm.branch(req.id, req.parents, req.domain, req.weights, prior_split=req.prior_split,
+                                prior_sequences=req.prior_sequences)
+            return {"expert": r.id, "weights": [p["weight"] for p in r.lineage["parents"]],
+                    "weights_source": r.lineage.get("weights_source")}
 
         return await self._job("btm.branch", req.model_dump(), run, background)
 
@@ -105,7 +108,7 @@ class BTMService:
 
         def run(ctx: JobContext) -> dict[str, Any]:
             r = self.btm.train(req.id, req.source, req.domain, budget, progress=ctx.progress,
-                               should_stop=lambda: ctx.cancelled)
+                               should_stop=lambda: ctx.cancelled, resume=req.resume)
             return {"expert": r.id, "final_val_loss": r.lineage["train"]["final_val_loss"]}
 
         return await self._job("btm.train", req.model_dump(), run, background)
@@ -119,7 +122,8 @@ class BTMService:
                 tok = self.repo.cache.get(req.members[0]).tokenizer
                 ids = self.btm.token_ids(tok, req.prior.corpus, req.prior.split)
                 seqs = sample_sequences(ids, req.prior.sequences, 128)
-            source = {"kind": "corpus", **req.prior.model_dump()} if req.prior.corpus else None
+            source = ({k: v for k, v in req.prior.model_dump().items() if k != "weights"}
+                      if req.prior.corpus and req.prior.weights is None else None)
             return create_forest(self.repo, req.id, req.members, prior=req.prior.weights, prior_sequences=seqs,
                                  prior_source=source, top_k=req.top_k, mode=req.posterior)
 
@@ -135,11 +139,12 @@ class BTMService:
             members = [m["id"] for m in forest.spec["members"]] + [expert_id]
             src = forest.spec.get("prior_source") or {}
             seqs = None
-            if src.get("kind") == "corpus":
+            if src.get("corpus"):
                 tok = self.repo.cache.get(members[0]).tokenizer
                 seqs = sample_sequences(self.btm.token_ids(tok, src["corpus"], src["split"]), src["sequences"], 128)
             tmp = f"{forest_id}.tmp-{len(members)}"
-            rec = create_forest(self.repo, tmp, members, prior_sequences=seqs, prior_source=src or None,
+            details = {k: v for k, v in src.items() if k in ("corpus", "split")} if seqs else None
+            rec = create_forest(self.repo, tmp, members, prior_sequences=seqs, prior_source=details,
                                 top_k=forest.spec.get("top_k"), mode=forest.spec.get("posterior", "paper"),
                                 tags=forest.tags)
             self.repo.registry.delete_expert(tmp)
@@ -168,15 +173,23 @@ class BTMService:
         """Run the pipeline, or resume it: stages this same request registered before (a crash, a cancel)
         are kept and skipped; an id taken by anything else is a 409 before any job."""
         budget, size = _budget(req.budget), _size(req.size)
-        key = pipeline_key(req.domains, budget, size, req.seed_fraction, req.top_k, req.averages, "posterior")
+        prior = req.prior.model_dump() if req.prior.corpus else None
+        key = pipeline_key(req.domains, budget, size, req.seed_fraction, req.top_k, req.averages, req.branch_from,
+                           req.batch_split, prior)
         await run_sync(existing_stages, self.repo, req.prefix, req.domains, req.averages, key)
         if req.top_k is not None and req.top_k > len(req.domains):
             raise InvalidExpertError(f"top_k must be at most the number of domains ({len(req.domains)})")
-        await run_sync(self._domains, req.domains)
+        try:
+            plan_budget(budget, len(req.domains), seed_fraction=req.seed_fraction, batch_split=req.batch_split)
+        except ValueError as e:
+            raise InvalidExpertError(str(e)) from None
+        await run_sync(self._domains, req.domains + ([req.prior.corpus] if req.prior.corpus else []))
 
         def run(ctx: JobContext) -> dict[str, Any]:
             return run_pipeline(self.btm, req.prefix, req.domains, budget, size=size, seed_fraction=req.seed_fraction,
-                                top_k=req.top_k, averages=req.averages, progress=ctx.progress,
+                                top_k=req.top_k, averages=req.averages, branch_from=req.branch_from,
+                                batch_split=req.batch_split,
+                                prior=prior, progress=ctx.progress,
                                 should_stop=lambda: ctx.cancelled)
 
         return await self._job("btm.pipeline", req.model_dump(), run, background)

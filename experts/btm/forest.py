@@ -65,16 +65,21 @@ def create_forest(repo: ExpertRepository, forest_id: str, member_ids: list[str],
         raise InvalidExpertError("posterior must be 'paper' or 'reference'")
     if top_k is not None and not 1 <= top_k <= len(records):
         raise InvalidExpertError(f"top_k must be between 1 and {len(records)}")
-    if prior is None and prior_sequences:
+    # what the prior really is, recorded as such: `prior_source` only adds details (corpus, split)
+    if prior is not None:
+        kind: dict[str, Any] = {"kind": "explicit"}
+    elif prior_sequences:
         prior = estimate_forest_prior(repo, member_ids, prior_sequences, mode=mode)
-    if prior is None:
+        kind = {"kind": "estimated", "sequences": len(prior_sequences)}  # spec §2.3: EMA over dev sequences
+    else:
         prior = [1.0 / len(records)] * len(records)
+        kind = {"kind": "uniform"}
     if len(prior) != len(records) or any(p < 0 for p in prior) or sum(prior) <= 0:
         raise InvalidExpertError("prior must have one non-negative weight per member, not all zero")
     total = sum(prior)
     spec = {"members": [{"id": r.id, "domain": r.domain} for r in records], "prior": [p / total for p in prior],
             "top_k": top_k, "posterior": mode,
-            "prior_source": prior_source or {"kind": "explicit" if prior else "uniform"}}
+            "prior_source": {**(prior_source or {}), **kind}}
     ctx = min(r.context_length or 0 for r in records) or None
     record = ExpertRecord(id=forest_id, kind="ensemble", status="ready", architecture="ELMforest",
                           num_params=sum(r.num_params or 0 for r in records), dtype=records[0].dtype,

@@ -1,9 +1,12 @@
 """Branch-Train-Merge over the repository (Li et al. 2022, arXiv:2208.03306).
 
-seed:   train a fresh LM on a uniform mixture of domains (§3.1, "seed LM").
+seed:   train a fresh LM on a uniform mixture of domains (§3.1, "seed LM"); with `keep_state` its
+        optimizer state and schedule position are saved with it (spec §1.3), for experts to resume.
 branch: a new expert's parameters are a weighted average of existing experts; by default the
-        weights are the domain posterior of those experts on a sample of the new domain (§3.1).
-train:  continue training an expert on one domain only (§3.1, "Train").
+        weights are the domain posterior of those experts on >= 100 held-out dev sequences of the
+        new domain (spec §1.3, §2.3). First-round experts do not branch: they resume the seed.
+train:  continue training an expert on one domain only (§3.1, "Train"); `resume=True` continues
+        the source's optimizer state and schedule (a first-round expert resuming the seed).
 merge:  add the trained expert to an ELMforest, served as a posterior-weighted ensemble (§2)
         or collapsed by parameter averaging (§4.4).
 Every step registers a new expert with its lineage; a failed or cancelled step registers nothing.
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from experts.btm.mixture import estimate_prior
+from experts.btm.protocol import DEV_SEQUENCES, dev_sequences, load_trainer_state, resume_config, save_trainer_state
 from experts.data.corpora import DOMAINS, build_corpus, get_corpus, load_split
 from experts.data.tokens import tokenize_text
 from experts.errors import InvalidExpertError, JobCancelledError
@@ -115,7 +119,9 @@ class BTM:
     def _train_and_register(self, model: Any, tok: Any, expert_id: str, train_ids: torch.Tensor,
                             val_ids: torch.Tensor | None, budget: TrainConfig, lineage: dict[str, Any],
                             domain: str | None, tags: list[str], progress: Progress | None,
-                            should_stop: ShouldStop | None, seed_offset: int = 0) -> ExpertRecord:
+                            should_stop: ShouldStop | None, seed_offset: int = 0,
+                            optimizer_state: dict[str, Any] | None = None, keep_state: bool = False
+                            ) -> ExpertRecord:
         def report(p: Any) -> None:
             if progress:
                 val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
@@ -124,21 +130,25 @@ class BTM:
 
         config = replace(budget, seed=budget.seed + seed_offset)
         result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report,
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, optimizer_state=optimizer_state)
         if result.cancelled:
             raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
         staging = self.repo.store.new_staging()
         save_model_atomic(model, tok, staging)
+        if keep_state:
+            save_trainer_state(staging, result.optimizer_state, config, result.steps)
         lineage["train"] = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
                             "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-                            "budget": asdict(budget)}
+                            "budget": asdict(config), "resumed": optimizer_state is not None,
+                            "start_step": config.start_step}
         return self.repo.register_staged(expert_id, staging, domain=domain, tags=tags, lineage=lineage)
 
     # -- the four operations ------------------------------------------------------------------
     def seed(self, expert_id: str, domains: list[str], budget: TrainConfig, size: ModelSize = ModelSize(), *,
              progress: Progress | None = None, should_stop: ShouldStop | None = None,
-             lineage: dict[str, Any] | None = None) -> ExpertRecord:
-        """Train a seed LM on a uniform mixture of `domains`; `lineage` adds to the recorded lineage."""
+             lineage: dict[str, Any] | None = None, keep_state: bool = True) -> ExpertRecord:
+        """Train a seed LM on a uniform mixture of `domains`; its optimizer state and schedule position are
+        kept with it (spec §1.3) unless `keep_state` is False. `lineage` adds to the recorded lineage."""
         if not domains:
             raise InvalidExpertError("seed needs at least one domain")
         tok = self.tokenizer(domains, size.vocab_size)
@@ -150,52 +160,71 @@ class BTM:
         full = {"op": "btm.seed", "parents": [], "recipe": {"domains": domains, "size": asdict(size)},
                 **(lineage or {})}
         return self._train_and_register(model, tok, expert_id, train, val, budget, full, None,
-                                        ["btm", "seed"], progress, should_stop)
+                                        ["btm", "seed"], progress, should_stop, keep_state=keep_state)
 
-    def branch_weights(self, parents: list[str], domain: str, *, sequences: int = 8, seq_len: int = 128) -> list[float]:
-        """The parents' domain posterior on a sample of the new domain's text (the cached-prior EMA)."""
+    def branch_weights(self, parents: list[str], domain: str, *, sequences: int = DEV_SEQUENCES,
+                       seq_len: int = 128, split: str = "validation") -> list[float]:
+        """The parents' domain posterior on held-out dev data of the new domain: the cached-prior EMA
+        (decay 0.3) over the first `sequences` `seq_len`-token sequences of its `split` (spec §1.3, §2.3)."""
+        return self._dev_posterior(parents, domain, sequences, seq_len, split)[0]
+
+    def _dev_posterior(self, parents: list[str], domain: str, sequences: int, seq_len: int,
+                       split: str) -> tuple[list[float], int]:
+        """(the parents' cached prior on the dev sequences, how many sequences there were)."""
         models, tok = [], None
         for p in parents:
             m, t = self._fresh_model(p)
             models.append(m.eval())
             tok = tok or t
-        ids = self.token_ids(tok, domain, "train")
-        n = min(sequences, max(1, int(ids.numel()) // seq_len))
-        step = max(seq_len, int(ids.numel()) // n)
-        sample = [ids[i * step:i * step + seq_len].tolist() for i in range(n)]
-        prior = estimate_prior(models, sample, decay=0.3)
-        return [float(x) for x in prior]
+        sample = dev_sequences(self.token_ids(tok, domain, split), sequences, seq_len)
+        if not sample:
+            raise InvalidExpertError(f"the {split} split of {domain!r} is shorter than one {seq_len}-token sequence")
+        prior = estimate_prior(models, sample, decay=0.3, max_sequences=len(sample))
+        return [float(x) for x in prior], len(sample)
 
     def branch(self, expert_id: str, parents: list[str], domain: str | None = None,
-               weights: list[float] | None = None, *, lineage: dict[str, Any] | None = None) -> ExpertRecord:
-        """A new expert initialised as the weighted average of `parents` (registered, ready to train, with
-        its lineage in the same write)."""
+               weights: list[float] | None = None, *, prior_split: str = "validation",
+               prior_sequences: int = DEV_SEQUENCES, lineage: dict[str, Any] | None = None) -> ExpertRecord:
+        """A new expert initialised as the weighted average of `parents` (registered, ready to train, with its
+        lineage in the same write); without explicit weights, the parents' posterior on `prior_sequences` dev
+        sequences of `domain` (spec §1.3)."""
         if not parents:
             raise InvalidExpertError("branch needs at least one parent expert")
+        source: dict[str, Any] = {"kind": "explicit"}
         if weights is None:
             if domain is None or len(parents) == 1:
                 weights = [1.0 / len(parents)] * len(parents)
+                source = {"kind": "uniform"}
             else:
-                weights = self.branch_weights(parents, domain)
+                weights, used = self._dev_posterior(parents, domain, prior_sequences, 128, prior_split)
+                source = {"kind": "estimated", "corpus": domain, "split": prior_split, "sequences": used}
         if len(weights) != len(parents):
             raise InvalidExpertError(f"{len(parents)} parents but {len(weights)} weights")
         recipe = MergeRecipe.model_validate({"method": "linear", "parameters": {"normalize": True},
                                              "experts": [{"id": p, "weight": w} for p, w in zip(parents, weights)]})
         return self.merges.run(recipe, expert_id, tags=["btm", "branch"], domain=domain,
-                               extra_lineage={"op": "btm.branch", **(lineage or {})})
+                               extra_lineage={"op": "btm.branch", "weights_source": source, **(lineage or {})})
 
     def train(self, expert_id: str, source: str, domain: str, budget: TrainConfig, *,
               progress: Progress | None = None, should_stop: ShouldStop | None = None, seed_offset: int = 0,
-              lineage: dict[str, Any] | None = None) -> ExpertRecord:
+              resume: bool = False, lineage: dict[str, Any] | None = None) -> ExpertRecord:
         """Continue training `source` on `domain` only; registers the result as `expert_id` (`lineage`
-        overrides fields of the recorded lineage, in the same write)."""
+        overrides fields of the recorded lineage, in the same write). With `resume`, the source's saved
+        optimizer state and update count are resumed (spec §1.3: a first-round expert is the seed run forked
+        onto one domain); `budget` then sets the schedule span (see protocol.plan_budget)."""
         model, tok = self._fresh_model(source)
+        opt = None
+        if resume:
+            opt, state = load_trainer_state(self.repo.artifact_dir(self.repo.record(source)))
+            if opt is None or state is None:
+                raise InvalidExpertError(f"{source!r} carries no optimizer state to resume")
+            budget = resume_config(budget, state)
         train = self.token_ids(tok, domain, "train")
         val = self.token_ids(tok, domain, "validation")
         full = {"op": "btm.train", "parents": [{"id": source, "weight": 1.0}], "recipe": {"corpus": domain},
                 **(lineage or {})}
         return self._train_and_register(model, tok, expert_id, train, val, budget, full, domain,
-                                        ["btm", domain], progress, should_stop, seed_offset)
+                                        ["btm", domain], progress, should_stop, seed_offset, optimizer_state=opt)
 
 
 def _tok_key(tokenizer: Any) -> str:

@@ -1,10 +1,13 @@
 """The one-call BTM pipeline: seed -> (branch -> train -> merge) for every domain -> forest (+ averages).
 
-The seed takes `seed_fraction` of the token (or time) budget (the paper uses 50%, §4.1); the rest
-is split evenly between the domain experts. The first expert branches from the seed; every later
-one from the weighted average of the experts already in the forest, weighted by their domain
-posterior on a sample of the new domain (§3.1). The intermediate branch is not kept as an
-expert: its parents and weights are recorded in the trained expert's lineage.
+The paper's protocol is the default (spec §1.2-1.4; experts/btm/protocol.py): the seed is the dense
+model's run stopped at `seed_fraction` (0.5) of its updates, saved with its optimizer state and schedule;
+every first-round expert is an exact copy of the seed that resumes them for the dense model's remaining
+updates at 1/n of the batch (`batch_split="paper"`; "full": full batch, 1/n of the updates).
+`branch_from="posterior"` is the older sequential variant: the first expert resumes the seed, every later
+one starts (fresh optimizer) from the experts trained before it, averaged with their posterior on dev data;
+that intermediate branch is not kept as an expert (its parents and weights are in the trained expert's
+lineage). The forest's prior is uniform unless `prior` names target data (a corpus, split and sequence count).
 
 Pipelines are resumable. Every stage is registered with the pipeline's key (a hash of everything
 that defines the request) in its lineage, in the same write as the stage itself. Running the same
@@ -21,8 +24,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from experts.btm.forest import average_forest, create_forest
+from experts.btm.forest import average_forest, create_forest, sample_sequences
 from experts.btm.operations import BTM, ModelSize
+from experts.btm.protocol import BRANCH_FROM, DEV_SEQUENCES, check_choice, plan_budget
 from experts.errors import InvalidExpertError, PipelineConflictError
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import check_expert_id
@@ -32,10 +36,12 @@ Progress = Callable[[float, str], None]
 
 
 def pipeline_key(domains: list[str], budget: TrainConfig, size: ModelSize, seed_fraction: float,
-                 top_k: int | None, averages: bool, branch_from: str) -> str:
+                 top_k: int | None, averages: bool, branch_from: str, batch_split: str = "paper",
+                 prior: dict[str, Any] | None = None) -> str:
     """What defines a pipeline's output, hashed: a stage made under another key is not this pipeline's."""
     spec = {"domains": domains, "budget": asdict(budget), "size": asdict(size), "seed_fraction": seed_fraction,
-            "top_k": top_k, "averages": averages, "branch_from": branch_from}
+            "top_k": top_k, "averages": averages, "branch_from": branch_from, "batch_split": batch_split,
+            "prior": prior if prior and prior.get("corpus") else None}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -72,14 +78,15 @@ def existing_stages(repo: ExpertRepository, prefix: str, domains: list[str], ave
 def run_pipeline(btm: BTM, prefix: str, domains: list[str], budget: TrainConfig, *,
                  size: ModelSize = ModelSize(),
                  seed_fraction: float = 0.5, top_k: int | None = None, averages: bool = True,
-                 branch_from: str = "posterior", progress: Progress | None = None,
+                 branch_from: str = "seed", batch_split: str = "paper", prior: dict[str, Any] | None = None,
+                 progress: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns its ids, and under `resumed` the stages that already existed."""
     if not domains:
         raise ValueError("the pipeline needs at least one domain")
-    if not 0.0 < seed_fraction < 1.0:
-        raise ValueError("seed_fraction must be strictly between 0 and 1")
-    key = pipeline_key(domains, budget, size, seed_fraction, top_k, averages, branch_from)
+    check_choice(branch_from, BRANCH_FROM, "branch_from")
+    plan = plan_budget(budget, len(domains), seed_fraction=seed_fraction, batch_split=batch_split)
+    key = pipeline_key(domains, budget, size, seed_fraction, top_k, averages, branch_from, batch_split, prior)
     have = set(existing_stages(btm.repo, prefix, domains, averages, key))
     repo = btm.repo
     for d in domains:
@@ -103,42 +110,68 @@ def run_pipeline(btm: BTM, prefix: str, domains: list[str], budget: TrainConfig,
 
     seed_id = f"{prefix}-seed"
     if seed_id not in have:
-        btm.seed(seed_id, domains, budget.scaled(seed_fraction), size, progress=stage("seed"),
-                 should_stop=should_stop, lineage=tag("seed"))
+        btm.seed(seed_id, domains, plan.seed, size, progress=stage("seed"), should_stop=should_stop,
+                 lineage=tag("seed"))
     finish_step()
-    expert_budget = budget.scaled((1 - seed_fraction) / len(domains))
     members: list[str] = []
     for i, domain in enumerate(domains):
         expert_id, init_id = f"{prefix}-{domain}", f"{prefix}-{domain}-init"
         if expert_id not in have:
-            parents = [seed_id] if not members or branch_from == "seed" else list(members)
-            weights = None if len(parents) > 1 else [1.0]
-            init = repo.record(init_id) if init_id in have else btm.branch(init_id, parents, domain, weights,
-                                                                           lineage=tag("init"))
-            branch_lineage = init.lineage["parents"]
-            lineage = {"op": "btm.branch-train", "parents": branch_lineage,
-                       "recipe": {"corpus": domain, "branched_from": branch_lineage}, **tag(domain)}
-            btm.train(expert_id, init_id, domain, expert_budget, progress=stage(domain), should_stop=should_stop,
-                      seed_offset=i + 1, lineage=lineage)
+            train_expert(btm, expert_id, seed_id, domain, members, i, branch_from=branch_from,
+                         budget=budget.scaled(1 - seed_fraction).scaled(1 / len(domains)), plan_expert=plan.expert,
+                         have=have, tag=tag, progress=stage(domain), should_stop=should_stop)
         if repo.registry.has_expert(init_id):
             repo.delete(init_id)  # the intermediate branch is not kept (also one a crash left behind)
         members.append(expert_id)
         finish_step()
     forest_id = f"{prefix}-forest"
+    seqs, source = None, None
+    if prior and prior.get("corpus"):
+        tok = repo.cache.get(members[0]).tokenizer
+        split, count = prior.get("split", "validation"), int(prior.get("sequences", DEV_SEQUENCES))
+        seqs = sample_sequences(btm.token_ids(tok, prior["corpus"], split), count, 128)
+        source = {"corpus": prior["corpus"], "split": split, "sequences": count}
     if forest_id not in have:
-        create_forest(repo, forest_id, members, top_k=top_k, prior_source={"kind": "uniform"},
+        create_forest(repo, forest_id, members, top_k=top_k, prior_sequences=seqs, prior_source=source,
                       lineage={"op": "btm.pipeline", "parents": [{"id": m, "weight": 1 / len(members)}
                                                                  for m in members],
                                "recipe": {"domains": domains, "budget": asdict(budget),
-                                          "seed_fraction": seed_fraction, "size": asdict(size), "seed": seed_id},
+                                          "seed_fraction": seed_fraction, "size": asdict(size), "seed": seed_id,
+                                          "branch_from": branch_from, "batch_split": batch_split, "plan": {
+                                              "total_steps": plan.total_steps, "seed_steps": plan.seed_steps,
+                                              "expert_batch": plan.expert.batch_size,
+                                              "expert_tokens": plan.expert.max_tokens}},
                                **tag("forest")})
     out: dict[str, Any] = {"seed": seed_id, "experts": members, "forest": forest_id}
     if averages:
         out["average"] = f"{prefix}-average"
         if out["average"] not in have:
-            average_forest(repo, forest_id, out["average"], weighting="uniform", lineage=tag("average"))
+            average_forest(repo, forest_id, out["average"], weighting="prior" if seqs else "uniform",
+                           lineage=tag("average"))
         finish_step()
     out["resumed"] = [i for i in stage_ids(prefix, domains, averages) if i in have and not i.endswith("-init")]
     if progress:
         progress(1.0, "done")
     return out
+
+
+def train_expert(btm: BTM, expert_id: str, seed_id: str, domain: str, members: list[str], index: int, *,
+                 branch_from: str, budget: TrainConfig, plan_expert: TrainConfig, have: set[str],
+                 tag: Callable[[str], dict[str, Any]], progress: Progress,
+                 should_stop: Callable[[], bool] | None) -> None:
+    """One domain expert: a copy of the seed resuming its state (spec §1.3), or, in the sequential
+    variant, a branch from the posterior-weighted average of `members` trained with a fresh optimizer."""
+    init_id = f"{expert_id}-init"
+    if not members or branch_from == "seed":
+        branch_lineage = [{"id": seed_id, "weight": 1.0}]
+        source, expert_budget, resume = seed_id, plan_expert, True
+    else:
+        init = btm.repo.record(init_id) if init_id in have else btm.branch(init_id, list(members), domain,
+                                                                           lineage=tag("init"))
+        branch_lineage = init.lineage["parents"]
+        source, expert_budget, resume = init_id, budget, False
+    lineage = {"op": "btm.branch-train", "parents": branch_lineage,
+               "recipe": {"corpus": domain, "branched_from": branch_lineage, "branch_from": branch_from},
+               **tag(domain)}
+    btm.train(expert_id, source, domain, expert_budget, progress=progress, should_stop=should_stop,
+              seed_offset=index + 1, resume=resume, lineage=lineage)

@@ -10,7 +10,7 @@ Re-exported by :mod:`experts.training.lm`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
@@ -47,6 +47,10 @@ class TrainConfig:
       the device supports bf16 natively (on CPU: avx512_bf16 or AMX); silently fp32 otherwise.
     - `attn_implementation`: attention kernel used while training ("eager" is the fastest on CPU for small
       models); the model's own implementation is restored afterwards. None keeps the model's.
+    - Resuming a longer run (BTM §1.3, spec: an expert continues the seed's schedule): `start_step` is the
+      number of optimizer steps already taken before this call (the warm-up counts from the run's start), and
+      `schedule_span` = (a, b) the part of the learning-rate schedule this call covers: at fraction f of this
+      call's budget the schedule stands at a + (b - a) * f. The defaults (0, (0, 1)) are a whole run.
     - `seed`: seeds the batch sampler (a private `torch.Generator`) and `torch.manual_seed` (dropout). With a
       token budget, the same seed, data and initial weights give identical weights.
     """
@@ -67,6 +71,8 @@ class TrainConfig:
     bf16: bool = True
     seed: int = 0
     attn_implementation: str | None = "eager"
+    start_step: int = 0
+    schedule_span: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.max_tokens is None and self.max_seconds is None:
@@ -90,6 +96,11 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {self.start_step!r}")
+        a, b = self.schedule_span
+        if not 0.0 <= a <= b <= 1.0:
+            raise ValueError(f"schedule_span must be (a, b) with 0 <= a <= b <= 1, got {self.schedule_span!r}")
 
     @classmethod
     def lora(cls, **fields: Any) -> TrainConfig:
@@ -100,6 +111,16 @@ class TrainConfig:
         """This config with its token and time budgets multiplied by `fraction` (BTM's pipeline splits)."""
         return replace(self, max_tokens=int(self.max_tokens * fraction) if self.max_tokens else None,
                        max_seconds=self.max_seconds * fraction if self.max_seconds else None)
+
+    def schedule_position(self, fraction: float) -> float:
+        """Where the schedule stands (0..1) at `fraction` of this call's budget (see `schedule_span`)."""
+        a, b = self.schedule_span
+        return a + (b - a) * min(max(fraction, 0.0), 1.0)
+
+    def run_lr(self, step: int, fraction: float) -> float:
+        """Learning rate for this call's step `step` (0-based) at `fraction` of its budget, counting
+        `start_step` earlier steps and mapping the fraction into `schedule_span` (a resumed run)."""
+        return self.lr_at(self.start_step + step, self.schedule_position(fraction))
 
     def lr_at(self, step: int, fraction: float) -> float:
         """Learning rate for optimizer step `step` (0-based) taken at `fraction` (0..1) of the budget."""
@@ -136,6 +157,8 @@ class TrainResult:
     final_val_loss: float | None  # validation loss at the end (latest periodic one when cancelled)
     val_history: list[tuple[int, float]]  # (step, validation loss)
     cancelled: bool
+    # the optimiser's state_dict at the end (AdamW moments and step counts), to resume the run (BTM §1.3)
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 class TrainingCancelled(Exception):

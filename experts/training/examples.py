@@ -125,7 +125,7 @@ class _ExamplesRun:
 
     def train_step(self, now: float) -> None:
         """One optimiser step on `batch_size` random examples (right-padded into one batch)."""
-        self.lr = self.config.lr_at(self.step, self.fraction(now))
+        self.lr = self.config.run_lr(self.step, self.fraction(now))
         pick = torch.randint(0, len(self.train), (self.config.batch_size,), generator=self.gen).tolist()
         batch = make_batches([self.train[i] for i in pick], batch_tokens=1 << 30, pad_id=self.pad_id)[0]
         with autocast(self.device, self.use_bf16):

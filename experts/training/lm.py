@@ -34,6 +34,7 @@ from experts.training.optim import (
     PROGRESS_INTERVAL_S,
     autocast,
     bf16_supported,
+    load_optimizer_state,
     make_optimizer,
     model_device,
     optimizer_step,
@@ -78,6 +79,7 @@ def train_causal_lm(
     should_stop: Callable[[], bool] | None = None,
     checkpoint: Checkpoint | None = None,
     checkpoint_every: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place on random windows of `train_ids` (see `TrainConfig` for budgets and schedule).
 
@@ -90,9 +92,14 @@ def train_causal_lm(
       mode (it is put back in train mode afterwards); the final model is not checkpointed: the caller saves
       it.
     - The model is left in eval mode, also when a callback raises (the exception propagates).
+    - `optimizer_state` (an AdamW `state_dict` from an earlier run of the same model, e.g.
+      `TrainResult.optimizer_state`) resumes that run's moments; the config's betas and weight decay apply.
+      With `config.start_step` and `config.schedule_span` the call continues that run's schedule (BTM §1.3).
     """
     train_ids, val_ids = _checked_inputs(model, train_ids, val_ids, config, checkpoint_every)
     run = _StreamRun(model, train_ids, val_ids, config, on_progress)
+    if optimizer_state is not None:
+        load_optimizer_state(run.optimizer, optimizer_state, config)
     try:
         run.loop(should_stop, checkpoint, checkpoint_every)
         run.finish()
@@ -161,7 +168,7 @@ class _StreamRun:
         self.recent_losses: list[torch.Tensor] = []  # losses since the last progress report (detached)
         self.tail_losses: list[torch.Tensor] = []  # last <= 20 losses, for final_train_loss
         self.step = 0
-        self.lr = config.lr_at(0, 0.0)
+        self.lr = config.run_lr(0, 0.0)
         self.cancelled = False
         self.last_report = self.t_start
         self.reported = (-1, 0)  # (step, number of evaluations) of the latest report
@@ -252,7 +259,7 @@ class _StreamRun:
     def train_step(self, t_step: float) -> float:
         """One optimiser step on a random batch of windows; returns the time it ended."""
         B, c = self.config.batch_size, self.config
-        self.lr = c.lr_at(self.step, self.fraction(t_step))
+        self.lr = c.run_lr(self.step, self.fraction(t_step))
         starts = torch.randint(0, self.n_starts, (B,), generator=self.gen).to(self.device)
         window = self.data[starts.unsqueeze(1) + self.offsets]
         x, y = window[:, :-1], window[:, 1:]
@@ -326,4 +333,5 @@ class _StreamRun:
         return TrainResult(steps=self.step, tokens=self.step * self.tokens_per_step, elapsed_s=elapsed,
                            final_train_loss=final_train,
                            final_val_loss=self.val_history[-1][1] if self.val_history else None,
-                           val_history=self.val_history, cancelled=self.cancelled)
+                           val_history=self.val_history, cancelled=self.cancelled,
+                           optimizer_state=self.optimizer.state_dict())

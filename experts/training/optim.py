@@ -7,14 +7,15 @@ with the same optimiser, clipping and progress cadence.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from experts.training.config import TrainConfig
 
-__all__ = ["PROGRESS_INTERVAL_S", "autocast", "bf16_supported", "make_optimizer", "model_device",
-           "optimizer_step"]
+__all__ = ["PROGRESS_INTERVAL_S", "autocast", "bf16_supported", "load_optimizer_state", "make_optimizer",
+           "model_device", "optimizer_step"]
 
 # on_progress is called at most this often (plus after every evaluation and at the end)
 PROGRESS_INTERVAL_S = 0.5
@@ -75,3 +76,18 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         except (RuntimeError, TypeError, ValueError):  # fused unsupported for these parameters
             pass
     return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=1e-8)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], config: TrainConfig) -> None:
+    """Resume an AdamW made by `make_optimizer` for the same architecture from a saved `state_dict` (its
+    moments and step counts; BTM §1.3: an expert resumes the seed's optimizer). The saved groups' betas and
+    weight decay are replaced by `config`'s; the learning rate is set by the loop at every step."""
+    groups = state.get("param_groups", [])
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, optimizer.param_groups, strict=True)):
+        raise ValueError("the optimizer state does not match this model's parameters")
+    optimizer.load_state_dict(copy.deepcopy(state))  # never share tensors with the saved state
+    betas = (float(config.betas[0]), float(config.betas[1]))
+    for group, decay in zip(optimizer.param_groups, (config.weight_decay, 0.0), strict=True):
+        group["betas"] = betas
+        group["weight_decay"] = decay

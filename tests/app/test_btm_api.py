@@ -114,3 +114,21 @@ def test_corpus_upload_and_bad_input(gateway, forest):
             assert resp.json()["error"]["message"]
         for i in ("x1", "x2", "x3", "x4"):
             assert c.get(f"/admin/experts/{i}").status_code == 404
+
+
+def test_paper_protocol_options(gateway, forest):
+    assert forest["spec"]["prior_source"] == {"corpus": "code", "split": "validation", "sequences": 4,
+                                              "kind": "estimated"}
+    with gateway.admin() as c:
+        r = post(c, "/admin/btm/train", {"id": "b-resumed", "source": "b-seed", "domain": "code", "resume": True,
+                                         "budget": {**BUDGET, "max_tokens": 4 * 64 * 5, "batch_size": 4}})
+        assert r["lineage"]["train"]["resumed"] and r["lineage"]["train"]["start_step"] == 20
+        bad = c.post("/admin/btm/pipeline", params={"background": "false"},
+                     json={"prefix": "pp", "domains": ["code", "python_docs", "legal"], "budget": BUDGET,
+                           "branch_from": "seed", "batch_split": "paper"})
+        assert bad.status_code == 400 and "multiple of 3" in bad.json()["error"]["message"]
+        assert c.post("/admin/btm/pipeline", json={"prefix": "pq", "domains": ["code"], "budget": BUDGET,
+                                                   "branch_from": "nowhere"}).status_code in (400, 422)
+        bad = c.post("/admin/btm/train", json={"id": "b-nostate", "source": "b-code", "domain": "code",
+                                               "resume": True, "budget": BUDGET}, params={"background": "false"})
+        assert bad.status_code == 400 and "optimizer state" in bad.json()["error"]["message"]

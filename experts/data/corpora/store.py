@@ -83,8 +83,10 @@ def _rank(name: str, key: str) -> bytes:
     return hashlib.sha256(f"{name}/{key}".encode()).digest()
 
 
-def _assign_splits(name: str, keys: list[str], sizes: list[int]) -> dict[str, list[int]]:
-    """Held-out splits take whole key groups in a stable hash order until each holds HELD_OUT of the bytes.
+def _assign_splits(name: str, keys: list[str], sizes: list[int],
+                   shares: tuple[float, float] = (HELD_OUT, HELD_OUT)) -> dict[str, list[int]]:
+    """Held-out splits take whole key groups in a stable hash order until each holds its share of the bytes
+    (`shares`: validation, test; HELD_OUT each by default).
 
     A group more than twice the target is passed over (unless nothing smaller exists), and at least one
     group is always left for train. Needs at least three groups.
@@ -94,10 +96,10 @@ def _assign_splits(name: str, keys: list[str], sizes: list[int]) -> dict[str, li
         groups.setdefault(k, []).append(i)
     gsize = {k: sum(sizes[i] for i in idx) for k, idx in groups.items()}
     ranked = sorted(groups, key=lambda k: _rank(name, k))
-    target = HELD_OUT * sum(sizes)
-    small_exists = any(v <= 2 * target for v in gsize.values())
     taken: dict[str, str] = {}
-    for split, keep in (("validation", 2), ("test", 1)):  # keep: groups that must stay unassigned
+    for split, keep, share in (("validation", 2, shares[0]), ("test", 1, shares[1])):  # keep: groups left
+        target = share * sum(sizes)
+        small_exists = any(v <= 2 * target for v in gsize.values())
         got = 0
         for k in ranked:
             if got >= target or len(groups) - len(taken) <= keep:
@@ -113,7 +115,8 @@ def _assign_splits(name: str, keys: list[str], sizes: list[int]) -> dict[str, li
 
 
 def _make_splits(
-    name: str, docs: list[tuple[str, str]], max_bytes: int | None
+    name: str, docs: list[tuple[str, str]], max_bytes: int | None,
+    shares: tuple[float, float] = (HELD_OUT, HELD_OUT),
 ) -> tuple[dict[str, bytes], dict[str, int]]:
     """Pick ``(split key, text)`` documents under the budget; return the split files and document counts."""
     encoded = [d.encode("utf-8") for _, d in docs]
@@ -137,7 +140,7 @@ def _make_splits(
     keys = [docs[i][0] for i in chosen]
     if len(set(keys)) < 3:  # too few groups to hold out whole ones: split by document
         keys = [str(i) for i in chosen]
-    parts = _assign_splits(name, keys, [len(encoded[i]) for i in chosen])
+    parts = _assign_splits(name, keys, [len(encoded[i]) for i in chosen], shares)
     sep = SEPARATOR.encode()
     files = {s: sep.join(encoded[chosen[j]] for j in sorted(parts[s])) + b"\n" for s in SPLITS}
     return files, {s: len(parts[s]) for s in SPLITS}
@@ -181,11 +184,17 @@ def _write_corpus(folder: Path, files: dict[str, bytes], counts: dict[str, int],
     return _info_from_meta(folder / "meta.json", meta)
 
 
-def build_corpus(name: str, root: Path | str, max_bytes: int = DEFAULT_MAX_BYTES) -> CorpusInfo:
-    """Extract up to ``max_bytes`` (all three splits together) of a built-in domain under ``root/name``.
+def build_corpus(name: str, root: Path | str, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                 validation_share: float = HELD_OUT, test_share: float = HELD_OUT) -> CorpusInfo:
+    """Extract up to ``max_bytes`` (all three splits together) of a built-in domain under ``root/name``;
+    validation and test take about ``validation_share`` and ``test_share`` of the bytes (whole key groups).
 
-    Idempotent: returns the existing corpus when its meta matches the budget and the source version.
+    Idempotent: returns the existing corpus when its meta matches the budget, the shares and the source
+    version.
     """
+    shares = (float(validation_share), float(test_share))
+    if not (0 < shares[0] and 0 < shares[1] and sum(shares) < 1):
+        raise InvalidCorpusError(f"held-out shares must be positive and sum to less than 1, got {shares}")
     domain = _domain(name)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise InvalidCorpusError(f"max_bytes must be a positive integer, got {max_bytes!r}")
@@ -193,11 +202,13 @@ def build_corpus(name: str, root: Path | str, max_bytes: int = DEFAULT_MAX_BYTES
     meta_path = _meta_path(Path(root), name)
     meta = _read_meta(meta_path)
     if meta and meta.get("kind") == "builtin" and meta.get("max_bytes") == max_bytes \
-            and meta.get("source_version") == version:
+            and meta.get("source_version") == version \
+            and tuple(meta.get("held_out", (HELD_OUT, HELD_OUT))) == shares:
         return _info_from_meta(meta_path, meta)
-    files, counts = _make_splits(name, extract_documents(name), max_bytes)
+    files, counts = _make_splits(name, extract_documents(name), max_bytes, shares)
+    extra = {} if shares == (HELD_OUT, HELD_OUT) else {"held_out": list(shares)}
     return _write_corpus(meta_path.parent, files, counts, name=name, kind="builtin", source=domain.source,
-                         source_version=version, max_bytes=max_bytes)
+                         source_version=version, max_bytes=max_bytes, **extra)
 
 
 def get_corpus(root: Path | str, name: str) -> CorpusInfo:
