@@ -13,7 +13,6 @@ from app import cli_btm, cli_search
 from app.main import create_app
 from app.server import serve
 from app.settings import Settings, resolve_admin_key
-from experts.btm.demo import build_demo
 from experts.errors import RegistryMismatchError
 from experts.repository.binding import check_binding
 from experts.repository.registry import Registry
@@ -44,9 +43,13 @@ def _serve(settings: Settings) -> None:
     serve(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
 
 
-def _print_howto(settings: Settings) -> None:
+def _print_howto(settings: Settings, *, demo: bool = False) -> None:
     base = f"http://{settings.host}:{settings.port}"
     key_hint = ("$MERGEGATE_ADMIN_KEY" if settings.admin_key else f"$(cat {settings.admin_key_file})")
+    if demo:
+        print("The demo experts (Branch-Train-Merge over local corpora, then a small LoRA pool) are built by a "
+              "background job\nthe first time (about 12 minutes; listed as 'building' by /v1/models until ready): "
+              f"curl {base}/admin/jobs -H \"Authorization: Bearer {key_hint}\"", flush=True)
     print(f"""
 MergeGate is starting on {base}  (API docs: {base}/docs)
   curl {base}/v1/models
@@ -67,12 +70,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """Serve at once; the demo experts missing from the data dir are built by a background job."""
     settings = _settings(args)
+    settings.demo = "quick" if args.quick else "full"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _preflight(settings)
-    build_demo(settings.data_dir, db_url=settings.db_url, quick=args.quick, rebind=settings.rebind_registry)
     resolve_admin_key(settings)
-    _print_howto(settings)
+    _print_howto(settings, demo=True)
     _serve(settings)
 
 
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="serve the gateway on an existing data dir")
     common(p)
     p.set_defaults(fn=cmd_serve)
-    p = sub.add_parser("demo", help="build the demo experts locally if missing, then serve")
+    p = sub.add_parser("demo", help="serve at once; the demo experts are built locally by a background job if missing")
     common(p)
     p.add_argument("--quick", action="store_true", help="tiny models, a few seconds of training (for tests)")
     p.set_defaults(fn=cmd_demo)

@@ -60,6 +60,9 @@ def to_api_error(exc: BaseException) -> ApiError:
         return ApiError(429, str(exc), code="session_limit_reached")
     if isinstance(exc, xs.InvalidCandidateError):
         return ApiError(400, str(exc), code="invalid_candidate", param=exc.param)
+    if isinstance(exc, xe.ExpertBuildingError):
+        return ApiError(503, str(exc), type="server_error", code="model_building", param="model",
+                        headers={"retry-after": "10"})
     if isinstance(exc, xe.ExpertUnavailableError):
         return ApiError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, ValueError) and _is_domain(exc):  # InvalidExpertError, merging errors, corpus errors

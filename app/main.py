@@ -40,6 +40,7 @@ from app.services.admin import AdminService
 from app.services.blackbox import BlackBoxService
 from app.services.btm import BTMService
 from app.services.completions import CompletionService
+from app.services.demo import DemoService
 from app.services.ensemble_search import EnsembleSearchService
 from app.services.merge_sessions import MergeSessionService
 from app.services.merges import MergeService
@@ -94,6 +95,7 @@ class Services:
     remote_admin: RemoteAdminService
     searches: SearchService
     blackbox: BlackBoxService
+    demo: DemoService | None = None  # `mergegate demo`: builds the demo repository in the background
 
     def close(self) -> None:
         self.jobs.shutdown()
@@ -128,7 +130,8 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
         auth=Authenticator(admin_key, client_keys, metrics=settings.metrics),
         completions=completions, admin=admin, merges=MergeService(admin), btm=BTMService(admin, btm),
         merge_sessions=MergeSessionService(admin, manager), remote_admin=remote_admin,
-        searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox)
+        searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox,
+        demo=DemoService(admin, quick=settings.demo == "quick") if settings.demo != "off" else None)
 
 
 def _install_refreshers(metrics: Metrics, services: Services) -> None:
@@ -158,6 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = build_services(settings, app.state.metrics, http)
         _install_refreshers(app.state.metrics, services)
         app.state.services = services
+        if services.demo is not None:
+            services.demo.start()
         log.info("MergeGate ready: data dir %s, registry %s", settings.data_dir, settings.db_url.split("://")[0])
         try:
             yield

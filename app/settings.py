@@ -31,6 +31,9 @@ class Settings(BaseSettings):
                                   "differ (for one start; nothing is deleted, orphans are quarantined)")
     fault_pause: str | None = Field(None, description="testing only: '<job kind>:<text>;...' makes such jobs "
                                     "stop for good at their first progress message containing <text> (crash tests)")
+    demo: Literal["off", "full", "quick"] = Field(
+        "off", description="build the demo repository in a background job at start-up (`mergegate demo` sets "
+        "it): full, or quick (tiny models, for tests)")
     body_timeout_s: float = Field(30.0, gt=0, description="seconds to wait for the next piece of a request body "
                                   "before answering 408 and closing the connection")
     metrics: Literal["admin", "open", "off"] = Field(

@@ -30,6 +30,15 @@ class ExpertUnavailableError(ExpertError):
     """The expert exists but cannot serve (not ready, failed to load, unsupported kind)."""
 
 
+class ExpertBuildingError(ExpertUnavailableError):
+    """The expert has no row yet: a running job is building it (the demo repository, for one)."""
+
+    def __init__(self, expert_id: str, job_id: str, what: str) -> None:
+        super().__init__(f"expert {expert_id!r} is being built by job {job_id} ({what}); it answers once the "
+                         f"job has registered it: watch GET /admin/jobs/{job_id}")
+        self.expert_id, self.job_id = expert_id, job_id
+
+
 class ExpertInUseError(ExpertError):
     """The expert cannot be removed because others depend on it."""
 

@@ -16,12 +16,21 @@ def _card(d: dict) -> ModelCard:
                      tags=d.get("tags") or [], metadata={"domain": d.get("domain"), "status": d["status"]})
 
 
+def _building_card(d: dict) -> ModelCard:
+    return ModelCard(id=d["id"], created=int(d["created_at"]), kind=d["kind"],
+                     metadata={"status": "building", "job": d["job"], "building": d["what"]})
+
+
 @router.get("/models", response_model=ModelList, responses=error_responses(401), summary="List models (experts)")
 async def list_models(admin: AdminDep) -> ModelList:
-    return ModelList(data=[_card(d) for d in admin.list() if d["status"] == "ready"])
+    """Ready experts, then the ones a running job is building (`metadata.status: building`, with the job's id:
+    they answer 503 `model_building` until registered)."""
+    return ModelList(data=[_card(d) for d in admin.list() if d["status"] == "ready"]
+                     + [_building_card(d) for d in admin.building()])
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404),
             summary="Retrieve a model (expert)")
 async def get_model(model_id: str, admin: AdminDep) -> ModelCard:
-    return _card(admin.describe(model_id))
+    building = next((d for d in admin.building() if d["id"] == model_id), None)
+    return _building_card(building) if building else _card(admin.describe(model_id))

@@ -52,6 +52,11 @@ class AdminService:
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [{**r.to_dict(), "loaded": self.repo.is_loaded(r.id)} for r in self.repo.list(kind=kind)]
 
+    def building(self) -> list[dict[str, Any]]:
+        """Experts a running job will register (not yet in the registry): id, kind, job, since."""
+        return [{"id": i, "kind": p.kind, "job": p.job_id, "what": p.what, "created_at": p.since}
+                for i, p in self.repo.building.items() if not self.repo.registry.has_expert(i)]
+
     def check_new_id(self, expert_id: str) -> None:
         check_expert_id(expert_id)
         if self.repo.registry.has_expert(expert_id):

@@ -22,13 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from experts.base import Expert, ExpertKind
-from experts.errors import ExpertExistsError, ExpertInUseError, ExpertUnavailableError, InvalidExpertError
+from experts.errors import (
+    ExpertBuildingError,
+    ExpertExistsError,
+    ExpertInUseError,
+    ExpertNotFoundError,
+    ExpertUnavailableError,
+    InvalidExpertError,
+)
 from experts.hf.loading import LoadedModel, ModelCache
 from experts.hf.lora import is_adapter_dir, validate_adapter_dir
 from experts.hf.multilora import AdapterCache
 from experts.hf.smoke import smoke_test_adapter, smoke_test_model
 from experts.hf.validation import model_files, validate_model_dir
 from experts.repository.binding import bind, check_binding
+from experts.repository.building import BuildingSet
 from experts.repository.registry import ExpertRecord, Registry
 from experts.repository.store import ArtifactStore, check_expert_id
 
@@ -78,6 +86,7 @@ class ExpertRepository:
         self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
         self.adapters = AdapterCache(max_adapter_bytes)  # LoRA factors served on resident bases
         self._virtual = virtual  # model ids that name no row (request-time mixes)
+        self.building = BuildingSet()  # ids a running job will register (503 until then, not 404)
 
     def kind_of(self, record: ExpertRecord) -> Kind:
         for kind in self.kinds:
@@ -139,7 +148,7 @@ class ExpertRepository:
             served = self._virtual(expert_id, self)
             if served is not None:
                 return served
-        record = self.registry.get_expert(expert_id)
+        record = self._row(expert_id)
         if record.status != "ready":
             raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
         return self.kind_of(record).serve(record, self)
@@ -148,8 +157,18 @@ class ExpertRepository:
     def _matches(kind: Kind, record: ExpertRecord) -> bool:
         return kind.record_kind == record.kind and (kind.when is None or kind.when(record))
 
+    def _row(self, expert_id: str) -> ExpertRecord:
+        """The registry row; for an id a running job will register, ExpertBuildingError (503) instead of 404."""
+        try:
+            return self.registry.get_expert(expert_id)
+        except ExpertNotFoundError:
+            planned = self.building.get(expert_id)
+            if planned is None or self.registry.has_expert(expert_id):
+                raise
+            raise ExpertBuildingError(expert_id, planned.job_id, planned.what) from None
+
     def describe(self, expert_id: str) -> dict[str, Any]:
-        record = self.registry.get_expert(expert_id)
+        record = self._row(expert_id)
         d = record.to_dict()
         d["loaded"] = self.is_loaded(expert_id)
         kind = self.kind_of(record)

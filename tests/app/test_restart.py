@@ -61,7 +61,7 @@ def test_health_stays_responsive_during_long_generation(gateway):
 
     def long_request() -> None:
         httpx.post(gateway.base + "/v1/completions", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-                   json={"model": "tiny", "prompt": "x", "max_tokens": 100, "n": 8}, timeout=120)
+                   json={"model": "tiny", "prompt": ["x"] * 8, "max_tokens": 100, "n": 8}, timeout=120)
         done.set()
 
     t = threading.Thread(target=long_request)
