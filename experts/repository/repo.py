@@ -10,10 +10,16 @@ the registry row. A row is only ever inserted for a complete artifact. An artifa
 is moved to `<data dir>/orphans`, to be adopted again or deleted by an admin. The registry is bound to
 its data dir (`binding.py`): a mismatched pair refuses to open. Deletion removes the row first,
 then the artifact.
+
+Replicas (`replicas.py`) may share the registry and the data dir: every request reads its row from the
+registry, so a registration on one replica is served by all; a model cached here is dropped when its row
+names another artifact or spec than the one loaded (deleted and registered again elsewhere), on the next
+request for it or at the next `sync()`, and when its row is gone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -30,7 +36,8 @@ from experts.hf.smoke import smoke_test_adapter, smoke_test_model
 from experts.hf.validation import model_files, validate_model_dir
 from experts.repository.binding import bind, check_binding
 from experts.repository.registry import ExpertRecord, Registry
-from experts.repository.store import ArtifactStore, check_expert_id
+from experts.repository.replicas import Replica
+from experts.repository.store import ORPHAN_GRACE_S, ArtifactStore, check_expert_id
 
 log = logging.getLogger("mergegate.repository")
 
@@ -38,6 +45,11 @@ log = logging.getLogger("mergegate.repository")
 
 def _none(record: ExpertRecord) -> list[str]:
     return []
+
+
+def _stamp(record: ExpertRecord) -> str:
+    """What a loaded copy of an expert depends on: its artifact (a new registration gets a new path) and spec."""
+    return f"{record.path}|{json.dumps(record.spec, sort_keys=True, default=str)}"
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,10 @@ class ExpertRepository:
     def __init__(self, registry: Registry, store: ArtifactStore, *, kinds: Sequence[Kind], runtime: Any,
                  max_loaded_models: int, max_loaded_bytes: int, default_dtype: str | None = None,
                  owns_runtime: bool = False, max_adapter_bytes: int = 1 << 30,
-                 virtual: Callable[[str, ExpertRepository], Expert | None] | None = None) -> None:
+                 virtual: Callable[[str, ExpertRepository], Expert | None] | None = None,
+                 replica: Replica | None = None) -> None:
         self.registry = registry
+        self.replica = replica  # this process among the replicas sharing the registry and the data dir
         self.store = store
         self.kinds = tuple(kinds)
         self.runtime = runtime  # experts.runtime.Runtime: the torch thread and the remote experts' client
@@ -78,6 +92,7 @@ class ExpertRepository:
         self.cache = ModelCache(self._load, max_models=max_loaded_models, max_bytes=max_loaded_bytes)
         self.adapters = AdapterCache(max_adapter_bytes)  # LoRA factors served on resident bases
         self._virtual = virtual  # model ids that name no row (request-time mixes)
+        self._stamps: dict[str, str] = {}  # expert id -> _stamp of the row it was last served from
 
     def kind_of(self, record: ExpertRecord) -> Kind:
         for kind in self.kinds:
@@ -93,9 +108,11 @@ class ExpertRepository:
         check_binding(self.registry, self.store.root, rebind=rebind)
         self.registry.migrate()
         bind(self.registry, self.store.root, rebind=rebind)
-        self.store.cleanup()
+        replica = self.replica
+        self.store.cleanup(replica.is_dead if replica is not None else None)
         records = self.registry.list_experts()
-        for orphan in self.store.orphans({r.path for r in records if r.path}):
+        grace = ORPHAN_GRACE_S if replica is not None and replica.others_alive() else 0.0
+        for orphan in self.store.orphans({r.path for r in records if r.path}, grace_s=grace):
             dest = self.store.quarantine(orphan)
             log.warning("artifact %s has no registry row: moved to %s (GET /admin/orphans lists it; adopt it with "
                         "POST /admin/orphans/%s/adopt or delete it with DELETE /admin/orphans/%s)",
@@ -140,9 +157,31 @@ class ExpertRepository:
             if served is not None:
                 return served
         record = self.registry.get_expert(expert_id)
+        self._check_stamp(record)
         if record.status != "ready":
             raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
         return self.kind_of(record).serve(record, self)
+
+    def _check_stamp(self, record: ExpertRecord) -> None:
+        stamp, seen = _stamp(record), self._stamps.get(record.id)
+        if seen is not None and seen != stamp:
+            log.info("expert %s changed in the registry (another replica): dropping its loaded copy", record.id)
+            self._drop(record.id)
+        self._stamps[record.id] = stamp
+
+    def _drop(self, expert_id: str) -> None:
+        self.cache.forget(expert_id)
+        self.adapters.forget(expert_id)
+        self._stamps.pop(expert_id, None)
+
+    def sync(self) -> int:
+        """Drop what is cached for experts deleted or changed in the registry since (by another replica);
+        returns how many. Called by the heartbeat."""
+        current = {r.id: _stamp(r) for r in self.registry.list_experts()}
+        stale = [i for i, s in list(self._stamps.items()) if current.get(i) != s]
+        for expert_id in stale:
+            self._drop(expert_id)
+        return len(stale)
 
     @staticmethod
     def _matches(kind: Kind, record: ExpertRecord) -> bool:
@@ -165,6 +204,7 @@ class ExpertRepository:
     # -- loading ------------------------------------------------------------------------------
     def _load(self, expert_id: str) -> LoadedModel:
         record = self.registry.get_expert(expert_id)
+        self._stamps[record.id] = _stamp(record)
         load = self.kind_of(record).load
         if load is None:
             raise ExpertUnavailableError(f"experts of kind {record.kind!r} have no weights to load")
@@ -344,8 +384,7 @@ class ExpertRepository:
             raise ExpertInUseError(f"expert {expert_id!r} is used by {named}: delete those first, or remove the "
                                    "reference")
         self.registry.delete_expert(expert_id)
-        self.cache.forget(expert_id)
-        self.adapters.forget(expert_id)
+        self._drop(expert_id)
         self.store.remove(record.path)
         kind = self.kind_of(record)
         if kind.forget is not None:
@@ -353,5 +392,7 @@ class ExpertRepository:
 
     def close(self) -> None:
         self.registry.close()
+        if self.replica is not None:
+            self.replica.release()
         if self._owns_runtime:
             self.runtime.close()
