@@ -175,8 +175,10 @@ class ExpertRepository:
         self._stamps.pop(expert_id, None)
 
     def sync(self) -> int:
-        """Drop what is cached for experts deleted or changed in the registry since (by another replica);
-        returns how many. Called by the heartbeat."""
+        """Drop what is cached for experts deleted or changed in the registry since (by another replica), and
+        the staging debris of dead replicas; returns how many cached experts went. Called by the heartbeat."""
+        if self.replica is not None:
+            self.store.cleanup(self.replica.is_dead, legacy=False)
         current = {r.id: _stamp(r) for r in self.registry.list_experts()}
         stale = [i for i, s in list(self._stamps.items()) if current.get(i) != s]
         for expert_id in stale:

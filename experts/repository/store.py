@@ -68,14 +68,14 @@ class ArtifactStore:
         for d in (self.experts_dir, self.staging_dir, self.orphans_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def cleanup(self, is_dead: Callable[[str], bool] | None = None) -> int:
-        """Remove staging debris left by a crash: every entry, or with `is_dead` only those of no replica or of
-        a dead one (other replicas share this data dir). Returns how many entries went."""
+    def cleanup(self, is_dead: Callable[[str], bool] | None = None, *, legacy: bool = True) -> int:
+        """Remove staging debris left by a crash: every entry, or with `is_dead` only those of a dead replica
+        (other replicas share this data dir) and, with `legacy`, those of no replica. Returns how many went."""
         n = 0
         for p in self.staging_dir.iterdir():
             m = STAGING_OWNER.match(p.name)
             owner = m.group(1) if m else None
-            if owner is not None and owner == self.replica_id or (
+            if owner is None and not legacy or owner is not None and owner == self.replica_id or (
                     is_dead is not None and owner is not None and not is_dead(owner)):
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
