@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -53,6 +51,7 @@ from experts.evo.sessions import MergeSessionManager
 from experts.hf.engine.batch import Limits
 from experts.remote.breaker import STATE_CODES
 from experts.repository.jobs import JobService
+from experts.repository.replicas import Heartbeat
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime, open_repository
 
@@ -66,16 +65,6 @@ DESCRIPTION = """A model-merging gateway: a repository of expert LMs served thro
 * `/admin/*` needs the admin key (`Authorization: Bearer <key>`).
 * Errors always use the OpenAI envelope `{"error": {"message", "type", "param", "code"}}`.
 """
-
-
-def instance_id(data_dir: Path) -> str:
-    """A stable id for this gateway's data dir: owns the jobs it runs."""
-    path = data_dir / "instance_id"
-    if path.is_file():
-        return path.read_text().strip()
-    ident = "gw-" + uuid.uuid4().hex[:12]
-    path.write_text(ident + "\n")
-    return ident
 
 
 @dataclass
@@ -95,9 +84,11 @@ class Services:
     remote_admin: RemoteAdminService
     searches: SearchService
     blackbox: BlackBoxService
+    heartbeat: Heartbeat
     demo: DemoService | None = None  # `mergegate demo`: builds the demo repository in the background
 
     def close(self) -> None:
+        self.heartbeat.stop()
         self.jobs.shutdown()
         self.repo.close()
         self.runtime.close()
@@ -114,8 +105,12 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
     repo = open_repository(settings.data_dir, database_url=settings.db_url, runtime=runtime,
                            max_loaded_models=settings.max_loaded_models, max_loaded_bytes=settings.max_loaded_bytes,
                            default_dtype=settings.default_dtype, rebind=settings.rebind_registry)
-    jobs = JobService(repo.registry, owner=instance_id(settings.data_dir), workers=settings.job_workers)
+    replica = repo.replica
+    assert replica is not None
+    jobs = JobService(repo.registry, owner=replica.id, workers=settings.job_workers, lease_s=settings.job_lease_s,
+                      is_dead=replica.is_dead)
     jobs.recover()
+    heartbeat = Heartbeat([jobs.heartbeat, jobs.reap, repo.sync], settings.heartbeat_s)  # started by the lifespan
     assert runtime.remote is not None
     admin = AdminService(repo, jobs, runtime, metrics, max_upload_bytes=settings.max_upload_bytes,
                          max_concurrent_uploads=settings.max_concurrent_uploads, fault_pause=settings.fault_pause)
@@ -131,6 +126,7 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
         completions=completions, admin=admin, merges=MergeService(admin), btm=BTMService(admin, btm),
         merge_sessions=MergeSessionService(admin, manager), remote_admin=remote_admin,
         searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox,
+        heartbeat=heartbeat,
         demo=DemoService(admin, quick=settings.demo == "quick") if settings.demo != "off" else None)
 
 
@@ -159,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               max_keepalive_connections=settings.remote_max_keepalive)
         http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0, connect=5.0), follow_redirects=False)
         services = build_services(settings, app.state.metrics, http)
+        services.heartbeat.start()
         _install_refreshers(app.state.metrics, services)
         app.state.services = services
         if services.demo is not None:

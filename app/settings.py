@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     admit_window_ms: float = Field(0.0, ge=0, le=1000, description="an idle model waits this long for more "
                                    "prompts, so a burst is prefilled as one batch")
     job_workers: int = 2
+    # Replicas sharing one database and data dir (docs/scaling.md).
+    job_lease_s: float = Field(30.0, gt=0, description="a job's lease: its replica renews it every heartbeat; "
+                               "past it, another replica fails the job")
+    heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeats: renew leases, fail abandoned "
+                               "jobs, drop models changed or deleted on another replica")
     max_merge_sessions: int = 8  # Evo-Merging sessions open at once (provider side)
     default_dtype: str | None = None
     corpus_bytes: int = 2_000_000  # text per built-in domain corpus (all splits), for BTM and evaluation
@@ -60,6 +65,13 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_s * 2 > self.job_lease_s:
+            raise ValueError(f"MERGEGATE_HEARTBEAT_S ({self.heartbeat_s}) must be at most half of "
+                             f"MERGEGATE_JOB_LEASE_S ({self.job_lease_s}), or live jobs would lose their lease")
+        return self
 
     @property
     def db_url(self) -> str:

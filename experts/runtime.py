@@ -31,6 +31,7 @@ from experts.remote.secrets import SecretStore
 from experts.remote.upstream import RemoteRuntime, RemoteSpec
 from experts.repository.mixes import is_mix_id, mix_factors, mix_record
 from experts.repository.registry import ExpertRecord, Registry
+from experts.repository.replicas import Replica
 from experts.repository.repo import ExpertRepository, Kind
 from experts.repository.store import ArtifactStore
 
@@ -187,10 +188,12 @@ def open_repository(data_dir: Path, *, database_url: str | None = None, runtime:
     (RegistryMismatchError). The caller closes the repository (and the runtime it passed in)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     url = database_url or f"sqlite:///{(data_dir / 'registry.db').resolve()}"
-    repo = ExpertRepository(Registry(url), ArtifactStore(data_dir), kinds=KINDS, runtime=runtime or Runtime(),
-                            max_loaded_models=max_loaded_models, max_loaded_bytes=max_loaded_bytes,
-                            default_dtype=default_dtype, owns_runtime=runtime is None,
-                            max_adapter_bytes=max_adapter_bytes, virtual=_serve_mix)
+    replica = Replica(data_dir).acquire()  # this process among those sharing the data dir (released by close)
+    repo = ExpertRepository(Registry(url), ArtifactStore(data_dir, replica_id=replica.id), kinds=KINDS,
+                            runtime=runtime or Runtime(), max_loaded_models=max_loaded_models,
+                            max_loaded_bytes=max_loaded_bytes, default_dtype=default_dtype,
+                            owns_runtime=runtime is None, max_adapter_bytes=max_adapter_bytes, virtual=_serve_mix,
+                            replica=replica)
     try:
         repo.open(rebind=rebind)
     except BaseException:

@@ -78,6 +78,9 @@ class JobView(BaseModel):
     detail: dict[str, Any] | None = Field(None, description="Live progress details of some job kinds (a "
                                           "search: queries used, stage, best loss and coefficients so far, "
                                           "the loss-vs-queries series)")
+    owner: str | None = Field(None, description="the gateway replica running the job")
+    lease_until: float | None = Field(None, description="until when the owner's heartbeat holds the job; past "
+                                      "it, another replica fails it")
 
 
 class JobList(BaseModel):

@@ -115,13 +115,15 @@ def bind(registry: Registry, data_dir: Path, *, rebind: bool = False) -> str:
     if reason is not None:
         log.warning("re-binding the registry at %s to the data dir %s as registry %s (%s)", safe_url(registry.url),
                     data_dir, ident, reason.split(".")[0])
+        registry.write_meta(META_KEY, ident)
+    else:  # a first start: replicas starting together on one database agree on the id the database took first
+        ident = registry.claim_meta(META_KEY, ident)
     _write_id_file(data_dir / ID_FILE, ident)
-    registry.write_meta(META_KEY, ident)
     return ident
 
 
 def _write_id_file(path: Path, ident: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # replicas may write it at once
     with tmp.open("w") as f:
         f.write(ident + "\n")
         f.flush()

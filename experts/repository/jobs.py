@@ -1,9 +1,14 @@
 """Background jobs (uploads, merges, training, searches) with persisted state and progress.
 
 A job's row in the registry is its source of truth: status, progress 0..1 with a message, result
-or error, timestamps, and the owner (the gateway instance running it). Workers run in a thread
-pool. On start-up, jobs this instance owned that are still queued/running were interrupted by a
-crash: they are marked failed, never left running forever.
+or error, timestamps, the owner (the replica running it) and its lease. Workers run in a thread
+pool. A job runs on the replica that accepted it (its function is a closure, not a message), which claims
+it with one compare-and-set (queued -> running) and renews its lease on every heartbeat. Whichever replica
+notices first fails a job whose owner is gone: at once when the owner is known to be dead (a replica of
+this host whose lock is free, experts.repository.replicas; a restart of a single gateway), else when its
+lease has expired (a replica killed on another host, or hung). Never left running forever. The owner
+learns it lost its job (failed, or cancelled from another replica) at its next progress report, which
+then raises JobCancelledError, and its final write is refused: one ending per job.
 
 Every write of a job row that carries text from elsewhere goes through `_redacted`: `params`,
 `message`, `error`, `detail` and `result` lose any secret (experts.remote.redact) before they reach the
@@ -21,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from experts.errors import JobCancelledError, JobStateError
+from experts.errors import JobCancelledError, JobNotFoundError, JobStateError
 from experts.remote.redact import REDACTOR
 from experts.repository.registry import JobRecord, Registry
 
@@ -30,6 +35,9 @@ log = logging.getLogger("mergegate.jobs")
 TERMINAL = ("succeeded", "failed", "cancelled")
 PROGRESS_WRITE_INTERVAL_S = 0.25
 REDACTED_FIELDS = ("params", "message", "error", "detail", "result")
+LEASE_S = 30.0
+INTERRUPTED = "interrupted: the gateway stopped while this job was running"
+ABANDONED = "interrupted: the gateway replica {owner} running this job stopped renewing its lease"
 
 
 def _redacted(values: dict[str, Any]) -> dict[str, Any]:
@@ -68,29 +76,72 @@ class JobContext:
                 values["message"] = message
             if detail is not None:
                 values["detail"] = detail
-            self._service.registry.update_job(self.job_id, only_if_status=["running"], **_redacted(values))
+            if not self._service.registry.update_job(self.job_id, only_if_status=["running"], **_redacted(values)):
+                self._lost()
+
+    def _lost(self) -> None:
+        """The row is no longer ours to write (failed after a lost lease, cancelled on another replica): stop."""
+        try:
+            status = self._service.registry.get_job(self.job_id).status
+        except JobNotFoundError:
+            status = "gone"
+        if status != "running":
+            self._cancel.set()
+            raise JobCancelledError(f"job {self.job_id} is {status} in the registry: this replica stops it")
 
 
 JobFn = Callable[[JobContext], Any]
 
 
 class JobService:
-    def __init__(self, registry: Registry, *, owner: str, workers: int = 2) -> None:
+    def __init__(self, registry: Registry, *, owner: str, workers: int = 2, lease_s: float = LEASE_S,
+                 is_dead: Callable[[str], bool] | None = None) -> None:
         self.registry = registry
         self.owner = owner
+        self.lease_s = lease_s
+        self._is_dead = is_dead  # whether another replica is known to be gone (experts.repository.replicas)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-job")
         self._contexts: dict[str, JobContext] = {}
         self._lock = threading.Lock()
 
     def recover(self) -> int:
-        n = self.registry.fail_orphaned_jobs(self.owner, "interrupted: the gateway stopped while this job was running")
+        """At start-up: fail this owner's leftover jobs, and those of dead or lease-expired replicas."""
+        n = self.registry.fail_orphaned_jobs(self.owner, INTERRUPTED) + self.reap()
         if n:
             log.warning("marked %d interrupted job(s) as failed", n)
         return n
 
+    def heartbeat(self) -> int:
+        """Renew the leases of the jobs this replica holds (queued or running)."""
+        with self._lock:
+            ids = list(self._contexts)
+        return self.registry.renew_leases(self.owner, ids, time.time() + self.lease_s)
+
+    def reap(self) -> int:
+        """Fail the live jobs of other replicas known to be dead, or whose lease has expired; returns how many."""
+        now, n = time.time(), 0
+        expired: dict[str, list[str]] = {}
+        dead: set[str] = set()
+        for job_id, owner, lease in self.registry.live_jobs():
+            if owner == self.owner:
+                continue
+            if owner is not None and self._is_dead is not None and self._is_dead(owner):
+                dead.add(owner)
+            elif lease is None or lease < now:
+                expired.setdefault(owner or "?", []).append(job_id)
+        if dead:
+            n += self.registry.fail_jobs_of(sorted(dead), INTERRUPTED)
+        for owner, ids in expired.items():
+            n += self.registry.fail_abandoned_jobs(ids, ABANDONED.format(owner=owner), now=now)
+        if n:
+            log.warning("failed %d job(s) of gateway replicas that stopped (%s)", n,
+                        ", ".join(sorted(dead | set(expired))))
+        return n
+
     def submit(self, kind: str, params: dict[str, Any], fn: JobFn, *, message: str | None = None) -> JobRecord:
         job = JobRecord(id=f"job-{uuid.uuid4().hex[:16]}", kind=kind, params=REDACTOR.redact_obj(params),
-                        status="queued", message=REDACTOR.redact(message or "queued"), owner=self.owner)
+                        status="queued", message=REDACTOR.redact(message or "queued"), owner=self.owner,
+                        lease_until=time.time() + self.lease_s)
         self.registry.insert_job(job)
         ctx = JobContext(self, job.id)
         with self._lock:
@@ -102,7 +153,8 @@ class JobService:
         job_id = ctx.job_id
         try:
             if ctx.cancelled or not self.registry.update_job(
-                job_id, only_if_status=["queued"], status="running", started_at=time.time(), message="running"
+                job_id, only_if_status=["queued"], status="running", started_at=time.time(), message="running",
+                lease_until=time.time() + self.lease_s
             ):
                 return
             try:
@@ -139,8 +191,12 @@ class JobService:
             raise JobStateError(f"job {job_id} already {job.status}")
         with self._lock:
             ctx = self._contexts.get(job_id)
-        if ctx is None:
-            raise JobStateError(f"job {job_id} is run by another gateway instance ({job.owner})")
+        if ctx is None:  # another replica runs it: the row says so, and its owner stops at its next progress
+            if not self.registry.update_job(job_id, only_if_status=["queued", "running"], status="cancelled",
+                                            message=f"cancelled (run by gateway replica {job.owner})",
+                                            finished_at=time.time()):
+                raise JobStateError(f"job {job_id} already {self.registry.get_job(job_id).status}")
+            return self.registry.get_job(job_id)
         ctx._cancel.set()
         self.registry.update_job(job_id, only_if_status=["queued"], status="cancelled", message="cancelled",
                                  finished_at=time.time())

@@ -61,6 +61,7 @@ jobs_table = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("detail", sa.JSON),  # live, kind-specific progress (a search's best so far, its loss series)
+    sa.Column("lease_until", sa.Float),  # the owner's heartbeat renews it; past it, another replica fails the job
 )
 
 
@@ -86,7 +87,14 @@ def _v3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[meta_table])
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: Connection) -> None:
+    """jobs.lease_until: replicas sharing one database fail a job whose owner stopped renewing its lease."""
+    if "lease_until" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN lease_until FLOAT"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATION_LOCK = 0x4D475F4D  # a PostgreSQL advisory lock: replicas starting together migrate one at a time
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -130,6 +138,7 @@ class JobRecord:
     finished_at: float | None = None
     updated_at: float = 0.0
     detail: dict[str, Any] | None = None
+    lease_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +172,8 @@ class Registry:
     def migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; returns the version found before."""
         with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             metadata.create_all(conn, tables=[schema_info])
             row = conn.execute(sa.select(schema_info.c.version).where(schema_info.c.id == 1)).first()
             found = row[0] if row else 0
@@ -184,6 +195,18 @@ class Registry:
                 return None
             row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == key)).first()
         return None if row is None else str(row[0])
+
+    def claim_meta(self, key: str, value: str) -> str:
+        """Set `key` unless it is set already (the first writer wins, even against another replica starting at the
+        same moment); returns the value it holds."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(meta_table).values(key=key, value=value))
+            return value
+        except sa.exc.IntegrityError:
+            found = self.read_meta(key)
+            assert found is not None
+            return found
 
     def write_meta(self, key: str, value: str) -> None:
         with self.engine.begin() as conn:
@@ -286,10 +309,45 @@ class Registry:
 
     def fail_orphaned_jobs(self, owner: str, message: str) -> int:
         """Jobs this instance was running or had queued when it died: mark them failed."""
+        return self._fail_jobs(jobs_table.c.owner == owner, message)
+
+    def renew_leases(self, owner: str, job_ids: Sequence[str], until: float) -> int:
+        """The owner's heartbeat: its live jobs stay its own until `until`."""
+        if not job_ids:
+            return 0
+        q = (sa.update(jobs_table)
+             .where(jobs_table.c.owner == owner, jobs_table.c.id.in_(list(job_ids)),
+                    jobs_table.c.status.in_(["queued", "running"]))
+             .values(lease_until=until))
+        with self.engine.begin() as conn:
+            return conn.execute(q).rowcount
+
+    def live_jobs(self) -> list[tuple[str, str | None, float | None]]:
+        """(id, owner, lease_until) of every queued or running job."""
+        q = sa.select(jobs_table.c.id, jobs_table.c.owner, jobs_table.c.lease_until).where(
+            jobs_table.c.status.in_(["queued", "running"]))
+        with self.engine.connect() as conn:
+            return [(r[0], r[1], r[2]) for r in conn.execute(q)]
+
+    def fail_abandoned_jobs(self, job_ids: Sequence[str], message: str, *, now: float | None = None) -> int:
+        """Fail these jobs if they are still live and their lease has not been renewed past `now` since they were
+        judged abandoned (a compare-and-set: a replica that renewed in between keeps its job)."""
+        if not job_ids:
+            return 0
+        now = time.time() if now is None else now
+        lease = jobs_table.c.lease_until
+        return self._fail_jobs(sa.and_(jobs_table.c.id.in_(list(job_ids)), sa.or_(lease.is_(None), lease < now)),
+                               message)
+
+    def fail_jobs_of(self, owners: Sequence[str], message: str) -> int:
+        """Fail the live jobs of owners known to be dead (whatever their lease says)."""
+        return self._fail_jobs(jobs_table.c.owner.in_(list(owners)), message) if owners else 0
+
+    def _fail_jobs(self, where: Any, message: str) -> int:
         now = time.time()
         q = (
             sa.update(jobs_table)
-            .where(jobs_table.c.owner == owner, jobs_table.c.status.in_(["queued", "running"]))
+            .where(where, jobs_table.c.status.in_(["queued", "running"]))
             .values(status="failed", error=message, finished_at=now, updated_at=now)
         )
         with self.engine.begin() as conn:

@@ -10,35 +10,37 @@ the registry row. A row is only ever inserted for a complete artifact. An artifa
 is moved to `<data dir>/orphans`, to be adopted again or deleted by an admin. The registry is bound to
 its data dir (`binding.py`): a mismatched pair refuses to open. Deletion removes the row first,
 then the artifact.
+
+Replicas (`replicas.py`) may share the registry and the data dir: every request reads its row from the
+registry, so a registration on one replica is served by all; a model cached here is dropped when its row
+names another artifact or spec than the one loaded (deleted and registered again elsewhere), on the next
+request for it or at the next `sync()`, and when its row is gone.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experts.base import Expert, ExpertKind
+from experts.base import Expert
 from experts.errors import (
     ExpertBuildingError,
-    ExpertExistsError,
     ExpertInUseError,
     ExpertNotFoundError,
     ExpertUnavailableError,
-    InvalidExpertError,
 )
 from experts.hf.loading import LoadedModel, ModelCache
-from experts.hf.lora import is_adapter_dir, validate_adapter_dir
 from experts.hf.multilora import AdapterCache
-from experts.hf.smoke import smoke_test_adapter, smoke_test_model
-from experts.hf.validation import model_files, validate_model_dir
 from experts.repository.binding import bind, check_binding
 from experts.repository.building import BuildingSet
+from experts.repository.registration import Registration
 from experts.repository.registry import ExpertRecord, Registry
-from experts.repository.store import ArtifactStore, check_expert_id
+from experts.repository.replicas import Replica
+from experts.repository.store import ORPHAN_GRACE_S, ArtifactStore, check_expert_id
 
 log = logging.getLogger("mergegate.repository")
 
@@ -46,6 +48,11 @@ log = logging.getLogger("mergegate.repository")
 
 def _none(record: ExpertRecord) -> list[str]:
     return []
+
+
+def _stamp(record: ExpertRecord) -> str:
+    """What a loaded copy of an expert depends on: its artifact (a new registration gets a new path) and spec."""
+    return f"{record.path}|{json.dumps(record.spec, sort_keys=True, default=str)}"
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,14 @@ class Kind:
     uses_as: str = "a dependency"
 
 
-class ExpertRepository:
+class ExpertRepository(Registration):
     def __init__(self, registry: Registry, store: ArtifactStore, *, kinds: Sequence[Kind], runtime: Any,
                  max_loaded_models: int, max_loaded_bytes: int, default_dtype: str | None = None,
                  owns_runtime: bool = False, max_adapter_bytes: int = 1 << 30,
-                 virtual: Callable[[str, ExpertRepository], Expert | None] | None = None) -> None:
+                 virtual: Callable[[str, ExpertRepository], Expert | None] | None = None,
+                 replica: Replica | None = None) -> None:
         self.registry = registry
+        self.replica = replica  # this process among the replicas sharing the registry and the data dir
         self.store = store
         self.kinds = tuple(kinds)
         self.runtime = runtime  # experts.runtime.Runtime: the torch thread and the remote experts' client
@@ -87,6 +96,7 @@ class ExpertRepository:
         self.adapters = AdapterCache(max_adapter_bytes)  # LoRA factors served on resident bases
         self._virtual = virtual  # model ids that name no row (request-time mixes)
         self.building = BuildingSet()  # ids a running job will register (503 until then, not 404)
+        self._stamps: dict[str, str] = {}  # expert id -> _stamp of the row it was last served from
 
     def kind_of(self, record: ExpertRecord) -> Kind:
         for kind in self.kinds:
@@ -102,9 +112,11 @@ class ExpertRepository:
         check_binding(self.registry, self.store.root, rebind=rebind)
         self.registry.migrate()
         bind(self.registry, self.store.root, rebind=rebind)
-        self.store.cleanup()
+        replica = self.replica
+        self.store.cleanup(replica.is_dead if replica is not None else None)
         records = self.registry.list_experts()
-        for orphan in self.store.orphans({r.path for r in records if r.path}):
+        grace = ORPHAN_GRACE_S if replica is not None and replica.others_alive() else 0.0
+        for orphan in self.store.orphans({r.path for r in records if r.path}, grace_s=grace):
             dest = self.store.quarantine(orphan)
             log.warning("artifact %s has no registry row: moved to %s (GET /admin/orphans lists it; adopt it with "
                         "POST /admin/orphans/%s/adopt or delete it with DELETE /admin/orphans/%s)",
@@ -149,9 +161,33 @@ class ExpertRepository:
             if served is not None:
                 return served
         record = self._row(expert_id)
+        self._check_stamp(record)
         if record.status != "ready":
             raise ExpertUnavailableError(f"expert {expert_id!r} is {record.status}, not ready")
         return self.kind_of(record).serve(record, self)
+
+    def _check_stamp(self, record: ExpertRecord) -> None:
+        stamp, seen = _stamp(record), self._stamps.get(record.id)
+        if seen is not None and seen != stamp:
+            log.info("expert %s changed in the registry (another replica): dropping its loaded copy", record.id)
+            self._drop(record.id)
+        self._stamps[record.id] = stamp
+
+    def _drop(self, expert_id: str) -> None:
+        self.cache.forget(expert_id)
+        self.adapters.forget(expert_id)
+        self._stamps.pop(expert_id, None)
+
+    def sync(self) -> int:
+        """Drop what is cached for experts deleted or changed in the registry since (by another replica), and
+        the staging debris of dead replicas; returns how many cached experts went. Called by the heartbeat."""
+        if self.replica is not None:
+            self.store.cleanup(self.replica.is_dead, legacy=False)
+        current = {r.id: _stamp(r) for r in self.registry.list_experts()}
+        stale = [i for i, s in list(self._stamps.items()) if current.get(i) != s]
+        for expert_id in stale:
+            self._drop(expert_id)
+        return len(stale)
 
     @staticmethod
     def _matches(kind: Kind, record: ExpertRecord) -> bool:
@@ -184,6 +220,7 @@ class ExpertRepository:
     # -- loading ------------------------------------------------------------------------------
     def _load(self, expert_id: str) -> LoadedModel:
         record = self.registry.get_expert(expert_id)
+        self._stamps[record.id] = _stamp(record)
         load = self.kind_of(record).load
         if load is None:
             raise ExpertUnavailableError(f"experts of kind {record.kind!r} have no weights to load")
@@ -229,113 +266,6 @@ class ExpertRepository:
             self.load(expert_id)
         return record
 
-    # -- registration -------------------------------------------------------------------------
-    def stage_copy(self, src: Path) -> Path:
-        """Copy a model directory's relevant files into a new staging directory."""
-        staging = self.store.new_staging()
-        try:
-            for f in model_files(src):
-                shutil.copy2(f, staging / f.name)
-        except OSError:
-            self.store.discard(staging)
-            raise
-        return staging
-
-    def register_staged(self, expert_id: str, staging: Path, *, kind: str = ExpertKind.LOCAL.value,
-                        tags: list[str] | None = None, domain: str | None = None,
-                        lineage: dict[str, Any] | None = None, spec: dict[str, Any] | None = None) -> ExpertRecord:
-        """Validate a staged model directory and register it; on any failure the staging is discarded."""
-        try:
-            check_expert_id(expert_id)
-            if self.registry.has_expert(expert_id):
-                raise ExpertExistsError(expert_id)
-            info = validate_model_dir(staging)
-            smoke_test_model(staging, dtype=self.default_dtype)
-            rel = self.store.commit(staging, expert_id)
-        except BaseException:
-            self.store.discard(staging)
-            raise
-        record = ExpertRecord(
-            id=expert_id, kind=kind, status="ready", architecture=info.architecture, num_params=info.num_params,
-            dtype=info.dtype, context_length=info.context_length, tokenizer_fingerprint=info.tokenizer_fingerprint,
-            domain=domain, tags=list(tags or []), lineage=lineage, spec=dict(spec or {}), path=rel,
-            size_bytes=info.size_bytes,
-        )
-        try:
-            return self.registry.insert_expert(record)
-        except BaseException:
-            self.store.remove(rel)
-            raise
-
-    def register_from_dir(self, expert_id: str, src: Path, *, base: str | None = None, **meta: Any) -> ExpertRecord:
-        check_expert_id(expert_id)
-        if self.registry.has_expert(expert_id):
-            raise ExpertExistsError(expert_id)
-        if not src.is_dir():
-            raise InvalidExpertError(f"{src} is not a directory on the server")
-        if is_adapter_dir(src):
-            self.validate_adapter(src, base)  # fail before copying anything
-            return self.register_adapter(expert_id, self.stage_copy(src), base=base or "", **meta)
-        validate_model_dir(src)
-        return self.register_staged(expert_id, self.stage_copy(src), **meta)
-
-    def _lora_base(self, base: str | None) -> ExpertRecord:
-        if not base:
-            raise InvalidExpertError("this is a LoRA adapter: say which registered expert is its base ('base')")
-        record = self.registry.get_expert(base)
-        if record.kind != ExpertKind.LOCAL.value:
-            raise InvalidExpertError(f"the base of a LoRA adapter must be a local expert; {base!r} is {record.kind}")
-        return record
-
-    def validate_adapter(self, src: Path, base: str | None) -> Any:
-        return validate_adapter_dir(src, self.artifact_dir(self._lora_base(base)))
-
-    def register_adapter(self, expert_id: str, staging: Path, *, base: str, tags: list[str] | None = None,
-                         domain: str | None = None, lineage: dict[str, Any] | None = None,
-                         spec: dict[str, Any] | None = None) -> ExpertRecord:
-        """Validate a staged LoRA adapter against its base and register it (kind `lora`)."""
-        try:
-            check_expert_id(expert_id)
-            if self.registry.has_expert(expert_id):
-                raise ExpertExistsError(expert_id)
-            base_rec = self._lora_base(base)
-            info = validate_adapter_dir(staging, self.artifact_dir(base_rec))
-            smoke_test_adapter(staging, self.artifact_dir(base_rec), dtype=self.default_dtype)
-            rel = self.store.commit(staging, expert_id)
-        except BaseException:
-            self.store.discard(staging)
-            raise
-        record = ExpertRecord(
-            id=expert_id, kind=ExpertKind.LORA.value, status="ready", architecture=base_rec.architecture,
-            num_params=info.num_params, dtype=info.dtype, context_length=base_rec.context_length,
-            tokenizer_fingerprint=base_rec.tokenizer_fingerprint, domain=domain, tags=list(tags or []),
-            lineage=lineage, path=rel, size_bytes=info.size_bytes,
-            spec={**(spec or {}), "base": base, "rank": info.rank, "lora_alpha": info.lora_alpha,
-                  "target_modules": info.target_modules},
-        )
-        try:
-            return self.registry.insert_expert(record)
-        except BaseException:
-            self.store.remove(rel)
-            raise
-
-    def adopt_orphan(self, name: str, expert_id: str, *, base: str | None = None, **meta: Any) -> ExpertRecord:
-        """Register a quarantined artifact (validated, smoke-tested and committed like any registration);
-        the orphan is removed only once its expert is registered, so a refusal leaves it in place."""
-        src = self.store.orphan_path(name)
-        check_expert_id(expert_id)
-        if self.registry.has_expert(expert_id):
-            raise ExpertExistsError(expert_id)
-        if is_adapter_dir(src):
-            self.validate_adapter(src, base)
-            record = self.register_adapter(expert_id, self.store.link_into_staging(model_files(src)),
-                                           base=base or "", **meta)
-        else:
-            validate_model_dir(src)
-            record = self.register_staged(expert_id, self.store.link_into_staging(model_files(src)), **meta)
-        self.store.delete_orphan(name)
-        return record
-
     def insert_record(self, record: ExpertRecord) -> ExpertRecord:
         """Register an expert without an artifact (remote and ensemble kinds)."""
         check_expert_id(record.id)
@@ -363,8 +293,7 @@ class ExpertRepository:
             raise ExpertInUseError(f"expert {expert_id!r} is used by {named}: delete those first, or remove the "
                                    "reference")
         self.registry.delete_expert(expert_id)
-        self.cache.forget(expert_id)
-        self.adapters.forget(expert_id)
+        self._drop(expert_id)
         self.store.remove(record.path)
         kind = self.kind_of(record)
         if kind.forget is not None:
@@ -372,5 +301,7 @@ class ExpertRepository:
 
     def close(self) -> None:
         self.registry.close()
+        if self.replica is not None:
+            self.replica.release()
         if self._owns_runtime:
             self.runtime.close()

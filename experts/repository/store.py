@@ -4,6 +4,10 @@ Every new artifact is assembled in `<data_dir>/staging/<uuid>` (same filesystem)
 place with one `os.rename`, so a reader never sees a half-written expert and a crash leaves only
 staging debris, which `cleanup()` removes on the next start. Uploads are spooled there too.
 
+Several replicas may share one data dir (experts.repository.replicas): each names its staging entries
+`<replica id>-<uuid>`, and `cleanup()` removes only those of replicas known to be dead (and entries of no
+replica, from before replicas had ids), never a live replica's upload or merge in progress.
+
 An artifact without a registry row is never deleted on a guess: `quarantine()` moves it to
 `<data_dir>/orphans/`, from where an admin re-adopts it or deletes it explicitly.
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from experts.errors import InvalidExpertError, OrphanNotFoundError
 ORPHAN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 ARTIFACT_SUFFIX = re.compile(r"-[0-9a-f]{8}(-[0-9a-f]{6})?$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+STAGING_OWNER = re.compile(r"^(?:trash-)?(gw-[0-9a-f]{12})-")
+ORPHAN_GRACE_S = 600.0  # while other replicas live, a younger artifact without a row may be one being registered
 
 
 def check_expert_id(expert_id: str) -> str:
@@ -51,21 +59,34 @@ class Orphan:
 
 
 class ArtifactStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, replica_id: str | None = None) -> None:
         self.root = data_dir
+        self.replica_id = replica_id  # prefixes this process's staging entries
         self.experts_dir = data_dir / "experts"
         self.staging_dir = data_dir / "staging"
         self.orphans_dir = data_dir / "orphans"
         for d in (self.experts_dir, self.staging_dir, self.orphans_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def cleanup(self) -> None:
-        """Remove staging debris left by a crash."""
+    def cleanup(self, is_dead: Callable[[str], bool] | None = None, *, legacy: bool = True) -> int:
+        """Remove staging debris left by a crash: every entry, or with `is_dead` only those of a dead replica
+        (other replicas share this data dir) and, with `legacy`, those of no replica. Returns how many went."""
+        n = 0
         for p in self.staging_dir.iterdir():
+            m = STAGING_OWNER.match(p.name)
+            owner = m.group(1) if m else None
+            if owner is None and not legacy or owner is not None and owner == self.replica_id or (
+                    is_dead is not None and owner is not None and not is_dead(owner)):
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def _staging_name(self) -> str:
+        return f"{self.replica_id}-{uuid.uuid4().hex}" if self.replica_id else uuid.uuid4().hex
 
     def new_staging(self) -> Path:
-        p = self.staging_dir / uuid.uuid4().hex
+        p = self.staging_dir / self._staging_name()
         p.mkdir()
         return p
 
@@ -76,6 +97,8 @@ class ArtifactStore:
         """Atomically move a staged directory into the store; returns its path relative to the data dir."""
         final = self.experts_dir / f"{expert_id.replace(':', '_')}-{uuid.uuid4().hex[:8]}"
         os.rename(staging, final)
+        now = time.time()
+        os.utime(final, (now, now))  # its age says when it was committed (see `orphans`)
         fsync_dir(self.experts_dir)
         return str(final.relative_to(self.root))
 
@@ -88,13 +111,16 @@ class ArtifactStore:
         p = self.root / rel_path
         if not p.exists():
             return
-        trash = self.staging_dir / f"trash-{uuid.uuid4().hex}"
+        trash = self.staging_dir / f"trash-{self._staging_name()}"
         os.rename(p, trash)  # atomic: the artifact disappears at once, then is deleted
         shutil.rmtree(trash, ignore_errors=True)
 
-    def orphans(self, known: set[str]) -> list[Path]:
-        """Artifact directories no registry row points to (e.g. a crash between rename and insert)."""
-        return [p for p in self.experts_dir.iterdir() if str(p.relative_to(self.root)) not in known]
+    def orphans(self, known: set[str], *, grace_s: float = 0.0) -> list[Path]:
+        """Artifact directories no registry row points to (e.g. a crash between rename and insert); with
+        `grace_s`, only those committed longer ago than that (another replica may be inserting the row now)."""
+        cutoff = time.time() - grace_s
+        return [p for p in self.experts_dir.iterdir()
+                if str(p.relative_to(self.root)) not in known and (grace_s <= 0 or p.stat().st_mtime < cutoff)]
 
     # -- quarantine ---------------------------------------------------------------------------
     def quarantine(self, artifact: Path) -> Path:
@@ -127,7 +153,7 @@ class ArtifactStore:
 
     def delete_orphan(self, name: str) -> None:
         p = self.orphan_path(name)
-        trash = self.staging_dir / f"trash-{uuid.uuid4().hex}"
+        trash = self.staging_dir / f"trash-{self._staging_name()}"
         os.rename(p, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

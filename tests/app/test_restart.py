@@ -31,9 +31,11 @@ def test_registry_and_outputs_survive_restart_and_crash(tmp_path, tiny_model_dir
         gw.stop(kill=True)  # a crash, not a clean shutdown
 
     # A job that was running when the gateway died.
-    instance = (data / "instance_id").read_text().strip()
     reg = Registry(f"sqlite:///{data / 'registry.db'}")
-    reg.insert_job(JobRecord(id="job-interrupted", kind="register_upload", params={}, status="running", owner=instance))
+    [lock] = (data / "replicas").glob("gw-*.lock")  # the killed replica's lock file, which nobody holds now
+    owner = lock.name.removesuffix(".lock")
+    reg.insert_job(JobRecord(id="job-interrupted", kind="register_upload", params={}, status="running", owner=owner,
+                             lease_until=time.time() + 3600))  # its lease is still valid: failed as its owner died
     reg.close()
     (data / "staging" / "debris").mkdir()  # a half-written upload
 

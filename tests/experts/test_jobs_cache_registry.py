@@ -1,4 +1,5 @@
-"""Unit tests: job life cycle, the model cache, the registry schema."""
+"""Unit tests: job life cycle, the model cache, the registry schema; the registry and job tests on SQLite and on a
+real PostgreSQL server (the `db_url` fixture)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from experts.repository.registry import SCHEMA_VERSION, ExpertRecord, Registry
 
 
 @pytest.fixture()
-def registry(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+def registry(db_url):
+    reg = Registry(db_url)
     reg.migrate()
     yield reg
     reg.close()
@@ -76,13 +77,20 @@ def test_cancel_running_and_queued_jobs(registry):
 
 
 def test_orphaned_jobs_fail_on_recover(registry):
+    """At start-up: this owner's leftovers fail, and so do jobs of an owner known dead or whose lease expired;
+    a job of a live replica with a valid lease keeps running."""
     from experts.repository.registry import JobRecord
 
-    registry.insert_job(JobRecord(id="j1", kind="k", params={}, status="running", owner="me"))
-    registry.insert_job(JobRecord(id="j2", kind="k", params={}, status="running", owner="someone-else"))
-    svc = JobService(registry, owner="me")
-    assert svc.recover() == 1
-    assert registry.get_job("j1").status == "failed" and registry.get_job("j2").status == "running"
+    later = time.time() + 3600
+    registry.insert_job(JobRecord(id="j1", kind="k", params={}, status="running", owner="me", lease_until=later))
+    registry.insert_job(JobRecord(id="j2", kind="k", params={}, status="running", owner="alive", lease_until=later))
+    registry.insert_job(JobRecord(id="j3", kind="k", params={}, status="running", owner="dead", lease_until=later))
+    registry.insert_job(JobRecord(id="j4", kind="k", params={}, status="queued", owner="hung",
+                                  lease_until=time.time() - 1))
+    svc = JobService(registry, owner="me", is_dead=lambda owner: owner == "dead")
+    assert svc.recover() == 3
+    assert [registry.get_job(j).status for j in ("j1", "j2", "j3", "j4")] == ["failed", "running", "failed", "failed"]
+    assert "hung" in registry.get_job("j4").error and "interrupted" in registry.get_job("j3").error
     svc.shutdown()
 
 
@@ -122,17 +130,18 @@ def test_cache_loads_once_under_concurrency():
 
 def test_registry_schema_version_wal_and_migration_idempotent(registry, tmp_path):
     assert registry.migrate() == SCHEMA_VERSION  # already current: nothing to do
-    with registry.engine.connect() as c:
-        assert c.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    if registry.engine.dialect.name == "sqlite":
+        with registry.engine.connect() as c:
+            assert c.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
     registry.insert_expert(ExpertRecord(id="e1", kind="remote", spec={"url": "x"}, tags=["a"]))
     again = Registry(registry.url)
     assert again.get_expert("e1").tags == ["a"] and again.get_expert("e1").spec == {"url": "x"}
     again.close()
 
 
-def test_a_v1_database_is_migrated_to_jobs_with_detail(tmp_path):
-    """A registry written by a v1 gateway (no jobs.detail) keeps its rows and gains the column."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def test_a_v1_database_is_migrated_to_jobs_with_detail(db_url):
+    """A registry written by a v1 gateway (no jobs.detail) keeps its rows and gains the column (and the lease)."""
+    url = db_url
     engine = sa.create_engine(url)
     with engine.begin() as c:
         c.execute(sa.text("CREATE TABLE schema_info (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"))
@@ -149,5 +158,6 @@ def test_a_v1_database_is_migrated_to_jobs_with_detail(tmp_path):
     assert reg.get_job("j1").detail is None and reg.get_job("j1").status == "succeeded"
     assert reg.update_job("j1", detail={"queries_used": 3})
     assert reg.get_job("j1").detail == {"queries_used": 3}
+    assert reg.get_job("j1").lease_until is None
     assert reg.migrate() == SCHEMA_VERSION
     reg.close()
