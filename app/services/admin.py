@@ -26,6 +26,7 @@ from experts.hf.lora import is_adapter_dir
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
 from experts.repository.jobs import TERMINAL, JobContext, JobService
+from experts.repository.lineage import lineage_graph
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import check_expert_id
@@ -51,6 +52,9 @@ class AdminService:
 
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [{**r.to_dict(), "loaded": self.repo.is_loaded(r.id)} for r in self.repo.list(kind=kind)]
+
+    def lineage(self) -> dict[str, Any]:
+        return lineage_graph(self.repo.list())
 
     def check_new_id(self, expert_id: str) -> None:
         check_expert_id(expert_id)
