@@ -1,6 +1,7 @@
 """The web console (/ui) in a real headless Chromium (Debian's `chromium`, driven by Playwright): the key box,
 the experts table, the lineage graph, a search job's live loss curve, a streamed playground answer and the
-merge form. Screenshots go to docs/img/console-*.png (docs/console.md shows them).
+merge form. With MERGEGATE_SCREENSHOTS=docs/img the tests also save the screenshots docs/console.md shows
+(docs/img/console-*.png); by default they write nothing into the tree.
 
 Skipped with a message when /usr/bin/chromium or the playwright package is missing (scripts/setup installs
 both where it can). The search pauses at a fixed query (MERGEGATE_FAULT_PAUSE), so the curve is checked
@@ -18,7 +19,7 @@ from tests.helpers import ADMIN_KEY, ROOT, Gateway, build_adapter_dir, build_mod
 CHROMIUM = Path(os.environ.get("MERGEGATE_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = ROOT / "docs" / "img"
+SHOTS = os.environ.get("MERGEGATE_SCREENSHOTS")
 POOL = ["cs-ad-0", "cs-ad-1", "cs-ad-2"]
 PAUSE_AT = "30/40 queries"  # budgets 20 + 20: the live search stops here until cancelled
 WAIT_MS = 20_000
@@ -102,8 +103,10 @@ def until(pg, expr: str, timeout_ms: int = WAIT_MS, step_ms: int = 100) -> None:
 
 
 def shot(pg, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    pg.screenshot(path=str(SHOTS / f"console-{name}.png"))
+    if SHOTS:
+        out = ROOT / SHOTS
+        out.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(out / f"console-{name}.png"))
 
 
 def tab(pg, name: str) -> None:
@@ -177,13 +180,13 @@ def test_a_search_started_from_the_form_draws_its_curve_live(page):
     assert "cancelled" in page.inner_text("#job-title")
 
 
-def test_the_playground_streams_an_answer_chunk_by_chunk(page):
+def test_the_playground_streams_a_chat_answer_chunk_by_chunk(page):
     tab(page, "playground")
     page.wait_for_selector("#play-model option[value='tiny-mix']", state="attached")
     page.select_option("#play-model", "tiny-mix")
-    page.select_option("#play-mode", "complete")
+    page.select_option("#play-mode", "chat")
     page.fill("#play-max", "24")
-    page.fill("#play-prompt", "Lists are")
+    page.fill("#play-prompt", "What are lists?")
     # every text the answer shows, as the page shows it
     page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
         const m = document.querySelector('#play-output .msg:last-child span');
@@ -193,10 +196,16 @@ def test_the_playground_streams_an_answer_chunk_by_chunk(page):
     until(page, "!document.getElementById('play-send').disabled && window.mergegate.stream.length > 0")
     chunks = page.evaluate("window.mergegate.stream")
     seen = [s for s in page.evaluate("window.seen") if s]
-    final = page.text_content("#play-output .msg:last-child span")
-    assert len(chunks) >= 3 and final == "".join(chunks)
+    assert len(chunks) >= 3 and page.text_content("#play-output .msg:last-child span") == "".join(chunks)
     assert len(seen) >= 3 and all(b.startswith(a) and len(b) > len(a) for a, b in zip(seen, seen[1:])), seen
+    assert page.locator("#play-output .msg").count() == 2  # the question, then the answer
     shot(page, "playground")
+    page.select_option("#play-mode", "complete")  # a new mode starts a new transcript
+    page.fill("#play-prompt", "Lists are")
+    page.click("#play-send")
+    until(page, "!document.getElementById('play-send').disabled && window.mergegate.stream.length > 0")
+    assert page.locator("#play-output .msg").count() == 2
+    assert page.text_content("#play-output .msg:last-child span") == "".join(page.evaluate("window.mergegate.stream"))
 
 
 def test_the_merge_form_previews_then_merges(page):
