@@ -35,7 +35,8 @@ def _edges(record: ExpertRecord) -> list[dict[str, Any]]:
     lineage = record.lineage or {}
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for p in lineage.get("parents") or []:
+    parents = lineage.get("parents")
+    for p in parents if isinstance(parents, list) else []:  # a row registered by hand may hold anything
         pid = p.get("id") if isinstance(p, dict) else p
         if isinstance(pid, str) and pid not in seen:
             seen.add(pid)

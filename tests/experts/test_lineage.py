@@ -52,6 +52,14 @@ def test_an_ancestor_no_longer_registered_is_an_absent_node():
     assert [e["weight"] for e in g["edges"]] == [0.5, None]
 
 
+def test_hand_written_lineage_of_any_shape_draws_what_it_can():
+    rows = [rec("a", lineage={"parents": 3, "base": 7, "forest": ["x"], "search": "yes", "op": 1}),
+            rec("b", lineage={"parents": [5, None, "a", {"id": 2}, {"id": "a", "weight": "heavy"}]})]
+    g = lineage_graph(rows)
+    assert g["edges"] == [{"source": "a", "target": "b", "relation": "parent", "weight": None}]
+    assert [n["op"] for n in g["nodes"]] == ["1", None] and g["nodes"][0]["search"] is None
+
+
 def test_no_lineage_no_edges():
     g = lineage_graph([rec("a"), rec("b", "remote")])
     assert g == {"object": "lineage", "edges": [], "nodes": [
