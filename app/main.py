@@ -25,11 +25,13 @@ from app.routers import (
     admin_btm,
     admin_experts,
     admin_jobs,
+    admin_lineage,
     admin_merges,
     admin_orphans,
     admin_remote,
     admin_searches,
     completions,
+    console,
     health,
     merge_sessions,
     model_list,
@@ -173,7 +175,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app, settings)
     for r in (health.router, model_list.router, completions.router, admin_experts.router, admin_jobs.router,
               admin_merges.router, admin_remote.router, admin_btm.router, merge_sessions.router,
-              merge_sessions.admin_router, admin_blackbox.router, admin_searches.router, admin_orphans.router):
+              merge_sessions.admin_router, admin_blackbox.router, admin_searches.router, admin_orphans.router,
+              admin_lineage.router, console.router):
         app.include_router(r)
     app.add_middleware(GatewayMiddleware, metrics=app.state.metrics, max_body=settings.max_body_bytes,
                        max_upload=settings.max_upload_bytes, body_timeout_s=settings.body_timeout_s,

@@ -26,6 +26,7 @@ from experts.hf.lora import is_adapter_dir
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
 from experts.repository.jobs import TERMINAL, JobContext, JobService
+from experts.repository.lineage import lineage_graph
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
 from experts.repository.store import check_expert_id
@@ -56,6 +57,8 @@ class AdminService:
         """Experts a running job will register (not yet in the registry): id, kind, job, since."""
         return [{"id": i, "kind": p.kind, "job": p.job_id, "what": p.what, "created_at": p.since}
                 for i, p in self.repo.building.items() if not self.repo.registry.has_expert(i)]
+    def lineage(self) -> dict[str, Any]:
+        return lineage_graph(self.repo.list())
 
     def check_new_id(self, expert_id: str) -> None:
         check_expert_id(expert_id)
