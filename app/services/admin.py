@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.hf.lora import is_adapter_dir
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
+from experts.repository.export import export_files, tar_stream
 from experts.repository.jobs import TERMINAL, JobContext, JobService
 from experts.repository.registry import JobRecord
 from experts.repository.repo import ExpertRepository
@@ -185,6 +186,11 @@ class AdminService:
     async def pin(self, expert_id: str, pinned: bool) -> dict[str, Any]:
         await self.runtime.run_torch(self.repo.pin, expert_id, pinned)
         return self._loaded_view(expert_id)
+
+    async def export(self, expert_id: str) -> tuple[str, Iterator[bytes]]:
+        """(file name, tar chunks): checked (404, 400) before the first byte is sent."""
+        name, entries = await run_sync(export_files, self.repo, expert_id)
+        return f"{name}.tar", tar_stream(entries)
 
     def _loaded_view(self, expert_id: str) -> dict[str, Any]:
         return {"id": expert_id, "loaded": self.repo.is_loaded(expert_id),
