@@ -22,6 +22,7 @@ from app.services.faults import with_fault
 from app.services.uploads import ReceivedUpload, UploadReceiver, UploadSlots
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.hf.foreign import check_not_foreign
 from experts.hf.lora import is_adapter_dir
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
@@ -77,7 +78,8 @@ class AdminService:
         return 202, done.to_dict()
 
     # -- registration -------------------------------------------------------------------------
-    def validate_dir(self, src: Path, base: str | None) -> None:
+    def validate_dir(self, src: Path, base: str | None, dropped: list[str] | None = None) -> None:
+        check_not_foreign(src, dropped or ())  # GGUF, quantised, pickled: a 400 saying what to do
         if is_adapter_dir(src):
             self.repo.validate_adapter(src, base)
         else:
@@ -148,11 +150,7 @@ class AdminService:
             spool.unlink(missing_ok=True)
         elif not form.files:
             raise InvalidExpertError("send an 'archive' (tar/zip) or the model's 'files'")
-        if not any(p.suffix == ".safetensors" for p in staging.iterdir()) and any(
-                d.endswith((".bin", ".pt", ".pth", ".ckpt")) for d in dropped):
-            raise InvalidExpertError("no model.safetensors found (pickled .bin/.pt weights are not accepted: convert "
-                                     "them to safetensors)")
-        self.validate_dir(staging, base)
+        self.validate_dir(staging, base, dropped)
         return dropped
 
     def _when_done(self, job_id: str, release: Callable[[], None], staging: Path) -> None:
