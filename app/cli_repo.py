@@ -144,6 +144,22 @@ def experts_pin(c: Client, args: argparse.Namespace) -> None:
     _out(args, v, f"{v['id']}: {'pinned' if v['pinned'] else 'unpinned'} (loaded: {'yes' if v['loaded'] else 'no'})")
 
 
+def experts_export(c: Client, args: argparse.Namespace) -> None:
+    out = Path(args.output or f"{args.id}.tar")
+    try:
+        with c.http.stream("GET", f"/admin/experts/{args.id}/export") as r:
+            if r.status_code >= 400:
+                r.read()
+                raise CliError(f"{_message(r)} (HTTP {r.status_code})")
+            with out.open("wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+    except httpx.TransportError as e:
+        raise CliError(f"cannot reach the gateway at {c.url} ({type(e).__name__})") from None
+    _out(args, {"id": args.id, "file": str(out), "bytes": out.stat().st_size},
+         f"exported {args.id} to {out} ({_size(out.stat().st_size)}): a Hugging Face directory with a model card")
+
+
 # -- jobs ------------------------------------------------------------------------------------------------
 def jobs_list(c: Client, args: argparse.Namespace) -> None:
     params = {k: v for k, v in (("status", args.status), ("kind", args.kind), ("limit", args.limit)) if v}
@@ -223,7 +239,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
-    ex = group("experts", "list, show, add, remove or pin the gateway's experts")
+    ex = group("experts", "list, show, add, remove, pin or export the gateway's experts")
     p = client_opts(ex.add_parser("list", help="experts as a table"))
     p.add_argument("--kind", help="local | lora | remote | ensemble")
     p.set_defaults(fn=run, client_fn=experts_list)
@@ -245,6 +261,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("id")
     p.add_argument("--off", action="store_true")
     p.set_defaults(fn=run, client_fn=experts_pin)
+
+    p = client_opts(ex.add_parser("export", help="download an expert as a Hugging Face directory (tar) with a card"))
+    p.add_argument("id")
+    p.add_argument("-o", "--output", help="the tar file to write (default ID.tar)")
+    p.set_defaults(fn=run, client_fn=experts_export)
 
     jb = group("jobs", "list, watch or cancel the gateway's jobs")
     p = client_opts(jb.add_parser("list", help="jobs, newest first"))

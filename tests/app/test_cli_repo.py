@@ -4,6 +4,7 @@ a non-zero exit when the server refuses."""
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 
@@ -78,6 +79,10 @@ def test_merge_from_a_mergekit_config_with_a_progress_bar(cli, tmp_path, model_d
     assert code == 0 and "succeeded" in out
     code, out, err = cli("jobs", "cancel", job["id"])  # already over: the server's 409, one line
     assert code == 1 and err.count("\n") == 1 and err.startswith("mergegate: error: ") and "(HTTP 409)" in err
+    code, out, _ = cli("experts", "export", "cli-merged", "-o", str(tmp_path / "m.tar"))
+    assert code == 0 and out.startswith(f"exported cli-merged to {tmp_path / 'm.tar'}")
+    with tarfile.open(tmp_path / "m.tar") as tar:
+        assert "cli-merged/README.md" in tar.getnames() and "cli-merged/model.safetensors" in tar.getnames()
     code, out, _ = cli("experts", "rm", "cli-merged")
     assert code == 0 and out.strip() == "deleted cli-merged"
 
