@@ -1,5 +1,6 @@
 """`mergegate` command line: serve the gateway, build the demo repository and serve it, run BTM operations
-(`btm`) or a black-box merge search against a provider (`search`)."""
+(`btm`) or a black-box merge search against a provider (`search`); manage a running gateway's experts and
+jobs and merge from mergekit configs (`experts`, `jobs`, `merge`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from app import cli_btm, cli_search
+from app import cli_btm, cli_repo, cli_search
 from app.main import create_app
 from app.server import serve
 from app.settings import Settings, resolve_admin_key
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_demo)
     cli_btm.add_parser(sub)
     cli_search.add_parser(sub)
+    cli_repo.add_parsers(sub)
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -26,6 +26,7 @@ from merging.lora import is_lora_key, lora_modules, merge_lora
 from merging.methods import MergeMethod, merge_tensor
 from merging.recipe import MergeRecipe
 from merging.sources import DictSource, SafetensorsSource, TensorSource, tensor_meta
+from merging.tensor_params import layer_positions
 
 __all__ = [
     "DictSource",
@@ -141,6 +142,10 @@ def _inputs(recipe: MergeRecipe, sources: Mapping[str, TensorSource]) -> tuple[b
             f"cannot merge LoRA adapters with full models: {_names(not_lora)} are not adapters"
         )
     if all(lora):
+        if recipe.varies_by_tensor:
+            raise IncompatibleExpertsError(
+                "parameters that vary by tensor (gradients, filters) apply to full models, not LoRA adapters"
+            )
         if not m.lora:
             raise IncompatibleExpertsError(
                 f"method {m.name!r} has no LoRA form; use 'evo', 'linear' or 'cat'"
@@ -235,9 +240,12 @@ def _merge_full(
     params, per_expert = recipe.resolved_parameters(), recipe.expert_parameters()
     base_src = inputs[recipe.base] if recipe.base is not None and m.uses_base(recipe.base) else None
     experts = [inputs[i] for i in recipe.expert_ids]
+    positions = layer_positions(keys) if recipe.varies_by_tensor else {}
     for idx, name in enumerate(keys):
         if on_tensor is not None:
             on_tensor(idx, len(keys), name)
+        if positions:
+            params, per_expert = recipe.parameters_at(name, positions[name])
         gen = None
         if m.stochastic:
             gen = torch.Generator().manual_seed(tensor_seed(recipe.effective_seed, name))

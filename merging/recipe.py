@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from merging.errors import InvalidRecipeError
 from merging.methods import MergeMethod, get_method
+from merging.tensor_params import Setting, check_setting, evaluate_setting
 
 __all__ = ["DTYPES", "MergeRecipe", "RecipeExpert", "load_recipe"]
 
@@ -41,6 +42,11 @@ class RecipeExpert(BaseModel):
     gamma: float | None = None
     alpha: float | None = None
     beta: float | None = None
+    per_tensor: dict[str, Setting] = Field(
+        default_factory=dict,
+        description="Per-expert parameters that vary by tensor: a gradient over layers or filter conditions "
+        "(see merging.tensor_params); they win over the scalar fields where they give a value",
+    )
 
     def given(self) -> dict[str, float]:
         """The per-expert parameters that are set."""
@@ -63,6 +69,11 @@ class MergeRecipe(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     seed: int | None = Field(default=None, ge=0)
     allow_tokenizer_mismatch: bool = False
+    per_tensor: dict[str, Setting] = Field(
+        default_factory=dict,
+        description="Parameters that vary by tensor (gradients over layers, filter conditions), global or "
+        "the default of a per-expert one; where a setting gives no value, ``parameters`` applies",
+    )
 
     @model_validator(mode="after")
     def _check_against_method(self) -> Self:
@@ -86,8 +97,25 @@ class MergeRecipe(BaseModel):
                     f"its per-expert parameters are {sorted(known)}"
                 )
             m.resolve_expert(e.given(), self.parameters, where=f"expert {e.id!r}")
+        self._check_per_tensor(m)
         self._check_weight_sum(m)
         return self
+
+    def _check_per_tensor(self, m: MergeMethod) -> None:
+        levels = [("", self.per_tensor, self.parameters, m.params)]
+        levels += [(f"expert {e.id!r}", e.per_tensor, e.given(), m.expert_params) for e in self.experts]
+        for where, settings, scalars, specs in levels:
+            names = {p.name: p for p in specs}
+            for name, setting in settings.items():
+                at = where or "per_tensor"
+                if name not in names:
+                    raise InvalidRecipeError(
+                        f"parameter {name!r} ({at}) is not a parameter of method {m.name!r} that can vary "
+                        f"there; known: {sorted(names)}"
+                    )
+                if name in scalars:
+                    raise InvalidRecipeError(f"parameter {name!r} ({at}) is set both as a scalar and per tensor")
+                check_setting(names[name], setting, where=at)
 
     def _check_count(self, m: MergeMethod) -> None:
         n = len(self.experts)
@@ -124,6 +152,37 @@ class MergeRecipe(BaseModel):
         """Per-expert parameters with defaults filled in, in expert order."""
         m = self.merge_method
         return [m.resolve_expert(e.given(), self.parameters) for e in self.experts]
+
+    @property
+    def varies_by_tensor(self) -> bool:
+        """Whether any parameter is a gradient or has filter conditions."""
+        return bool(self.per_tensor) or any(e.per_tensor for e in self.experts)
+
+    def parameters_at(self, tensor_name: str, t: float) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """Global and per-expert parameters for one tensor at layer position ``t`` (see
+        :func:`merging.tensor_params.layer_positions`), with mergekit's precedence: the expert's
+        own setting, then the recipe-wide one (per tensor, then scalar), then the method default.
+
+        Returns:
+            (global parameters, per-expert parameters in expert order), defaults filled in.
+        """
+        m = self.merge_method
+
+        def at(settings: Mapping[str, Setting], scalars: Mapping[str, Any], names: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name in names:
+                v = evaluate_setting(settings[name], tensor_name, t) if name in settings else None
+                if v is None and name in scalars:
+                    v = scalars[name]
+                if v is not None:
+                    out[name] = v
+            return out
+
+        expert_names = [p.name for p in m.expert_params]
+        shared = at(self.per_tensor, self.parameters, [p.name for p in m.params])
+        glob = m.resolve_global({k: v for k, v in shared.items() if k not in expert_names})
+        per_expert = [m.resolve_expert(at(e.per_tensor, e.given(), expert_names), shared) for e in self.experts]
+        return glob, per_expert
 
     @property
     def expert_ids(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.deps import AdminDep, require_admin
 from app.protocol.admin import (
@@ -60,6 +61,19 @@ async def upload_expert(request: Request, admin: AdminDep, response: Response, b
     status, payload = await admin.register_upload(request, background=background)
     response.status_code = status
     return UploadedExpertView.model_validate(payload) if status == 201 else JobView.model_validate(payload)
+
+
+@router.get("/{expert_id}/export", response_class=StreamingResponse,
+            responses={**error_responses(400, 401, 403, 404),
+                       200: {"content": {"application/x-tar": {}}, "description": "A tar of the model directory"}},
+            summary="Export an expert as a Hugging Face model directory (tar) with a model card")
+async def export_expert(expert_id: str, admin: AdminDep):
+    """A tar with one directory, `<id>/`: config, weights (safetensors), tokenizer files and a README.md
+    model card stating the lineage from the registry (recipe, parents, search settings). Local and lora
+    experts only; load it with `AutoModelForCausalLM.from_pretrained("<id>")` (peft for a lora expert)."""
+    filename, chunks = await admin.export(expert_id)
+    return StreamingResponse(chunks, media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 @router.delete("/{expert_id}", response_model=DeletedView, responses=error_responses(401, 403, 404, 409),

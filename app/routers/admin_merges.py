@@ -22,7 +22,7 @@ async def list_methods(service: MergesDep):
 @router.post("/preview", response_model=PreviewView, responses=error_responses(400, 401, 403, 404, 409),
              summary="Validate a recipe and estimate its memory and output size, without merging")
 async def preview_merge(body: PreviewRequest, service: MergesDep):
-    return await service.preview(body.recipe, body.id)
+    return await service.preview(body.recipe, body.id, body.mergekit_config)
 
 
 @router.post("", status_code=202, response_model=ExpertOrJob, responses={**error_responses(400, 401, 403, 404, 409),
@@ -30,9 +30,10 @@ async def preview_merge(body: PreviewRequest, service: MergesDep):
              summary="Merge experts into a new expert (a job)")
 async def create_merge(body: MergeRequest, response: Response, service: MergesDep,
                        background: bool = Query(True, description="false: wait and answer 201 with the expert")):
-    """Checks everything first (recipe, experts, shapes, tokenizers, output id) and answers 4xx
+    """Takes a MergeGate `recipe` or a mergekit config (`mergekit_config`: the YAML text or its JSON
+    object). Checks everything first (recipe, experts, shapes, tokenizers, output id) and answers 4xx
     before any work; then merges tensor by tensor in a job (progress per tensor) and registers the
     result with the recipe as its lineage. Follow it at `/admin/jobs/{id}/events`."""
     status, payload = await service.start(body.id, body.recipe, tags=body.tags, domain=body.domain,
-                                          background=background)
+                                          background=background, mergekit_config=body.mergekit_config)
     return expert_or_job(response, (status, payload))

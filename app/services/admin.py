@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ from app.services.faults import with_fault
 from app.services.uploads import ReceivedUpload, UploadReceiver, UploadSlots
 from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.hf.foreign import check_not_foreign
 from experts.hf.lora import is_adapter_dir
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
+from experts.repository.export import export_files, tar_stream
 from experts.repository.jobs import TERMINAL, JobContext, JobService
 from experts.repository.lineage import lineage_graph
 from experts.repository.registry import JobRecord
@@ -84,7 +86,8 @@ class AdminService:
         return 202, done.to_dict()
 
     # -- registration -------------------------------------------------------------------------
-    def validate_dir(self, src: Path, base: str | None) -> None:
+    def validate_dir(self, src: Path, base: str | None, dropped: list[str] | None = None) -> None:
+        check_not_foreign(src, dropped or ())  # GGUF, quantised, pickled: a 400 saying what to do
         if is_adapter_dir(src):
             self.repo.validate_adapter(src, base)
         else:
@@ -155,11 +158,7 @@ class AdminService:
             spool.unlink(missing_ok=True)
         elif not form.files:
             raise InvalidExpertError("send an 'archive' (tar/zip) or the model's 'files'")
-        if not any(p.suffix == ".safetensors" for p in staging.iterdir()) and any(
-                d.endswith((".bin", ".pt", ".pth", ".ckpt")) for d in dropped):
-            raise InvalidExpertError("no model.safetensors found (pickled .bin/.pt weights are not accepted: convert "
-                                     "them to safetensors)")
-        self.validate_dir(staging, base)
+        self.validate_dir(staging, base, dropped)
         return dropped
 
     def _when_done(self, job_id: str, release: Callable[[], None], staging: Path) -> None:
@@ -193,6 +192,11 @@ class AdminService:
     async def pin(self, expert_id: str, pinned: bool) -> dict[str, Any]:
         await self.runtime.run_torch(self.repo.pin, expert_id, pinned)
         return self._loaded_view(expert_id)
+
+    async def export(self, expert_id: str) -> tuple[str, Iterator[bytes]]:
+        """(file name, tar chunks): checked (404, 400) before the first byte is sent."""
+        name, entries = await run_sync(export_files, self.repo, expert_id)
+        return f"{name}.tar", tar_stream(entries)
 
     def _loaded_view(self, expert_id: str) -> dict[str, Any]:
         return {"id": expert_id, "loaded": self.repo.is_loaded(expert_id),

@@ -8,6 +8,7 @@ from typing import Any
 from anyio.to_thread import run_sync
 
 from app.services.admin import AdminService
+from app.services.mergekit_refs import MergekitRefs
 from experts.repository.jobs import JobContext
 from experts.repository.merges import MergeRunner
 from merging.methods import METHODS
@@ -24,14 +25,27 @@ class MergeService:
         return [{"name": m.name, "needs_base": m.needs_base, "lora": m.lora, "reference": m.reference_url,
                  "parameters": [asdict(p) for p in m.params]} for m in METHODS.values()]
 
-    async def preview(self, recipe_data: dict[str, Any], output_id: str | None) -> dict[str, Any]:
-        recipe = load_recipe(recipe_data)
+    async def recipe(self, recipe_data: dict[str, Any] | None, mergekit_config: str | dict[str, Any] | None, *,
+                     import_paths: bool) -> MergeRecipe:
+        """The recipe given, or the one a mergekit config translates to (its server paths imported as
+        experts first when `import_paths`; otherwise they must have been imported already)."""
+        if recipe_data is not None:
+            return load_recipe(recipe_data)
+        assert mergekit_config is not None
+        return await MergekitRefs(self.admin).translate(mergekit_config, import_paths=import_paths)
+
+    async def preview(self, recipe_data: dict[str, Any] | None, output_id: str | None,
+                      mergekit_config: str | dict[str, Any] | None = None) -> dict[str, Any]:
+        recipe = await self.recipe(recipe_data, mergekit_config, import_paths=False)
         est = await run_sync(self.runner.preflight, recipe, output_id)
         return {"valid": True, "method": recipe.method, "recipe": _resolved(recipe), **est}
 
-    async def start(self, output_id: str, recipe_data: dict[str, Any], *, tags: list[str], domain: str | None,
-                    background: bool) -> tuple[int, dict[str, Any]]:
-        recipe = load_recipe(recipe_data)
+    async def start(self, output_id: str, recipe_data: dict[str, Any] | None, *, tags: list[str],
+                    domain: str | None, background: bool,
+                    mergekit_config: str | dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        if mergekit_config is not None:
+            self.admin.check_new_id(output_id)  # before any server path is imported
+        recipe = await self.recipe(recipe_data, mergekit_config, import_paths=True)
         await run_sync(self.runner.preflight, recipe, output_id)  # every refusal happens here, as a 4xx
 
         def run(ctx: JobContext) -> dict[str, Any]:
@@ -47,5 +61,6 @@ class MergeService:
 def _resolved(recipe: MergeRecipe) -> dict[str, Any]:
     d = recipe.model_dump(mode="json")
     d["parameters"] = recipe.resolved_parameters()
-    d["experts"] = [{"id": e.id, **p} for e, p in zip(recipe.experts, recipe.expert_parameters(), strict=True)]
+    d["experts"] = [{"id": e.id, **p, **({"per_tensor": d["experts"][i]["per_tensor"]} if e.per_tensor else {})}
+                    for i, (e, p) in enumerate(zip(recipe.experts, recipe.expert_parameters(), strict=True))]
     return d
