@@ -83,6 +83,48 @@ def in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> fl
     return tokens / seconds
 
 
+def scheduler_in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> float:
+    """tokens/s of the engine's own scheduler driven in this process (no HTTP, no load generator) on the
+    same batches as `in_process`: what the engine costs next to `generate`, apart from the serving path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from experts.base import GenerationParams
+    from experts.hf.engine.batch import Limits
+    from experts.hf.engine.choices import Request
+    from experts.hf.engine.scheduler import ModelScheduler
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batches = [texts[(i * batch) % len(texts):][:batch] for i in range(rounds + 1)]
+    batches = [b if len(b) == batch else (b + texts)[:batch] for b in batches]
+    tokens, seconds = 0, 0.0
+    with torch.inference_mode():
+        for i, b in enumerate(batches):
+            sched = ModelScheduler(model, tok, Limits())
+            for text in b:
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                r = Request(GenerationParams(max_tokens=NEW_TOKENS, temperature=0.0), tok, lambda events: None)
+                r.add_prompt(text, ids, len(ids))
+                sched.add(r)
+            t0 = time.perf_counter()
+            steps = 0
+            while sched.has_work() and steps < 10_000:
+                sched.step()
+                steps += 1
+            if i:  # the first batch warms up
+                seconds += time.perf_counter() - t0
+                tokens += NEW_TOKENS * len(b)
+    return tokens / seconds
+
+
+def client_cpu_share(gw: GatewayProc, model: str, texts: list[str], concurrency: int, total: int) -> float:
+    """The load generator's own CPU time over the run's wall time (its share of this machine's cores)."""
+    t_cpu = time.process_time()
+    res = run_load(gw.base, bodies(model, (texts * (total // len(texts) + 1))[:total]), concurrency)
+    return (time.process_time() - t_cpu) / res.seconds
+
+
 def measure(gw: GatewayProc, model: str, texts: list[str], concurrency: int, total: int) -> dict[str, float]:
     """One gateway at one concurrency (used by quick checks; the report uses `interleaved`)."""
     run_load(gw.base, bodies(model, texts[:max(2, concurrency)]), concurrency)  # warm up
@@ -153,10 +195,12 @@ def main() -> None:
         for c in levels:
             if c == 32 or c == levels[0]:  # in-process generate next to the levels it is compared with
                 ip.append({b: in_process(model_dir, texts, b, 2 if args.quick else 4) for b in (1, 8, 32)})
+                ip[-1]["scheduler_32"] = scheduler_in_process(model_dir, texts, 32, 2 if args.quick else 4)
             total = max(16, 2 * c) if args.quick else max(32, 4 * c)
             for name, fig in interleaved(gws, "bench", texts, c, total, rounds).items():
                 results[name][c] = fig
-        results["in_process_tps"] = {b: statistics.mean(x[b] for x in ip) for b in (1, 8, 32)}
+        results["in_process_tps"] = {b: statistics.mean(x[b] for x in ip) for b in (1, 8, 32, "scheduler_32")}
+        results["client_cpu_share_c32"] = client_cpu_share(gws["engine"], "bench", texts, 32, 128)
         for name, fig in interleaved(gws, "forest", texts, 16, 16 if args.quick else 48, rounds).items():
             results[name]["forest_c16"] = fig
         results["fairness"] = fairness(gws["engine"], tok, 64 if args.quick else 160)
@@ -174,7 +218,11 @@ def report(r: dict[str, Any], levels: tuple[int, ...]) -> None:
     e, s, ip = r["engine"], r["sequential"], r["in_process_tps"]
     print(f"GPT-2 {SIZE['layers']}x{SIZE['embd']}, vocab 4096, {NEW_TOKENS}-token greedy completions; "
           f"sequential gateway = {r['baseline_ref']}\n")
-    print(f"in-process model.generate: batch 1 {ip[1]:.0f} tok/s, batch 8 {ip[8]:.0f}, batch 32 {ip[32]:.0f}\n")
+    print(f"in-process model.generate: batch 1 {ip[1]:.0f} tok/s, batch 8 {ip[8]:.0f}, batch 32 {ip[32]:.0f}; "
+          f"the engine's scheduler in process at batch 32: {ip['scheduler_32']:.0f} tok/s "
+          f"({ip['scheduler_32'] / ip[32]:.2f}x generate)")
+    print(f"the load generator (this process) uses {r['client_cpu_share_c32']:.2f} CPU cores at concurrency 32 "
+          "on this machine, cores the gateway then lacks\n")
     print(f"{'conc':>5} | {'engine req/s':>12} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} | {'sequential req/s':>16} "
           f"{'tok/s':>7} {'p50 ms':>7} | {'x seq':>6} {'/ in-proc b32':>13}")
     for c in levels:

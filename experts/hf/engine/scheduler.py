@@ -279,7 +279,8 @@ class ModelScheduler:
                 entry = groups[id(g)] = (g, [], [])
             entry[1].append(choice)
             entry[2].append(lane)
-        finite = None if bool(torch.isfinite(logits).all()) else torch.isfinite(logits).all(dim=-1).tolist()
+        row_sums = logits.sum(-1)  # one reduction: a NaN or an infinity anywhere in a row makes its sum non-finite
+        finite = None if bool(torch.isfinite(row_sums).all()) else torch.isfinite(logits).all(dim=-1).tolist()
         greedy = logits.argmax(-1).tolist() if any(g.params.temperature <= 0 for g, _, _ in groups.values()) else []
         next_ids = r.next_ids.tolist()
         by_request: dict[int, list[Event]] = {}
