@@ -207,8 +207,9 @@ def test_time_budget_is_respected(tokenizer, splits):
     wall = time.perf_counter() - t0
     assert not result.cancelled
     assert result.steps >= 1
-    # loose: the next step and the final evaluation are predicted, not known, and the machine may be busy
-    assert wall < 2.0 + 2.0, wall
+    # only catches a budget ignored (the run would go on through the data): the next step and the final
+    # evaluation are predicted, not known, and a shared CI machine may run several times slower
+    assert wall < 2.0 + 10.0, wall
     assert result.elapsed_s > 0.5  # it used the budget rather than stopping at once
     assert result.final_val_loss is not None and result.val_history[-1][0] == result.steps
     assert seen[-1].fraction == 1.0 and seen[-1].eta_s == 0.0 and seen[-1].step == result.steps
