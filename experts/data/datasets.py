@@ -10,6 +10,9 @@ corpus' own splits, so they never share a document.
 ``HELD_OUT`` lists the others: target tasks that no pool adapter has seen (for the Evo-Merging
 reproduction). ``lm-<domain>`` tasks are plain-text slices of a domain.
 
+Structured tasks with exact-match answers (``rev/digits``, ``sort/upper``, ...: generated, no corpus) live
+in :mod:`experts.data.synthetic`; :func:`load_task` serves them by name too (no corpora needed).
+
 Encoding the examples for a model and scoring them (the masked loss) is :mod:`experts.data.scoring`.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from experts.data.corpora import load_split
+from experts.data.synthetic import is_synthetic, synthetic_examples
 from experts.errors import InvalidExpertError
 
 __all__ = ["HELD_OUT", "POOL_TASKS", "SPLITS", "TASKS", "Task", "load_task", "task_names"]
@@ -226,6 +230,7 @@ HELD_OUT = [t.name for t in _TASK_LIST if not t.pool and t.kind == "pairs"]
 
 
 def task_names() -> list[str]:
+    """The corpus tasks (structured tasks: :func:`experts.data.synthetic.synthetic_task_names`)."""
     return list(TASKS)
 
 
@@ -238,15 +243,19 @@ def load_task(btm: Any, name: str, split: str = "validation",
     """The examples of task `name` on a corpus split (deterministic order), at most `max_examples`.
 
     Args:
-        btm: an :class:`experts.btm.operations.BTM` (gives the corpora root and builds missing corpora).
-        name: a key of :data:`TASKS`.
+        btm: an :class:`experts.btm.operations.BTM` (gives the corpora root and builds missing corpora);
+            not used (may be None) for a structured task.
+        name: a key of :data:`TASKS`, or a structured task of :mod:`experts.data.synthetic`.
         split: "train", "validation" or "test".
     """
-    task = TASKS.get(name)
-    if task is None:
-        raise InvalidExpertError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     if split not in SPLITS:
         raise InvalidExpertError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    task = TASKS.get(name)
+    if task is None and is_synthetic(name):
+        return synthetic_examples(name, split, max_examples)
+    if task is None:
+        raise InvalidExpertError(f"unknown task {name!r}; tasks: {', '.join(TASKS)} or a structured task "
+                                 "<skill>/<domain> (experts.data.synthetic)")
     key = (str(btm.corpora_root), name, split)
     with _cache_lock:
         cached = _cache.get(key)

@@ -24,6 +24,7 @@ import torch
 
 from experts.data.datasets import TASKS, load_task
 from experts.data.scoring import Encoded, encode_examples, make_batches, mean_loss, validate_examples
+from experts.data.synthetic import is_synthetic
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.repository.registry import ExpertRecord
 from experts.repository.store import check_expert_id
@@ -79,8 +80,9 @@ class LoraData:
             k, n = self.part
             if not (n >= 1 and 0 <= k < n):
                 raise InvalidExpertError(f"part must be [k, K] with 0 <= k < K, got {list(self.part)}")
-        if self.task is not None and self.task not in TASKS:
-            raise InvalidExpertError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)}")
+        if self.task is not None and self.task not in TASKS and not is_synthetic(self.task):
+            raise InvalidExpertError(f"unknown task {self.task!r}; tasks: {', '.join(TASKS)} or a structured "
+                                     "task <skill>/<domain> (experts.data.synthetic)")
         if self.examples is not None:
             validate_examples(self.examples)
         if self.validation is not None:
@@ -127,7 +129,7 @@ def _prepare(btm: Any, tokenizer: Any, data: LoraData, budget: TrainConfig, n_po
         val = btm.token_ids(tokenizer, data.corpus, "validation")
         return _Prepared("stream", train_ids=train, val_ids=val)
     if data.task is not None:
-        if btm is None:
+        if btm is None and not is_synthetic(data.task):
             raise InvalidExpertError("task data needs the gateway's corpora (no BTM given)")
         train = load_task(btm, data.task, "train")
         val = load_task(btm, data.task, "validation", data.max_val_examples)

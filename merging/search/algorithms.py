@@ -15,9 +15,11 @@ task arithmetic, TIES, DARE) need no search and are evaluated by the caller.
 
 LoraHub (Huang et al. 2023, ``sail-sg/lorahub``, spec section 11.1): one weight per adapter
 (beta; alpha = 1), ``ng.p.Array(init=0, lower=-1.5, upper=1.5)``, ``NGOpt``, budget 40,
-objective ``loss + 0.05 * mean(|beta|)``. LoraHub returns nevergrad's recommendation; we return
-the best evaluated candidate, which needs no extra query and is what its recommendation is for
-a deterministic loss.
+objective ``loss / batch_size + 0.05 * mean(|beta|)`` (its ``default_get_loss`` divides the summed
+batch-mean CE by the number of examples; ``lorahub_loss="token_mean"`` drops the division, as in
+Evo-Merging's objective). LoraHub returns nevergrad's recommendation; we return the best
+evaluated candidate, which needs no extra query and is what its recommendation is for a
+deterministic loss.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from merging.errors import MergeError
 from merging.search.optimizers import FloatArray, make_cma, make_ngopt
 from merging.search.result import Evaluator, SearchResult, StageResult, Trial
 from merging.search.runner import SearchRunner, StageSpec
-from merging.search.settings import BETA_BOUND, DEFAULTS, Selection
+from merging.search.settings import BETA_BOUND, DEFAULTS, LossTerm, Selection
 
 __all__ = ["SearchSettingsError", "evo_merging", "lorahub"]
 
@@ -52,7 +54,7 @@ def evo_merging(
     on_trial: Callable[[Trial], None] | None = None, should_stop: Callable[[], bool] | None = None,
     workers: int = 1, denoise: bool = DEFAULTS.denoise, scale: bool = DEFAULTS.scale,
     negative: bool = DEFAULTS.negative, beta_bound: float = BETA_BOUND,
-    selection: Selection = DEFAULTS.selection,
+    selection: Selection = DEFAULTS.selection, stage1_beta: float | None = DEFAULTS.stage1_beta,
 ) -> SearchResult:
     """Two-stage Evo-Merging search (CMA-ES via nevergrad ask/tell): stage 1 (denoise) searches alpha,
     stage 2 (scale) beta with alpha fixed at stage 1's best. Returns a :class:`SearchResult` with
@@ -65,10 +67,14 @@ def evo_merging(
     `should_stop()`: polled between evaluations (True ends the search with what it has,
     ``SearchResult.stopped``); `workers`: concurrent ``evaluate`` calls when the evaluator has no
     ``evaluate_many``; `beta_bound`: beta's box is [-beta_bound, beta_bound] ([0, beta_bound]
-    without ``negative``).
+    without ``negative``); `stage1_beta`: beta during stage 1 (None: 1/N).
     """
     _check(evaluator, n, popsize=popsize, sigma0=sigma0, l1=l1, workers=workers, early_stop=early_stop)
     _check_evo(budget_stage1, budget_stage2, denoise, scale, beta_bound)
+    if stage1_beta is not None and not (math.isfinite(stage1_beta) and abs(stage1_beta) <= beta_bound):
+        raise SearchSettingsError(f"stage1_beta must be a number in [-{beta_bound}, {beta_bound}]")
+    # spec section 4: stage 1 holds beta at the uniform weights w_i = 1/N
+    fixed_beta = np.full(n, 1.0 / n if stage1_beta is None else float(stage1_beta))
     runner = SearchRunner(evaluator, on_trial=on_trial, should_stop=should_stop, workers=workers,
                           early_stop=early_stop, early_stop_min_delta=early_stop_min_delta)
     cma = {"popsize": popsize, "sigma0": sigma0, "seed": seed}
@@ -76,7 +82,7 @@ def evo_merging(
     described: dict[str, Any] = {}
     alpha = np.ones(n)
     if denoise:
-        alpha = _denoise_stage(runner, n, budget_stage1, l1, cma, stages, described)
+        alpha = _denoise_stage(runner, fixed_beta, budget_stage1, l1, cma, stages, described)
     if scale and not runner.stopped:
         if selection == "last_stage" and budget_stage2 > 0:
             runner.reset_incumbent()
@@ -86,10 +92,10 @@ def evo_merging(
         "method": "evo_merging", "n": n, "budget_stage1": budget_stage1, "budget_stage2": budget_stage2,
         "popsize": popsize, "sigma0": sigma0, "l1": l1, "seed": seed, "early_stop": early_stop,
         "early_stop_min_delta": early_stop_min_delta, "denoise": denoise, "scale": scale,
-        "negative": negative, "beta_bound": beta_bound, "selection": selection, "stages": described,
-        **_versions(),
+        "negative": negative, "beta_bound": beta_bound, "selection": selection, "stage1_beta": stage1_beta,
+        "stages": described, **_versions(),
     }
-    return _result("evo_merging", runner, stages, (alpha, np.full(n, 1.0 / n)), settings)
+    return _result("evo_merging", runner, stages, (alpha, fixed_beta), settings)
 
 
 def _check_evo(budget_stage1: int, budget_stage2: int, denoise: bool, scale: bool, beta_bound: float) -> None:
@@ -102,11 +108,14 @@ def _check_evo(budget_stage1: int, budget_stage2: int, denoise: bool, scale: boo
         raise SearchSettingsError("beta_bound must be a positive number")
 
 
-def _denoise_stage(runner: SearchRunner, n: int, budget: int, l1: float, cma: dict[str, Any],
+def _denoise_stage(runner: SearchRunner, beta: FloatArray, budget: int, l1: float, cma: dict[str, Any],
                    stages: list[StageResult], described: dict[str, Any]) -> FloatArray:
-    """Stage 1: CMA-ES over alpha in [0, 1]^N from alpha = 1, beta = 1/N; returns the stage's best alpha."""
-    ones, uniform = np.ones(n), np.full(n, 1.0 / n)
-    spec = StageSpec("denoise", "alpha", uniform, budget, l1)
+    """Stage 1: CMA-ES over alpha in [0, 1]^N from alpha = 1, beta fixed (1/N); returns the stage's best
+    alpha."""
+    n = len(beta)
+    ones = np.ones(n)
+    # spec section 4: f1(alpha) = CE + l1 * mean(alpha), alpha in [0, 1]^N from alpha = 1
+    spec = StageSpec("denoise", "alpha", beta, budget, l1)
     opt = make_cma(ones, np.zeros(n), ones, budget=max(budget, 1), **cma)
     described["denoise"] = opt.describe
     stages.append(runner.run_stage(spec, opt, ones))
@@ -118,6 +127,7 @@ def _scale_stage(runner: SearchRunner, alpha: FloatArray, box: tuple[float, floa
     """Stage 2: CMA-ES over beta in the box from beta = 1/N, alpha fixed."""
     n = len(alpha)
     uniform = np.full(n, 1.0 / n)
+    # spec section 5: f2(beta) = CE + l1 * mean(|beta|), beta in [-1.5, 1.5]^N from beta = 1/N
     spec = StageSpec("scale", "beta", alpha, budget, l1)
     opt = make_cma(uniform, np.full(n, box[0]), np.full(n, box[1]), budget=max(budget, 1), **cma)
     described["scale"] = opt.describe
@@ -135,6 +145,8 @@ def lorahub(
     seed: int | None = DEFAULTS.seed,
     early_stop: int | None = DEFAULTS.early_stop,
     early_stop_min_delta: float = DEFAULTS.early_stop_min_delta,
+    lorahub_loss: LossTerm = DEFAULTS.lorahub_loss,
+    lorahub_batch_size: int = DEFAULTS.lorahub_batch_size,
     on_trial: Callable[[Trial], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SearchResult:
@@ -149,6 +161,9 @@ def lorahub(
             Array with one worker.
         seed: seeds nevergrad's RandomState.
         early_stop: plateau patience, in evaluations here (one candidate per step).
+        lorahub_loss: ``"per_example"`` (LoraHub's code: the objective's loss is CE /
+            ``lorahub_batch_size``) or ``"token_mean"`` (CE itself, as Evo-Merging).
+        lorahub_batch_size: LoraHub's examples per batch (5).
         on_trial, should_stop: as in :func:`evo_merging`.
 
     Returns:
@@ -161,15 +176,20 @@ def lorahub(
         raise SearchSettingsError(f"unknown nevergrad optimizer {optimizer!r}")
     if not (math.isfinite(bound) and bound > 0):
         raise SearchSettingsError("bound must be a positive number")
+    if lorahub_loss not in ("per_example", "token_mean") or lorahub_batch_size < 1:
+        raise SearchSettingsError("lorahub_loss must be per_example or token_mean, lorahub_batch_size >= 1")
     runner = SearchRunner(evaluator, on_trial=on_trial, should_stop=should_stop,
                           early_stop=early_stop, early_stop_min_delta=early_stop_min_delta)
     zeros, ones = np.zeros(n), np.ones(n)
     opt = make_ngopt(zeros, np.full(n, -bound), np.full(n, bound), budget=max(budget, 1), seed=seed,
                      name=optimizer)
-    stage = runner.run_stage(StageSpec("lorahub", "beta", ones, budget, l1), opt, zeros)
+    # LoraHub default_get_loss: sum of batch-mean CEs / number of examples = CE / batch size
+    scale = 1.0 / lorahub_batch_size if lorahub_loss == "per_example" else 1.0
+    stage = runner.run_stage(StageSpec("lorahub", "beta", ones, budget, l1, scale), opt, zeros)
     settings = {
         "method": "lorahub", "n": n, "budget": budget, "l1": l1, "bound": bound, "optimizer": optimizer,
         "seed": seed, "early_stop": early_stop, "early_stop_min_delta": early_stop_min_delta,
+        "lorahub_loss": lorahub_loss, "lorahub_batch_size": lorahub_batch_size, "loss_scale": scale,
         "stages": {"lorahub": opt.describe}, **_versions(),
     }
     return _result("lorahub", runner, [stage], (ones, zeros), settings)

@@ -6,7 +6,7 @@ Conventions shared by every search in :mod:`merging.search`:
 * a *query* is one call for one candidate (``evaluate``) or one candidate inside an
   ``evaluate_many`` population; ``index`` counts queries from 0 across all stages;
 * ``loss`` is what the evaluator returned (validation CE, lower is better), ``objective`` is
-  what the optimiser minimised: ``loss + l1 * mean(|x|)`` with x the vector searched in that
+  what the optimiser minimised: ``loss_scale * loss + l1 * mean(|x|)`` with x the vector searched in that
   stage (alpha in ``"denoise"``, beta in ``"scale"`` and ``"lorahub"``);
 * the *incumbent* is the best-ever candidate by objective (see ``selection`` in
   :func:`merging.search.evo_merging`); ``best_loss`` / ``best_objective`` are the incumbent's,

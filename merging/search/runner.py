@@ -51,6 +51,8 @@ class StageSpec:
         fixed: the other vector (N,), held constant during the stage.
         budget: evaluations allowed.
         l1: penalty weight on ``mean(|x|)`` of the searched vector.
+        loss_scale: the loss's weight in the objective ``loss_scale * loss + l1 * mean(|x|)``
+            (LoraHub's per-example loss: 1 / batch size).
     """
 
     stage: Stage
@@ -58,6 +60,7 @@ class StageSpec:
     fixed: FloatArray
     budget: int
     l1: float
+    loss_scale: float = 1.0
 
     def pair(self, x: FloatArray) -> Pair:
         """(alpha, beta) lists for the evaluator."""
@@ -155,7 +158,8 @@ class SearchRunner:
         self, spec: StageSpec, opt: StageOptimizer, candidate: Any, x: FloatArray, loss: float, best: _Best
     ) -> _Best:
         """Tell the optimiser, update stage best / incumbent / history, call ``on_trial``."""
-        objective = loss + spec.l1 * float(np.mean(np.abs(x))) if math.isfinite(loss) else math.inf
+        penalty = spec.l1 * float(np.mean(np.abs(x)))
+        objective = spec.loss_scale * loss + penalty if math.isfinite(loss) else math.inf
         opt.optimizer.tell(candidate, objective if math.isfinite(objective) else _BAD_OBJECTIVE)
         alpha, beta = (tuple(v) for v in spec.pair(x))
         point = _Best(alpha, beta, loss, objective)

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
 __all__ = ["BASELINES", "BETA_BOUND", "DEFAULTS", "DEFAULT_LAMBDAS", "MAX_QUERIES", "METHODS", "SEARCHES",
-           "Method", "SearchSettings", "Selection"]
+           "LossTerm", "Method", "SearchSettings", "Selection"]
 
 Method = Literal["evo_merging", "lorahub", "uniform", "task_arithmetic", "best_single"]
 Selection = Literal["shared", "last_stage"]
+LossTerm = Literal["per_example", "token_mean"]
 SEARCHES: Final = ("evo_merging", "lorahub")
 BASELINES: Final = ("uniform", "task_arithmetic", "best_single")
 METHODS: Final = SEARCHES + BASELINES
@@ -66,7 +67,16 @@ class SearchSettings:
       improvement of its best objective by more than early_stop_min_delta (None: budgets only);
     * selection: ``"shared"`` (the authors' code): one best-ever candidate by objective across both
       stages, so a stage-2 candidate replaces stage 1's best only if its objective is lower, else
-      beta stays 1/N; ``"last_stage"``: the best of the last stage that ran, unconditionally.
+      beta stays 1/N; ``"last_stage"``: the best of the last stage that ran, unconditionally;
+    * stage1_beta: beta during stage 1 (None: 1/N, the paper's uniform weights; a number: an
+      ablation that gives stage 1 a merged update large enough to move the loss).
+
+    LoraHub's loss term (``lorahub_loss``): LoraHub's ``default_get_loss`` sums the batch-mean CE of
+    its batches and divides by the number of examples, i.e. (mean CE) / batch size for equal batches
+    (its few-shot set is 5 examples in one batch: CE / 5), so its L1 term weighs batch-size times more
+    against the loss than in Evo-Merging. ``"per_example"`` (default, LoraHub's code) optimises
+    ``CE / lorahub_batch_size + l1 * mean(|beta|)``; ``"token_mean"`` optimises ``CE + l1 *
+    mean(|beta|)`` as Evo-Merging does. The reported loss is the session's CE either way.
     """
 
     method: Method = _setting(
@@ -90,7 +100,14 @@ class SearchSettings:
     selection: Selection = _setting(
         "shared", "shared: best-ever candidate across stages (authors' code); last_stage: the last stage's "
         "best", _EVO)
+    stage1_beta: float | None = _setting(
+        None, "Evo stage 1's fixed beta (None: 1/N, the paper; ablation)", _EVO, ge=-1.5, le=1.5)
     optimizer: str = _setting("NGOpt", "LoraHub's nevergrad optimizer", _HUB)
+    lorahub_loss: LossTerm = _setting(
+        "per_example", "LoraHub's loss term: per_example (its code: CE / lorahub_batch_size) or token_mean "
+        "(CE, as Evo-Merging)", _HUB)
+    lorahub_batch_size: int = _setting(
+        5, "Examples per batch in LoraHub's per_example loss (its few-shot batch: 5)", _HUB, ge=1, le=100_000)
     lambdas: tuple[float, ...] = _setting(
         DEFAULT_LAMBDAS, "task_arithmetic: the lambdas tried (each in [-1.5, 1.5])", BASELINES,
         min_length=1, max_length=100)

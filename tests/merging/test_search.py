@@ -75,7 +75,7 @@ def test_evo_merging_finds_the_known_optimum(seed: int) -> None:
 
 def test_lorahub_ngopt_finds_a_per_adapter_quadratic_optimum() -> None:
     q = Quadratic(a_star=np.ones(4))  # LoraHub keeps alpha = 1
-    r = lorahub(q, 4, seed=0)
+    r = lorahub(q, 4, seed=0, lorahub_loss="token_mean")
     assert r.queries == len(q.seen) == 40
     assert all(a == (1.0,) * 4 for a, _ in q.seen)
     assert q.seen[0][1] == (0.0,) * 4  # LoraHub starts from the base model (w = 0)
@@ -89,9 +89,20 @@ def test_lorahub_at_a_large_budget_runs_where_ngopt_picks_a_metamodel() -> None:
     (float() of a 1-element array), hence the numpy pin in pyproject.toml."""
     b_star = np.array([0.5, -0.4, 0.2, 0.8, -0.6])
     q = Quadratic(a_star=np.ones(5), b_star=b_star)
-    r = lorahub(q, 5, budget=400, seed=0)
+    r = lorahub(q, 5, budget=400, seed=0, lorahub_loss="token_mean")
     assert r.queries == 400 and "MetaModel" in r.settings["stages"]["lorahub"]["selected"]
     np.testing.assert_allclose(r.beta, soft(b_star, L1 / 10), atol=0.05)
+
+
+def test_lorahub_per_example_loss_divides_the_loss_by_its_batch_size() -> None:
+    """LoraHub's default_get_loss: objective = loss / batch size + l1 * mean|beta|, so the L1 term
+    shrinks the optimum batch-size times harder; the reported loss stays the evaluator's."""
+    q = Quadratic(a_star=np.ones(4))
+    r = lorahub(q, 4, budget=200, seed=0, lorahub_batch_size=5)  # per_example is the default
+    assert r.settings["lorahub_loss"] == "per_example" and r.settings["loss_scale"] == 0.2
+    assert math.isclose(r.loss, q.loss(r.alpha, r.beta))
+    assert math.isclose(r.objective, r.loss / 5 + L1 * np.mean(np.abs(r.beta)))
+    np.testing.assert_allclose(r.beta, soft(B_STAR, 5 * L1 / 8), atol=0.03)
 
 
 def test_first_generation_has_the_intended_spread() -> None:
