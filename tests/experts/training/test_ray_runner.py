@@ -66,8 +66,14 @@ def test_the_first_round_on_ray_gives_the_local_runners_experts(tmp_path, ray_ru
         ray.repo.close()
 
 
-def test_an_error_inside_a_task_fails_the_round_and_registers_nothing(tmp_path, ray_runner):
+def test_an_error_inside_a_task_or_a_cancel_fails_the_round_and_registers_nothing(tmp_path, ray_runner):
     btm = open_btm(tmp_path, ray_runner)
+    started = []
+
+    def progress(fraction: float, message: str) -> None:
+        if "parallel tasks" in message:
+            started.append(message)
+
     try:
         # the pipeline's own seed, but saved without its optimizer state: every task fails resuming it
         key = pipeline_key(DOMAINS, BUDGET, SIZE, 0.5, None, True, "seed")
@@ -78,22 +84,10 @@ def test_an_error_inside_a_task_fails_the_round_and_registers_nothing(tmp_path, 
             run_pipeline(btm, "bad", DOMAINS, BUDGET, size=SIZE)
         assert {r.id for r in btm.repo.list()} == {"bad-seed"}
         assert not any((tmp_path / "data" / "staging").iterdir())
-    finally:
-        btm.repo.close()
 
-
-def test_a_cancel_stops_the_round_and_registers_nothing(tmp_path, ray_runner):
-    btm = open_btm(tmp_path, ray_runner)
-    started = []
-
-    def progress(fraction: float, message: str) -> None:
-        if "parallel tasks" in message:
-            started.append(message)
-
-    try:
-        with pytest.raises(JobCancelledError):
+        with pytest.raises(JobCancelledError):  # cancelled once the round's tasks are submitted
             run_pipeline(btm, "c", DOMAINS, BUDGET, size=SIZE, progress=progress, should_stop=lambda: bool(started))
-        assert started and {r.id for r in btm.repo.list()} == {"c-seed"}  # the same request resumes from it
+        assert started and {r.id for r in btm.repo.list()} == {"bad-seed", "c-seed"}  # the same request resumes
         assert not any((tmp_path / "data" / "staging").iterdir())
     finally:
         btm.repo.close()
