@@ -23,6 +23,7 @@ per process, on the first job that needs it; a Ray already initialised in this p
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = ["ActorGroup", "RayRunner", "RayTaskFailedError", "RayUnavailableError
 
 ROOT = str(Path(__file__).resolve().parents[2])  # the checkout holding experts/: local workers import from it
 POLL_S = 0.25  # how often a waiting job polls should_stop
+_INIT = threading.Lock()  # two jobs starting Ray at once initialise it once
 
 
 class RayUnavailableError(ExpertError):
@@ -128,8 +130,12 @@ class RayRunner:
     def start(self) -> Any:
         """Initialise Ray in this process (once); returns the ray module."""
         ray = _ray()
-        if ray.is_initialized():
-            return ray
+        with _INIT:
+            if not ray.is_initialized():
+                self._init(ray)
+        return ray
+
+    def _init(self, ray: Any) -> None:
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True}
         try:
             if self.address:
@@ -139,7 +145,6 @@ class RayRunner:
                 ray.init(num_cpus=self.num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
         except (ConnectionError, RuntimeError) as e:
             raise RayUnavailableError(f"cannot start or join Ray at {self.address or 'a local cluster'}: {e}") from e
-        return ray
 
     @property
     def workers(self) -> int:
