@@ -1,18 +1,16 @@
 """MERGEGATE_RUNNER=ray for searches: a generation split across 2 Ray actors (each holding the base and the
-pool) gives the local session's losses and stops between generations when cancelled; a search on Ray
-finds what the local one finds and registers the same winner."""
+pool) gives the local session's losses and stops between generations when cancelled. The search job on
+Ray (the gateway's wiring, the winner's registration): tests/app/test_runner_settings.py."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from experts.btm.operations import BTM
 from experts.evo.ray_provider import RayProvider, split
-from experts.evo.search_job import LocalProvider, SearchSpec, run_search
+from experts.evo.search_job import LocalProvider
 from experts.evo.sessions import BudgetExhaustedError, MergeSessionManager
 from experts.runtime import open_repository
 from merging.search import run_method
@@ -79,28 +77,3 @@ def test_a_generation_on_two_actors_gives_the_local_losses(manager, ray_provider
         manager.close()
         ray_provider.close(view["id"])
     assert split(list(range(5)), 2) == [[0, 1, 2], [3, 4]] and split([1], 1) == [[1]]
-
-
-def test_a_search_on_ray_finds_and_registers_the_local_winner(manager, ray_provider):
-    settings = SearchSettings(method="evo_merging", budget_stage1=8, budget_stage2=8, popsize=4)
-    spec = SearchSpec(session=BODY, settings=settings)
-    local = LocalProvider(manager)
-    expected, local_view = run_search(local, spec)
-    local.materialize(local_view["id"], expected.alpha, expected.beta, "won-local")
-    local.close(local_view["id"])
-    seen: list[int] = []
-    result, view = run_search(ray_provider, spec, on_progress=lambda p, force: seen.append(p.queries))
-    try:
-        assert result.queries == expected.queries == 16 and seen[-1] == 16
-        assert result.loss == pytest.approx(expected.loss, abs=1e-5)
-        assert result.alpha == pytest.approx(expected.alpha) and result.beta == pytest.approx(expected.beta)
-        made = ray_provider.materialize(view["id"], result.alpha, result.beta, "won-ray", tags=["evo"])
-    finally:
-        ray_provider.close(view["id"])
-    repo = manager.repo
-    assert made["id"] == "won-ray" and repo.record("won-ray").kind == repo.record("won-local").kind == "lora"
-    assert made["lineage"]["session"]["queries_used"] == 17
-    won_ray, won_local = (load_file(str(repo.artifact_dir(repo.record(i)) / "adapter_model.safetensors"))
-                          for i in ("won-ray", "won-local"))
-    assert won_ray.keys() == won_local.keys()
-    assert all(torch.allclose(won_ray[k], won_local[k], atol=1e-6) for k in won_ray)
