@@ -175,8 +175,11 @@ class RayRunner:
                     if on_done is not None:
                         on_done(i, results[i])
         finally:
-            for ref in running:
-                ray.cancel(ref, force=True)
+            for ref in running:  # a cancel, or another task's error: stop the rest (kills their workers)
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # already finished
+                    pass
         return results
 
     def group(self, factory: Callable[..., Any], args: tuple[Any, ...], n: int) -> ActorGroup:
