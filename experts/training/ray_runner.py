@@ -17,11 +17,13 @@ those of a single-threaded local run of the same code.
 
 ``address``: None starts a local Ray with the machine's CPUs (``num_cpus`` to cap it); ``"auto"`` or
 ``"ray://host:10001"`` / ``"host:6379"`` joins a running cluster (docs/scaling.md). Ray is started once
-per process, on the first job that needs it; a Ray already initialised in this process is used as it is.
+per process, on the first job that needs it (a runner without ray installed is refused when it is made, so
+the gateway does not start); a Ray already initialised in this process is used as it is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -125,6 +127,8 @@ class RayRunner:
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None, workers: int | None = None,
                  task_cpus: int = 1) -> None:
+        if importlib.util.find_spec("ray") is None:  # refuse at start-up, not at the first job
+            raise RayUnavailableError("MERGEGATE_RUNNER=ray needs Ray: pip install 'mergegate[ray]'")
         self.address, self.num_cpus, self._workers, self.task_cpus = address, num_cpus, workers, task_cpus
 
     def start(self) -> Any:
