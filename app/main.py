@@ -56,6 +56,7 @@ from experts.repository.jobs import JobService
 from experts.repository.replicas import Heartbeat
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime, open_repository
+from experts.training.ray_runner import RayRunner
 
 log = logging.getLogger("mergegate")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub at run time
@@ -116,7 +117,8 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
     assert runtime.remote is not None
     admin = AdminService(repo, jobs, runtime, metrics, max_upload_bytes=settings.max_upload_bytes,
                          max_concurrent_uploads=settings.max_concurrent_uploads, fault_pause=settings.fault_pause)
-    btm = BTM(repo, settings.data_dir, settings.corpus_bytes)
+    runner = RayRunner(settings.ray_address, workers=settings.ray_workers) if settings.runner == "ray" else None
+    btm = BTM(repo, settings.data_dir, settings.corpus_bytes, runner=runner)
     manager = MergeSessionManager(repo, btm=btm, max_sessions=settings.max_merge_sessions)
     remote_admin = RemoteAdminService(repo, runtime.remote)
     blackbox = BlackBoxService(repo, runtime, metrics)
@@ -127,7 +129,8 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
         auth=Authenticator(admin_key, client_keys, metrics=settings.metrics),
         completions=completions, admin=admin, merges=MergeService(admin), btm=BTMService(admin, btm),
         merge_sessions=MergeSessionService(admin, manager), remote_admin=remote_admin,
-        searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm)), blackbox=blackbox,
+        searches=SearchService(admin, manager, remote_admin, EnsembleSearchService(admin, btm), runner=runner),
+        blackbox=blackbox,
         heartbeat=heartbeat,
         demo=DemoService(admin, quick=settings.demo == "quick") if settings.demo != "off" else None)
 

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
                                "past it, another replica fails the job")
     heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeats: renew leases, fail abandoned "
                                "jobs, drop models changed or deleted on another replica")
+    # Heavy jobs on Ray (docs/scaling.md; the `ray` extra).
+    runner: Literal["local", "ray"] = Field(
+        "local", description="where BTM first rounds and search generations run: local (this process's job "
+        "threads) or ray (parallel Ray tasks and actors)")
+    ray_address: str | None = Field(
+        None, description="with runner=ray: the cluster to join ('auto', 'host:6379', 'ray://host:10001'); "
+        "unset: start a local Ray with this machine's CPUs")
+    ray_workers: int | None = Field(
+        None, ge=1, description="with runner=ray: tasks or actors one job uses at once; unset: the cluster's CPUs")
     max_merge_sessions: int = 8  # Evo-Merging sessions open at once (provider side)
     default_dtype: str | None = None
     corpus_bytes: int = 2_000_000  # text per built-in domain corpus (all splits), for BTM and evaluation

@@ -60,3 +60,17 @@ def db_url(request, tmp_path):
         yield url
     finally:
         server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def ray_runner():
+    """A local Ray cluster of 2 CPUs for the session (skips where ray is not installed); 2 workers a job."""
+    ray = pytest.importorskip("ray")
+    from experts.training.ray_runner import RayRunner  # ray is optional: imported only for its tests
+
+    runner = RayRunner(num_cpus=2, workers=2)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        ray.shutdown()

@@ -24,22 +24,27 @@ from app.services.ensemble_search import EnsembleSearchService
 from app.services.remote_admin import RemoteAdminService
 from experts.data.datasets import TASKS
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
+from experts.evo.ray_provider import RayProvider
 from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
 from experts.evo.sessions import MergeSessionManager
 from experts.remote.upstream import RemoteSpec
 from experts.repository.jobs import JobContext
 from experts.repository.registry import ExpertRecord
 from experts.repository.store import check_expert_id
+from experts.training.ray_runner import RayRunner
+
+Provider = LocalProvider | RayProvider | HttpProvider
 
 
 class SearchService:
     def __init__(self, admin: AdminService, manager: MergeSessionManager, remote: RemoteAdminService | None,
-                 ensembles: EnsembleSearchService) -> None:
+                 ensembles: EnsembleSearchService, runner: RayRunner | None = None) -> None:
         self.admin = admin
         self.manager = manager
         self.remote = remote  # registers the winner of a URL provider (None: this gateway cannot)
         self.ensembles = ensembles  # method "ensemble_weights"
         self.repo = admin.repo
+        self.runner = runner  # MERGEGATE_RUNNER=ray: local searches evaluate their generations on Ray actors
 
     def _precheck(self, req: SearchRequest) -> None:
         if req.name is not None:
@@ -59,8 +64,10 @@ class SearchService:
         elif v.corpus is not None:
             self.manager.btm.ensure_corpus(v.corpus)
 
-    def _provider(self, req: SearchRequest) -> LocalProvider | HttpProvider:
+    def _provider(self, req: SearchRequest) -> Provider:
         p = req.provider
+        if p.url is None and self.runner is not None:
+            return RayProvider(self.manager, self.runner)
         if p.url is None:
             return LocalProvider(self.manager, self.admin.runtime.torch)
         key = p.api_key.get_secret_value() if p.api_key is not None else None
@@ -84,7 +91,7 @@ class SearchService:
         job = self.admin.submit(f"search.{req.method}", params, run)
         return await self.admin.finish(job, background)
 
-    def _run(self, ctx: JobContext, req: SearchRequest, spec: SearchSpec, provider: LocalProvider | HttpProvider,
+    def _run(self, ctx: JobContext, req: SearchRequest, spec: SearchSpec, provider: Provider,
              provider_name: str) -> dict[str, Any]:
         last: list[Progress] = []
 
@@ -114,11 +121,11 @@ class SearchService:
         finally:
             provider.close(session_id)
 
-    def _register(self, ctx: JobContext, req: SearchRequest, provider: LocalProvider | HttpProvider,
+    def _register(self, ctx: JobContext, req: SearchRequest, provider: Provider,
                   session_id: str, summary: dict[str, Any]) -> str:
         name = str(req.name)
         lineage = {"search": summary}
-        if isinstance(provider, LocalProvider):
+        if isinstance(provider, LocalProvider | RayProvider):
             provider.materialize(session_id, summary["alpha"], summary["beta"], name, tags=req.tags,
                                  domain=req.domain, extra_lineage=lineage)
         else:

@@ -53,6 +53,7 @@ class BTM:
     repo: ExpertRepository
     data_dir: Path
     corpus_bytes: int = 2_000_000
+    runner: Any = None  # trains a pipeline's first round as parallel tasks (experts.btm.pipeline.Runner)
     _ids_cache: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -65,19 +66,12 @@ class BTM:
 
     # -- data ---------------------------------------------------------------------------------
     def ensure_corpus(self, domain: str) -> None:
-        if domain in DOMAINS:
-            build_corpus(domain, self.corpora_root, self.corpus_bytes)
-        else:
-            get_corpus(self.corpora_root, domain)  # UnknownCorpusError for a name that is neither
+        ensure_corpus(self.corpora_root, self.corpus_bytes, domain)
 
     def token_ids(self, tokenizer: Any, domain: str, split: str) -> torch.Tensor:
-        self.ensure_corpus(domain)
         key = (_tok_key(tokenizer), domain, split)
         if key not in self._ids_cache:
-            text = load_split(self.corpora_root, domain, split)
-            if not text.strip():
-                raise InvalidExpertError(f"corpus {domain!r} has an empty {split} split")
-            self._ids_cache[key] = tokenize_text(tokenizer, text)
+            self._ids_cache[key] = corpus_ids(self.corpora_root, self.corpus_bytes, tokenizer, domain, split)
         return self._ids_cache[key]
 
     def mixture_ids(self, tokenizer: Any, domains: list[str], split: str) -> torch.Tensor:
@@ -122,25 +116,13 @@ class BTM:
                             should_stop: ShouldStop | None, seed_offset: int = 0,
                             optimizer_state: dict[str, Any] | None = None, keep_state: bool = False
                             ) -> ExpertRecord:
-        def report(p: Any) -> None:
-            if progress:
-                val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
-                progress(p.fraction, f"{expert_id}: loss {p.train_loss:.3f}{val}, {p.tokens_per_s:,.0f} tok/s, "
-                                     f"eta {p.eta_s or 0:.0f}s")
-
-        config = replace(budget, seed=budget.seed + seed_offset)
-        result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report,
-                                 should_stop=should_stop, optimizer_state=optimizer_state)
-        if result.cancelled:
-            raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
         staging = self.repo.store.new_staging()
-        save_model_atomic(model, tok, staging)
-        if keep_state:
-            save_trainer_state(staging, result.optimizer_state, config, result.steps)
-        lineage["train"] = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
-                            "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
-                            "budget": asdict(config), "resumed": optimizer_state is not None,
-                            "start_step": config.start_step}
+        try:
+            train_into(staging, model, tok, expert_id, train_ids, val_ids, budget, lineage, progress, should_stop,
+                       seed_offset=seed_offset, optimizer_state=optimizer_state, keep_state=keep_state)
+        except BaseException:
+            self.repo.store.discard(staging)
+            raise
         return self.repo.register_staged(expert_id, staging, domain=domain, tags=tags, lineage=lineage)
 
     # -- the four operations ------------------------------------------------------------------
@@ -212,19 +194,112 @@ class BTM:
         overrides fields of the recorded lineage, in the same write). With `resume`, the source's saved
         optimizer state and update count are resumed (spec §1.3: a first-round expert is the seed run forked
         onto one domain); `budget` then sets the schedule span (see protocol.plan_budget)."""
-        model, tok = self._fresh_model(source)
-        opt = None
-        if resume:
-            opt, state = load_trainer_state(self.repo.artifact_dir(self.repo.record(source)))
-            if opt is None or state is None:
-                raise InvalidExpertError(f"{source!r} carries no optimizer state to resume")
-            budget = resume_config(budget, state)
-        train = self.token_ids(tok, domain, "train")
-        val = self.token_ids(tok, domain, "validation")
+        task = self.train_task(expert_id, source, domain, budget, seed_offset=seed_offset, resume=resume,
+                               lineage=lineage)
+        try:
+            lineage = run_train_task(task, progress, should_stop)
+        except BaseException:
+            self.repo.store.discard(Path(task.staging))
+            raise
+        return self.register_trained(task, lineage)
+
+    def train_task(self, expert_id: str, source: str, domain: str, budget: TrainConfig, *, seed_offset: int = 0,
+                   resume: bool = False, lineage: dict[str, Any] | None = None) -> TrainTask:
+        """What `train` does, as plain data any process can run (`run_train_task`), with a new staging dir."""
         full = {"op": "btm.train", "parents": [{"id": source, "weight": 1.0}], "recipe": {"corpus": domain},
                 **(lineage or {})}
-        return self._train_and_register(model, tok, expert_id, train, val, budget, full, domain,
-                                        ["btm", domain], progress, should_stop, seed_offset, optimizer_state=opt)
+        return TrainTask(expert_id=expert_id, source=source, source_dir=str(self.repo.artifact_dir(
+            self.repo.record(source))), domain=domain, budget=budget, seed_offset=seed_offset, resume=resume,
+            corpora_root=str(self.corpora_root), corpus_bytes=self.corpus_bytes,
+            staging=str(self.repo.store.new_staging()), lineage=full)
+
+    def register_trained(self, task: TrainTask, lineage: dict[str, Any]) -> ExpertRecord:
+        """Validate and register a trained task's staging (discarded on any failure)."""
+        return self.repo.register_staged(task.expert_id, Path(task.staging), domain=task.domain,
+                                         tags=["btm", task.domain], lineage=lineage)
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """One `BTM.train` as plain data: paths on the shared data dir, the budget, the lineage to record."""
+
+    expert_id: str
+    source: str
+    source_dir: str
+    domain: str
+    budget: TrainConfig
+    seed_offset: int
+    resume: bool
+    corpora_root: str
+    corpus_bytes: int
+    staging: str
+    lineage: dict[str, Any]
+
+
+def run_train_task(task: TrainTask, progress: Progress | None = None,
+                   should_stop: ShouldStop | None = None) -> dict[str, Any]:
+    """Train `task.source` on its domain into `task.staging` (in this process or a Ray worker); returns the
+    lineage to register it with. Leaves the staging to the caller (registered or discarded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: on first use
+
+    source = Path(task.source_dir)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    opt, budget = None, task.budget
+    if task.resume:
+        opt, state = load_trainer_state(source)
+        if opt is None or state is None:
+            raise InvalidExpertError(f"{task.source!r} carries no optimizer state to resume")
+        budget = resume_config(budget, state)
+    root = Path(task.corpora_root)
+    train = corpus_ids(root, task.corpus_bytes, tok, task.domain, "train")
+    val = corpus_ids(root, task.corpus_bytes, tok, task.domain, "validation")
+    lineage = dict(task.lineage)
+    train_into(Path(task.staging), model, tok, task.expert_id, train, val, budget, lineage, progress, should_stop,
+               seed_offset=task.seed_offset, optimizer_state=opt)
+    return lineage
+
+
+def train_into(staging: Path, model: Any, tok: Any, expert_id: str, train_ids: torch.Tensor,
+               val_ids: torch.Tensor | None, budget: TrainConfig, lineage: dict[str, Any],
+               progress: Progress | None, should_stop: ShouldStop | None, *, seed_offset: int = 0,
+               optimizer_state: dict[str, Any] | None = None, keep_state: bool = False) -> None:
+    """Train `model` and save it (with its optimizer state if `keep_state`) into `staging`; adds the
+    training's record to `lineage` under "train". JobCancelledError if `should_stop` ended it."""
+    def report(p: Any) -> None:
+        if progress:
+            val = f", val loss {p.val_loss:.3f}" if p.val_loss is not None else ""
+            progress(p.fraction, f"{expert_id}: loss {p.train_loss:.3f}{val}, {p.tokens_per_s:,.0f} tok/s, "
+                                 f"eta {p.eta_s or 0:.0f}s")
+
+    config = replace(budget, seed=budget.seed + seed_offset)
+    result = train_causal_lm(model, train_ids, val_ids, config, on_progress=report,
+                             should_stop=should_stop, optimizer_state=optimizer_state)
+    if result.cancelled:
+        raise JobCancelledError(f"training of {expert_id} was cancelled; nothing was registered")
+    save_model_atomic(model, tok, staging)
+    if keep_state:
+        save_trainer_state(staging, result.optimizer_state, config, result.steps)
+    lineage["train"] = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 1),
+                        "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
+                        "budget": asdict(config), "resumed": optimizer_state is not None,
+                        "start_step": config.start_step}
+
+
+def ensure_corpus(corpora_root: Path, corpus_bytes: int, domain: str) -> None:
+    if domain in DOMAINS:
+        build_corpus(domain, corpora_root, corpus_bytes)
+    else:
+        get_corpus(corpora_root, domain)  # UnknownCorpusError for a name that is neither
+
+
+def corpus_ids(corpora_root: Path, corpus_bytes: int, tokenizer: Any, domain: str, split: str) -> torch.Tensor:
+    """One split of a corpus, tokenized."""
+    ensure_corpus(corpora_root, corpus_bytes, domain)
+    text = load_split(corpora_root, domain, split)
+    if not text.strip():
+        raise InvalidExpertError(f"corpus {domain!r} has an empty {split} split")
+    return tokenize_text(tokenizer, text)
 
 
 def _tok_key(tokenizer: Any) -> str:

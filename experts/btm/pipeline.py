@@ -7,7 +7,11 @@ updates at 1/n of the batch (`batch_split="paper"`; "full": full batch, 1/n of t
 `branch_from="posterior"` is the older sequential variant: the first expert resumes the seed, every later
 one starts (fresh optimizer) from the experts trained before it, averaged with their posterior on dev data;
 that intermediate branch is not kept as an expert (its parents and weights are in the trained expert's
-lineage). The forest's prior is uniform unless `prior` names target data (a corpus, split and sequence count).
+lineage). With a runner on the BTM (`MERGEGATE_RUNNER=ray`), the paper protocol's first-round experts,
+independent of one another, are trained as parallel tasks (`train_first_round`), each into a staging dir
+of the shared data dir, and registered here, in domain order, once all of them are trained; the
+sequential variant stays sequential.
+The forest's prior is uniform unless `prior` names target data (a corpus, split and sequence count).
 
 Pipelines are resumable. Every stage is registered with the pipeline's key (a hash of everything
 that defines the request) in its lineage, in the same write as the stage itself. Running the same
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from experts.btm.forest import average_forest, create_forest, sample_sequences
-from experts.btm.operations import BTM, ModelSize
+from experts.btm.operations import BTM, ModelSize, TrainTask, run_train_task
 from experts.btm.protocol import BRANCH_FROM, DEV_SEQUENCES, check_choice, plan_budget
 from experts.errors import InvalidExpertError, PipelineConflictError
 from experts.repository.repo import ExpertRepository
@@ -33,6 +38,13 @@ from experts.repository.store import check_expert_id
 from experts.training.config import TrainConfig
 
 Progress = Callable[[float, str], None]
+
+
+class Runner(Protocol):
+    """Runs independent tasks elsewhere (experts.training.ray_runner.RayRunner)."""
+
+    def map(self, fn: Callable[[Any], Any], args: Sequence[Any], *, should_stop: Callable[[], bool] | None = None,
+            on_done: Callable[[int, Any], None] | None = None) -> list[Any]: ...
 
 
 def pipeline_key(domains: list[str], budget: TrainConfig, size: ModelSize, seed_fraction: float,
@@ -114,9 +126,16 @@ def run_pipeline(btm: BTM, prefix: str, domains: list[str], budget: TrainConfig,
                  lineage=tag("seed"))
     finish_step()
     members: list[str] = []
+    trained: set[str] = set()
+    if btm.runner is not None and branch_from == "seed":
+        todo = [(i, d) for i, d in enumerate(domains) if f"{prefix}-{d}" not in have]
+        tasks = [btm.train_task(f"{prefix}-{d}", seed_id, d, plan.expert, seed_offset=i + 1, resume=True,
+                                lineage=seed_lineage(seed_id, d, branch_from, tag)) for i, d in todo]
+        report = stage("first round")
+        trained = train_first_round(btm, btm.runner, tasks, lambda f, m: report(f * len(tasks), m), should_stop)
     for i, domain in enumerate(domains):
         expert_id, init_id = f"{prefix}-{domain}", f"{prefix}-{domain}-init"
-        if expert_id not in have:
+        if expert_id not in have and expert_id not in trained:
             train_expert(btm, expert_id, seed_id, domain, members, i, branch_from=branch_from,
                          budget=budget.scaled(1 - seed_fraction).scaled(1 / len(domains)), plan_expert=plan.expert,
                          have=have, tag=tag, progress=stage(domain), should_stop=should_stop)
@@ -163,15 +182,50 @@ def train_expert(btm: BTM, expert_id: str, seed_id: str, domain: str, members: l
     variant, a branch from the posterior-weighted average of `members` trained with a fresh optimizer."""
     init_id = f"{expert_id}-init"
     if not members or branch_from == "seed":
-        branch_lineage = [{"id": seed_id, "weight": 1.0}]
+        lineage = seed_lineage(seed_id, domain, branch_from, tag)
         source, expert_budget, resume = seed_id, plan_expert, True
     else:
         init = btm.repo.record(init_id) if init_id in have else btm.branch(init_id, list(members), domain,
                                                                            lineage=tag("init"))
-        branch_lineage = init.lineage["parents"]
+        lineage = _branch_train_lineage(init.lineage["parents"], domain, branch_from, tag)
         source, expert_budget, resume = init_id, budget, False
-    lineage = {"op": "btm.branch-train", "parents": branch_lineage,
-               "recipe": {"corpus": domain, "branched_from": branch_lineage, "branch_from": branch_from},
-               **tag(domain)}
     btm.train(expert_id, source, domain, expert_budget, progress=progress, should_stop=should_stop,
               seed_offset=index + 1, resume=resume, lineage=lineage)
+
+
+def seed_lineage(seed_id: str, domain: str, branch_from: str,
+                 tag: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """The lineage of a first-round expert: the seed, resumed on one domain."""
+    return _branch_train_lineage([{"id": seed_id, "weight": 1.0}], domain, branch_from, tag)
+
+
+def _branch_train_lineage(parents: list[dict[str, Any]], domain: str, branch_from: str,
+                          tag: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    return {"op": "btm.branch-train", "parents": parents,
+            "recipe": {"corpus": domain, "branched_from": parents, "branch_from": branch_from}, **tag(domain)}
+
+
+def train_first_round(btm: BTM, runner: Runner, tasks: list[TrainTask], progress: Progress,
+                      should_stop: Callable[[], bool] | None) -> set[str]:
+    """Train `tasks` (independent: each resumes the seed) in parallel on `runner`, then register them in
+    order in this process (validation, smoke test, row). A task that fails, or a cancel, fails the round:
+    every staging is discarded and none of the round's experts is registered. Returns the ids registered."""
+    def done(i: int, _: Any) -> None:
+        finished.append(tasks[i].expert_id)
+        progress(len(finished) / len(tasks), f"{len(finished)}/{len(tasks)} experts trained "
+                                             f"({tasks[i].expert_id})")
+
+    finished: list[str] = []
+    registered: set[str] = set()
+    try:
+        if tasks:
+            progress(0.0, f"training {len(tasks)} experts as parallel tasks")
+        lineages = runner.map(run_train_task, tasks, should_stop=should_stop, on_done=done)
+        for task, lineage in zip(tasks, lineages, strict=True):
+            btm.register_trained(task, lineage)
+            registered.add(task.expert_id)
+    finally:
+        for task in tasks:
+            if task.expert_id not in registered:
+                btm.repo.store.discard(Path(task.staging))
+    return registered

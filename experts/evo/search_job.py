@@ -88,7 +88,7 @@ class _OnExecutor:
         return self.executor.submit(self.session.evaluate, alpha, beta).result()
 
 
-def _session_args(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any, int]:
+def session_args(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any, int]:
     """(base, pool, ValidationSpec, LossOptions, budget) from a session-create body (already
     validated at the boundary: ``app.protocol.merge_sessions.SessionCreateRequest``)."""
     v, lo = dict(body["validation"]), dict(body.get("loss") or {})
@@ -109,7 +109,7 @@ class LocalProvider:
         self.manager, self.executor = manager, executor
 
     def open(self, body: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        base, pool, validation, loss, budget = _session_args(body)
+        base, pool, validation, loss, budget = session_args(body)
 
         def create() -> Any:
             return self.manager.create(base, pool, validation, loss=loss, budget=budget)

@@ -33,7 +33,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,7 +74,31 @@ __all__ = [
     "SessionLimitError",
     "SessionNotFoundError",
     "ValidationSpec",
+    "load_session",
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_session(session_id: str, base: str, base_dir: Path, experts: list[str], adapter_dirs: list[Path],
+                 examples: Callable[[Any], list[dict[str, Any]]] | list[dict[str, Any]], *,
+                 validation: ValidationSpec, loss: LossOptions, budget: int, mode: str) -> MergeSession:
+    """A session from artifact dirs: the base loaded privately, the adapters stacked, the examples (a list,
+    or a function of the tokenizer) tokenized. Runs in the gateway or in a Ray actor (the same numbers)."""
+    # heavy: imported when the first session is created (the app starts without them)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32,
+                                                 use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    adapters = [load_file(str(d / "adapter_model.safetensors")) for d in adapter_dirs]
+    cfg = json.loads((adapter_dirs[0] / "adapter_config.json").read_text())
+    rows = examples(tokenizer) if callable(examples) else examples
+    return MergeSession(session_id, base, experts, model=model, tokenizer=tokenizer, adapters=adapters,
+                        adapter_config=cfg, examples=rows, validation=validation, loss=loss, budget=budget, mode=mode)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +161,8 @@ class MergeSessionManager:
                         f"{first.spec.get(key)!r}; a session needs equal rank and target modules")
         return records
 
-    def _examples(self, spec: ValidationSpec, tokenizer: Any, loss: LossOptions) -> list[dict[str, Any]]:
+    def examples(self, spec: ValidationSpec, tokenizer: Any, loss: LossOptions) -> list[dict[str, Any]]:
+        """The validation examples of a session: inline, a task's, or windows of a corpus."""
         cap = _cap(spec.max_examples, loss.max_examples)
         if spec.examples is not None:
             ex = [dict(e) for e in spec.examples]
@@ -167,10 +193,6 @@ class MergeSessionManager:
                loss: LossOptions = LossOptions(), budget: int = 2000,
                mode: str | None = None) -> MergeSession:
         """Check everything, load the base privately, build the plan and the batches; register the session."""
-        # heavy: imported when the first session is created (the app starts without them)
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if budget < 1:
             raise InvalidExpertError("budget must be >= 1")
         validation.check()
@@ -182,18 +204,10 @@ class MergeSessionManager:
                                         "sessions; delete one first")
             self._pending += 1
         try:
-            base_dir = self.repo.artifact_dir(self.repo.record(base))
-            model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32,
-                                                         use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-            dirs = [self.repo.artifact_dir(r) for r in records]
-            adapters = [load_file(str(d / "adapter_model.safetensors")) for d in dirs]
-            cfg = json.loads((dirs[0] / "adapter_config.json").read_text())
-            examples = self._examples(validation, tokenizer, loss)
-            session = MergeSession(f"msess-{uuid.uuid4().hex[:20]}", base, [r.id for r in records],
-                                   model=model, tokenizer=tokenizer, adapters=adapters, adapter_config=cfg,
-                                   examples=examples, validation=validation, loss=loss, budget=budget,
-                                   mode=mode or self.mode)
+            session = load_session(f"msess-{uuid.uuid4().hex[:20]}", base, self.repo.artifact_dir(
+                self.repo.record(base)), [r.id for r in records], [self.repo.artifact_dir(r) for r in records],
+                lambda tok: self.examples(validation, tok, loss), validation=validation, loss=loss, budget=budget,
+                mode=mode or self.mode)
             with self._lock:
                 self._sessions[session.id] = session
             return session
