@@ -29,7 +29,7 @@ FULL = (ModelSize(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=4
         TrainConfig(max_seconds=420, batch_size=8, seq_len=128, lr=2e-3), 2_000_000)
 QUICK = (ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512),
          TrainConfig(max_tokens=8 * 64 * 40, batch_size=8, seq_len=64, lr=3e-3), 200_000)
-POOL_SIZE = {False: 8, True: 4}  # adapters in the demo's Evo-Merging pool (full, quick)
+POOL_SIZE = {False: 8, True: 2}  # adapters in the demo's Evo-Merging pool (full, quick)
 PIPELINE_SHARE = 0.7  # of the job's progress bar (the pool takes the rest)
 
 Progress = Callable[[float, str], None]
