@@ -4,11 +4,12 @@
 # BASE_IMAGE: any Debian-like image with Python 3.11+, or a bare Debian (bookworm: python3 3.11) where Python is
 # installed below with apt. TORCH_INDEX_URL: where the CPU build of torch 2.13.0 comes from (PyTorch's CPU index
 # by default; a mirror or a local simple index serving the +cpu wheel works too). A CUDA build is refused.
-ARG BASE_IMAGE=python:3.11-slim
+ARG BASE_IMAGE=docker.io/library/python:3.11-slim
 
 FROM ${BASE_IMAGE} AS base
 # A bare Debian base has no Python: take bookworm's python3 (3.11). python:3.11-slim already has it.
-RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 \
+       || [ ! -f /etc/ssl/certs/ca-certificates.crt ]; then \
       apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/*; \
     fi \
@@ -16,7 +17,10 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, v
 
 FROM base AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120
+# pip trusts the system's CA bundle (not only its own certifi), so a base that adds a CA (a TLS-inspecting proxy's,
+# in /usr/local/share/ca-certificates) builds too.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 WORKDIR /src
 RUN python3 -m venv /opt/venv
 # torch alone first, without its dependencies, from the CPU index: the pin of constraints.txt then finds it installed,
