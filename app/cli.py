@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Serve at once; the demo experts missing from the data dir are built by a background job."""
     settings = _settings(args)
-    settings.demo = "quick" if args.quick else "full"
+    settings.demo = "quick" if args.quick or settings.demo == "quick" else "full"  # or MERGEGATE_DEMO=quick
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _preflight(settings)
     resolve_admin_key(settings)
