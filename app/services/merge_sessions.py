@@ -1,8 +1,9 @@
 """Merge-session and LoRA-training use-cases. Checks run before any work, so bad input is a 4xx.
 
 Session work is torch work: it runs on the gateway's torch thread(s) (`Runtime.run_torch`, the
-generation executor), one hop per candidate, so a long population does not hold completions back
-for more than one evaluation, and no second OpenMP team fights the first.
+generation executor), one hop per batched forward of a population (or per candidate where a session
+has no batched path), so a long population does not hold completions back for more than one forward
+pass, and no second OpenMP team fights the first.
 """
 
 from __future__ import annotations
@@ -53,17 +54,15 @@ class MergeSessionService:
 
     async def _losses(self, session_id: str,
                       candidates: list[tuple[list[float], list[float]]]) -> tuple[MergeSession, list[float]]:
-        """Check every vector, count the queries (429 if they do not all fit), evaluate one per torch hop;
-        queries not evaluated (an error, a client gone) are refunded."""
+        """Check every vector, count the queries (429 if they do not all fit), then evaluate: a population
+        as one batched run (rows = candidates x examples), one batched forward per torch hop; a single
+        candidate (or a session without the batched path) one candidate per hop. Queries not evaluated (an
+        error, a client gone) are refunded."""
         s = self.manager.get(session_id)
-        checked = s.check_candidates(candidates)
-        s.reserve(len(checked))
-        losses: list[float] = []
-        try:
-            for a, b in checked:
-                losses.append(await self.admin.runtime.run_torch(s.loss_of, a, b))
-        finally:
-            s.refund(len(checked) - len(losses))
+        with s.population(candidates) as pop:
+            while not pop.done:
+                await self.admin.runtime.run_torch(pop.step)
+            losses = pop.losses()
         return s, losses
 
     async def evaluate(self, session_id: str, alpha: list[float], beta: list[float]) -> dict[str, Any]:

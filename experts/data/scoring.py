@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from experts.errors import InvalidExpertError
 
-__all__ = ["Batch", "Encoded", "encode_examples", "make_batches", "masked_ce_sum", "mean_loss", "validate_examples"]
+__all__ = ["Batch", "Encoded", "encode_examples", "make_batches", "masked_ce_sum", "masked_ce_sums", "mean_loss",
+           "validate_examples"]
 
 
 def validate_examples(examples: Sequence[Mapping[str, Any]], *, max_examples: int = 100_000) -> None:
@@ -175,6 +176,33 @@ def masked_ce_sum(model: Any, batch: Batch, *, fast: bool = True) -> torch.Tenso
     else:
         logits = model(input_ids=batch.ids, use_cache=False).logits[:, :-1][batch.mask]
     return F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
+
+
+def masked_ce_sums(model: Any, batch: Batch, copies: int, *, fast: bool = True) -> torch.Tensor:
+    """:func:`masked_ce_sum` of `copies` stacked copies of the batch, one sum (float64) per copy.
+
+    The model runs once on ``batch.ids`` repeated `copies` times (copy k: rows [k*B, (k+1)*B)), so whatever
+    the caller binds per copy (e.g. :meth:`experts.hf.multilora.MultiLora.segments`, one LoRA delta per
+    copy) is scored in one forward pass. Each copy's loss is reduced exactly as :func:`masked_ce_sum` does
+    (the head at the copy's scored positions, then one float32 sum).
+    """
+    hf = _unwrap(model)
+    parts = _backbone_and_head(hf) if fast else None
+    ids = batch.ids.repeat(copies, 1)
+    rows = batch.ids.shape[0]
+    out = torch.empty(copies, dtype=torch.float64)
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # (copies*B, T-1, H)
+        for k in range(copies):
+            logits = head(hidden[k * rows:(k + 1) * rows][batch.mask])
+            out[k] = F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
+        return out
+    logits_all = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    for k in range(copies):
+        logits = logits_all[k * rows:(k + 1) * rows][batch.mask]
+        out[k] = F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
+    return out
 
 
 def mean_loss(model: Any, batches: Sequence[Batch], *, fast: bool = True) -> float:

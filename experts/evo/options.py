@@ -28,6 +28,7 @@ ALPHA_RANGE = (0.0, 1.0)
 BETA_RANGE = (-1.5, 1.5)
 MAX_POOL = 1024
 MAX_BATCH_CANDIDATES = 1000
+BATCH_FORWARD_TOKENS = 8192  # padded tokens per batched forward of a population (candidates x examples)
 DEFAULT_REGISTERED_EXAMPLES = 32  # corpus and task sources without max_examples
 
 

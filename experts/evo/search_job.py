@@ -87,6 +87,17 @@ class _OnExecutor:
             return self.session.evaluate(alpha, beta)
         return self.executor.submit(self.session.evaluate, alpha, beta).result()
 
+    def evaluate_many(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]]) -> list[float]:
+        """A generation as the session's batched run (what ``evaluate_batch`` over HTTP runs, so both
+        providers give the same numbers), one batched forward per executor hop."""
+        with self.session.population(candidates) as pop:
+            while not pop.done:
+                if self.executor is None:
+                    pop.step()
+                else:
+                    self.executor.submit(pop.step).result()
+            return pop.losses()
+
 
 def session_args(body: Mapping[str, Any]) -> tuple[str, Any, Any, Any, int]:
     """(base, pool, ValidationSpec, LossOptions, budget) from a session-create body (already

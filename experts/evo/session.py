@@ -1,6 +1,7 @@
 """`MergeSession`: one client's resident model, stacked adapter factors and tokenized validation batches.
 
 See :mod:`experts.evo.sessions` for the contract and the speed notes; it re-exports this class.
+Populations are evaluated in steps by :mod:`experts.evo.batched` (rows = candidates x examples).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 
 import torch
 
-from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum
+from experts.data.scoring import Batch, encode_examples, make_batches, masked_ce_sum, masked_ce_sums
 from experts.errors import InvalidExpertError
+from experts.evo.batched import BatchedRun, Population
 from experts.evo.options import (
     ALPHA_RANGE,
+    BATCH_FORWARD_TOKENS,
     BETA_RANGE,
     MAX_BATCH_CANDIDATES,
     BudgetExhaustedError,
@@ -25,6 +28,7 @@ from experts.evo.options import (
     LossOptions,
     ValidationSpec,
 )
+from experts.hf.multilora import MultiLora
 from merging.evo import EvoPlan
 from merging.lora import lora_modules, lora_scaling
 
@@ -54,7 +58,7 @@ class MergeSession:
     def __init__(self, session_id: str, base: str, experts: list[str], *, model: Any, tokenizer: Any,
                  adapters: list[dict[str, torch.Tensor]], adapter_config: Mapping[str, Any],
                  examples: list[dict[str, Any]], validation: ValidationSpec, loss: LossOptions, budget: int,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", batched: bool = True, forward_tokens: int = BATCH_FORWARD_TOKENS) -> None:
         self.id = session_id
         self.base = base
         self.experts = list(experts)
@@ -77,6 +81,11 @@ class MergeSession:
             self._setup_peft(adapter_config)
         self._setup_batches(tokenizer, examples, loss)
         self._fast = self._check_fast_path()
+        # populations as rows of batched forwards: on the base's own weights with per-row LoRA deltas, so
+        # only where the dense mode holds W0 (peft mode, and single queries, take the per-candidate path)
+        self.batched = bool(batched) and self.mode == "dense"
+        self.forward_tokens = max(1, int(forward_tokens))
+        self._weights_dirty = False  # W holds a candidate's merge (dense mode), not W0
 
     # -- set-up helpers -----------------------------------------------------------------------
     def _choose_mode(self, mode: str, first: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> str:
@@ -97,11 +106,13 @@ class MergeSession:
         self._targets = self.plan.allocate_targets()
         s = lora_scaling(cfg)
         self._dense = []
+        self._dense_paths: list[str] = []
         for a_key, b_key in lora_modules(first.keys()).values():
             module, transposed = self._dense_module(a_key)
             w = module.weight.data
             a, b = self._targets[a_key], self._targets[b_key]
             self._dense.append((w, w.detach().clone(), a, b, transposed, s))
+            self._dense_paths.append(_module_path(a_key))
 
     def _setup_peft(self, adapter_config: Mapping[str, Any]) -> None:
         """Attach a peft LoRA structure like the pool's; targets: its LoRA parameters."""
@@ -193,6 +204,7 @@ class MergeSession:
     def _apply(self, alpha: list[float], beta: list[float]) -> None:
         self.plan.apply(alpha, beta, self._targets)
         if self.mode == "dense":
+            self._weights_dirty = True
             with torch.no_grad():
                 for w, w0, a, b, transposed, s in self._dense:
                     if transposed:  # Conv1D stores (in, out): W = W0 + s (B A)^T = W0 + s A^T B^T
@@ -244,18 +256,64 @@ class MergeSession:
             self.last_used_at = time.time()
             return loss
 
-    def evaluate_many(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]]) -> list[float]:
+    def evaluate_many(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]], *,
+                      batched: bool | None = None) -> list[float]:
         """Evaluate a population in one call: every vector is checked and the budget must cover all of
-        them before anything is evaluated; one query per candidate (refunded if not evaluated)."""
-        checked = self.check_candidates(candidates)
-        self.reserve(len(checked))
-        losses: list[float] = []
-        try:
-            for a, b in checked:
-                losses.append(self.loss_of(a, b))
-        finally:
-            self.refund(len(checked) - len(losses))
-        return losses
+        them before anything is evaluated; one query per candidate (refunded if not evaluated).
+
+        More than one candidate goes through the batched path where the session has one
+        (:class:`BatchedRun`); `batched=False` forces the per-candidate reference path."""
+        with self.population(candidates, batched=batched) as pop:
+            while not pop.done:
+                pop.step()
+            return pop.losses()
+
+    def population(self, candidates: Sequence[tuple[Sequence[float], Sequence[float]]], *,
+                   batched: bool | None = None) -> Population:
+        """Check and count a population (see :class:`experts.evo.batched.Population`); use it as a context
+        manager."""
+        return Population(self, candidates, batched=batched)
+
+    def batched_run(self, checked: Sequence[tuple[list[float], list[float]]]) -> BatchedRun | None:
+        """A :class:`BatchedRun` for checked, already counted candidates; None where the per-candidate
+        path applies (one candidate, or no batched path in this session)."""
+        if not self.batched or len(checked) < 2:
+            return None
+        return BatchedRun(self, checked)
+
+    def _restore_base(self) -> None:
+        """W0 back into the dense modules (a per-candidate query left its merge there)."""
+        if self._weights_dirty:
+            with torch.no_grad():
+                for w, w0, *_ in self._dense:
+                    w.copy_(w0)
+            self._weights_dirty = False
+
+    def factor_stacks(self, candidates: Sequence[tuple[list[float], list[float]]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module path: At [G, in, r] = A_k^T and Bt [G, r, out] = (s B_k)^T of G checked candidates,
+        written by the session's EvoPlan (the per-candidate path's operator and buffers). Call it holding
+        the session's lock."""
+        stacks = {path: (a.new_empty(len(candidates), a.shape[1], a.shape[0]),
+                         b.new_empty(len(candidates), b.shape[1], b.shape[0]))
+                  for (_, _, a, b, _, _), path in zip(self._dense, self._dense_paths, strict=True)}
+        with torch.no_grad():
+            for k, (alpha, beta) in enumerate(candidates):
+                self.plan.apply(alpha, beta, self._targets)
+                for (_, _, a, b, _, scale), path in zip(self._dense, self._dense_paths, strict=True):
+                    at, bt = stacks[path]
+                    at[k].copy_(a.t())
+                    torch.mul(b.t(), scale, out=bt[k])
+        return stacks
+
+    def batched_sums(self, stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch: Batch) -> torch.Tensor:
+        """Masked cross-entropy sums (float64) of the batch under each of the G stacked candidates, in one
+        forward on the base's own weights (batch.ids repeated G times, candidate k's delta on its rows).
+        Call it holding the session's lock."""
+        self._restore_base()
+        copies = next(iter(stacks.values()))[0].shape[0]
+        with torch.inference_mode(), MultiLora.of(self._model).segments(stacks, batch.ids.shape[0]):
+            return masked_ce_sums(self._model, batch, copies, fast=self._fast)
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "object": "merge.session", "base": self.base, "n": self.n,

@@ -21,8 +21,17 @@ query then writes the candidate's factors with ``EvoPlan.apply`` (no disk, no al
   * ``peft``: the factors go straight into a peft LoRA structure attached to the resident copy
     (used automatically when a module is not Linear/Conv1D or the config has rank/alpha patterns);
 and runs one forward pass per batch with the output head applied only at the scored positions.
+A population (``evaluate_many``, ``evaluate_batch`` over HTTP) in dense mode is evaluated batched instead
+(:class:`experts.evo.batched.BatchedRun`): every candidate's factors from the same EvoPlan, stacked, and
+rows = candidates x validation examples in forwards of at most ``forward_tokens`` padded tokens, each
+candidate's rows getting its own LoRA delta per row (``MultiLora.segments``) on the unmerged base; the
+losses equal the per-candidate path's to float rounding (~1e-6). Peft mode and single queries take the
+per-candidate path.
 A query's loss is a pure function of (alpha, beta): the plan does not cache masks across calls, batches
-have a fixed order, so concurrent and sequential queries give identical numbers. Each session has a
+have a fixed order, so concurrent and sequential queries give identical numbers; the same population gives
+the same numbers too (its grouping is a function of its size), and a candidate's batched loss differs from
+its single-query loss only by float rounding (so an in-process search and one over HTTP, both sending
+populations, agree exactly). Each session has a
 lock: concurrent evaluations serialise. Queries are counted when accepted (`reserve`, after every vector
 was checked and only if the whole batch fits the budget) and refunded if they are not evaluated.
 """
@@ -84,7 +93,8 @@ __all__ = [
 
 def load_session(session_id: str, base: str, base_dir: Path, experts: list[str], adapter_dirs: list[Path],
                  examples: Callable[[Any], list[dict[str, Any]]] | list[dict[str, Any]], *,
-                 validation: ValidationSpec, loss: LossOptions, budget: int, mode: str) -> MergeSession:
+                 validation: ValidationSpec, loss: LossOptions, budget: int, mode: str,
+                 batched: bool = True) -> MergeSession:
     """A session from artifact dirs: the base loaded privately, the adapters stacked, the examples (a list,
     or a function of the tokenizer) tokenized. Runs in the gateway or in a Ray actor (the same numbers)."""
     # heavy: imported when the first session is created (the app starts without them)
@@ -98,7 +108,8 @@ def load_session(session_id: str, base: str, base_dir: Path, experts: list[str],
     cfg = json.loads((adapter_dirs[0] / "adapter_config.json").read_text())
     rows = examples(tokenizer) if callable(examples) else examples
     return MergeSession(session_id, base, experts, model=model, tokenizer=tokenizer, adapters=adapters,
-                        adapter_config=cfg, examples=rows, validation=validation, loss=loss, budget=budget, mode=mode)
+                        adapter_config=cfg, examples=rows, validation=validation, loss=loss, budget=budget, mode=mode,
+                        batched=batched)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,12 +120,13 @@ class MergeSessionManager:
     """The gateway's sessions: create (bounded count, idle expiry), get, delete, materialize."""
 
     def __init__(self, repo: Any, *, btm: Any = None, max_sessions: int = 8, idle_timeout_s: float = 3600.0,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", batched: bool = True) -> None:
         self.repo = repo
         self.btm = btm
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.mode = mode
+        self.batched = batched  # populations as batched runs where a session can (see MergeSession.batched)
         self._sessions: dict[str, MergeSession] = {}
         self._pending = 0
         self._lock = threading.Lock()
@@ -207,7 +219,7 @@ class MergeSessionManager:
             session = load_session(f"msess-{uuid.uuid4().hex[:20]}", base, self.repo.artifact_dir(
                 self.repo.record(base)), [r.id for r in records], [self.repo.artifact_dir(r) for r in records],
                 lambda tok: self.examples(validation, tok, loss), validation=validation, loss=loss, budget=budget,
-                mode=mode or self.mode)
+                mode=mode or self.mode, batched=self.batched)
             with self._lock:
                 self._sessions[session.id] = session
             return session

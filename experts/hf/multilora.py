@@ -140,7 +140,8 @@ class AdapterCache:
 @dataclass
 class _Binding:
     rows: tuple[int, ...]
-    per_module: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # At [B,in,r], Bt [B,r,out]
+    per_module: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # At [S,in,r], Bt [S,r,out]
+    group: int = 1  # consecutive rows per stack entry: S = batch rows / group
 
 
 class MultiLora:
@@ -174,10 +175,15 @@ class MultiLora:
                 return None
             at, bt = binding.per_module[path]
             x = args[0]
-            if x.shape[0] != at.shape[0]:  # not the bound batch (a call from elsewhere): leave it alone
+            g = binding.group
+            if x.shape[0] != at.shape[0] * g:  # not the bound batch (a call from elsewhere): leave it alone
                 return None
-            delta = torch.bmm(torch.bmm(x.to(at.dtype), at), bt)
-            return out + delta.to(out.dtype)
+            # segments of g rows share an entry: one [g*T, in] matrix per entry (g = 1: a row per entry)
+            xa = torch.bmm(x.reshape(at.shape[0], -1, x.shape[-1]).to(at.dtype), at)
+            if out.dtype == bt.dtype and out.is_contiguous():  # the add fused into the second matmul
+                out.view(bt.shape[0], -1, bt.shape[-1]).baddbmm_(xa, bt)
+                return out
+            return out + torch.bmm(xa, bt).reshape(out.shape).to(out.dtype)
 
         self._hooks[path] = module.register_forward_hook(add_delta)
 
@@ -185,6 +191,7 @@ class MultiLora:
         key = tuple(id(r) if r is not None else 0 for r in rows)
         if self._last is not None and self._last.rows == key:
             return self._last
+        self._last = None  # its per-row stacks go before the new ones are built (peak: one binding, not two)
         uniq: list[LoraFactors] = []
         index: list[int] = []
         for r in rows:
@@ -211,6 +218,20 @@ class MultiLora:
             binding.per_module[path] = (a_stack[idx], b_stack[idx])
         self._last = binding
         return binding
+
+    @contextmanager
+    def segments(self, per_module: Mapping[str, tuple[torch.Tensor, torch.Tensor]], group: int) -> Iterator[None]:
+        """While the block runs, rows [k*group, (k+1)*group) of the batch get entry k's delta: per base-module
+        path, At [S, in, r] = A_k^T and Bt [S, r, out] = (s_k B_k)^T stacked over the S entries (no per-row
+        copies: one [group*T, in] matrix per entry). For batches laid out entry-major, e.g. a merge session's
+        candidates x validation examples."""
+        for path in per_module:
+            self._hook(path)
+        self._active = _Binding((), dict(per_module), group)
+        try:
+            yield
+        finally:
+            self._active = None
 
     @contextmanager
     def applied(self, rows: Sequence[LoraFactors | None]) -> Iterator[None]:

@@ -121,7 +121,8 @@ def test_dense_and_peft_modes_agree_and_queries_are_pure(env):
     lp = [peft.evaluate(a, b) for a, b in cands]
     assert max(abs(x - y) for x, y in zip(ld, lp)) < 1e-5
     assert dense.evaluate(*cands[0]) == ld[0]  # same answer whatever was evaluated in between
-    assert dense.evaluate_many(cands) == ld
+    assert dense.evaluate_many(cands, batched=False) == ld  # the per-candidate path
+    assert dense.evaluate_many(cands) == pytest.approx(ld, abs=1e-5)  # batched: to float rounding
     assert mgr.create("tiny", {"tags": ["even"]}, spec).experts == ["ad0", "ad2"]
 
 
@@ -256,5 +257,5 @@ def test_queries_not_evaluated_are_refunded(env, monkeypatch):
 
     monkeypatch.setattr(s, "_loss", flaky)
     with pytest.raises(RuntimeError):
-        s.evaluate_many([([1.0, 1.0], [0.5, 0.5])] * 4)
+        s.evaluate_many([([1.0, 1.0], [0.5, 0.5])] * 4, batched=False)  # batched: tests/experts/evo
     assert s.used == 1  # the first was evaluated; the failed one and the two never run are given back

@@ -93,3 +93,32 @@ def test_adapter_cache_is_bounded_by_bytes(pool):
     assert cache.stats()["hits"] == 1
     cache.forget(factors[2].key)
     assert cache.stats()["adapters"] == stats["adapters"] - 1
+
+
+def test_segments_equal_per_row_adapters(tiny_model_dir, pool):
+    """`segments` (one stacked entry per run of `group` rows, as merge sessions lay out candidates x examples)
+    gives each row what `applied` gives it with the adapter named per row."""
+    _, factors = pool
+    base = load_hf_model(tiny_model_dir)
+    model = base.model
+    ids, _ = start_ids(base.tokenizer, "import os\nprint(os.getcwd())")
+    x = torch.tensor([ids, ids[::-1]])  # 2 rows per entry
+    rows = [factors[0], factors[0], factors[2], factors[2]]
+    with torch.inference_mode():
+        with MultiLora.of(model).applied(rows):
+            want = model(input_ids=x.repeat(2, 1)).logits
+        stacks = {}
+        for path in factors[0].modules:
+            entries = [f.modules[path] for f in (factors[0], factors[2])]
+            rank = max(a.shape[0] for a, _, _ in entries)
+            at = torch.zeros(2, entries[0][0].shape[1], rank)
+            bt = torch.zeros(2, rank, entries[0][1].shape[0])
+            for k, (a, b, s) in enumerate(entries):
+                at[k, :, :a.shape[0]] = a.t()
+                bt[k, :b.shape[1]] = (s * b).t()
+            stacks[path] = (at, bt)
+        with MultiLora.of(model).segments(stacks, group=2):
+            got = model(input_ids=x.repeat(2, 1)).logits
+        plain = model(input_ids=x.repeat(2, 1)).logits  # unbound again: the bare base
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[:2], got[2:], atol=1e-3) and not torch.allclose(plain, got, atol=1e-3)
