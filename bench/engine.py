@@ -59,6 +59,12 @@ def bodies(model: str, texts: list[str]) -> list[dict[str, Any]]:
     return [{"model": model, "prompt": t, "max_tokens": NEW_TOKENS, "temperature": 0} for t in texts]
 
 
+def _batches(texts: list[str], batch: int, rounds: int) -> list[list[str]]:
+    """rounds + 1 batches of `batch` texts (the first warms up), cycling through `texts`."""
+    out = [texts[(i * batch) % len(texts):][:batch] for i in range(rounds + 1)]
+    return [b if len(b) == batch else (b + texts)[:batch] for b in out]
+
+
 def in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> float:
     """tokens/s of `model.generate` (greedy, exactly NEW_TOKENS new tokens) on left-padded batches."""
     import torch
@@ -68,8 +74,7 @@ def in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> fl
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
-    batches = [texts[(i * batch) % len(texts):][:batch] for i in range(rounds + 1)]
-    batches = [b if len(b) == batch else (b + texts)[:batch] for b in batches]
+    batches = _batches(texts, batch, rounds)
     tokens, seconds = 0, 0.0
     with torch.inference_mode():
         for i, b in enumerate(batches):
@@ -96,8 +101,7 @@ def scheduler_in_process(model_dir: Path, texts: list[str], batch: int, rounds: 
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    batches = [texts[(i * batch) % len(texts):][:batch] for i in range(rounds + 1)]
-    batches = [b if len(b) == batch else (b + texts)[:batch] for b in batches]
+    batches = _batches(texts, batch, rounds)
     tokens, seconds = 0, 0.0
     with torch.inference_mode():
         for i, b in enumerate(batches):

@@ -53,6 +53,18 @@ def build_gpt2(out: Path, tok: Any, *, layers: int, embd: int, heads: int, posit
     return out
 
 
+def randomize_lora(peft_model: Any, generator: Any, b_scale: float) -> None:
+    """Random LoRA factors in place: A ~ N(0, 1/fan_in), B ~ N(0, b_scale^2) (an adapter that changes the model)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
+                p.copy_(b_scale * torch.randn(p.shape, generator=generator))
+
+
 def checkout(ref: str, dest: Path) -> Path:
     """The tree of git revision `ref` in `dest` (git archive: no worktree, no history)."""
     data = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout

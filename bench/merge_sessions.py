@@ -42,6 +42,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from bench.gateways import randomize_lora
+
 TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
@@ -70,12 +72,7 @@ def build(root: Path, n: int, n_layer: int, n_embd: int, vocab: int, rank: int, 
                                 LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0))
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_A" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-                elif "lora_B" in name:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        randomize_lora(peft_model, g, 0.02)
         d = root / "src" / f"ad{i:02d}"
         peft_model.save_pretrained(d)
         repo.register_from_dir(f"ad{i:02d}", d, base="base", tags=["pool"])

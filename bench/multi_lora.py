@@ -42,7 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx
 
 from bench.engine import prompts
-from bench.gateways import ROOT, GatewayProc, build_gpt2, build_tokenizer, cleanup, run_load
+from bench.gateways import ROOT, GatewayProc, build_gpt2, build_tokenizer, cleanup, randomize_lora, run_load
 
 SIZE = {"layers": 4, "embd": 256, "heads": 4, "positions": 256}
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -115,12 +115,7 @@ def build_pool(root: Path, tok: Any, n: int) -> tuple[Path, list[Path], list[Pat
     g = torch.Generator().manual_seed(0)
     adapters, merged, adapter_bytes = [], [], 0
     for i in range(n):
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_A" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-                elif "lora_B" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        randomize_lora(peft_model, g, 0.05)
         d = root / f"adapter{i:02d}"
         peft_model.save_pretrained(d)
         adapter_bytes += sum(t.numel() * t.element_size()

@@ -32,5 +32,5 @@ async def list_models(admin: AdminDep) -> ModelList:
 @router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404),
             summary="Retrieve a model (expert)")
 async def get_model(model_id: str, admin: AdminDep) -> ModelCard:
-    building = next((d for d in admin.building() if d["id"] == model_id), None)
-    return _building_card(building) if building else _card(admin.describe(model_id))
+    building = admin.building(only=model_id)
+    return _building_card(building[0]) if building else _card(admin.describe(model_id))

@@ -55,10 +55,16 @@ class AdminService:
     def list(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [{**r.to_dict(), "loaded": self.repo.is_loaded(r.id)} for r in self.repo.list(kind=kind)]
 
-    def building(self) -> list[dict[str, Any]]:
-        """Experts a running job will register (not yet in the registry): id, kind, job, since."""
+    def building(self, only: str | None = None) -> list[dict[str, Any]]:
+        """Experts a running job will register (not yet in the registry): id, kind, job, since; `only`: that id.
+        In memory, plus one registry read when anything is planned."""
+        planned = [(i, p) for i, p in self.repo.building.items() if only is None or i == only]
+        if not planned:
+            return []
+        registered = {r.id for r in self.repo.list()}
         return [{"id": i, "kind": p.kind, "job": p.job_id, "what": p.what, "created_at": p.since}
-                for i, p in self.repo.building.items() if not self.repo.registry.has_expert(i)]
+                for i, p in planned if i not in registered]
+
     def lineage(self) -> dict[str, Any]:
         return lineage_graph(self.repo.list())
 

@@ -19,7 +19,7 @@ from experts.data.corpora import available_domains
 from experts.errors import JobCancelledError
 from experts.evo.pool import FULL as POOL_FULL
 from experts.evo.pool import QUICK as POOL_QUICK
-from experts.evo.pool import SLICE_DOMAINS, build_pool, pool_plan
+from experts.evo.pool import build_pool, pool_plan
 from experts.training.config import TrainConfig
 
 PREFIX = "demo"
@@ -45,9 +45,7 @@ def demo_plan(quick: bool) -> list[tuple[str, str]]:
     domains = demo_domains(quick)
     ids = [(f"{PREFIX}-seed", "local")] + [(f"{PREFIX}-{d}", "local") for d in domains]
     ids += [(f"{PREFIX}-forest", "ensemble"), (f"{PREFIX}-average", "local")]
-    have = set(available_domains())
-    pool_domains = [d for d in SLICE_DOMAINS if d in have]
-    return ids + [(eid, "lora") for eid, *_ in pool_plan(POOL_SIZE[quick], POOL_PREFIX, pool_domains)]
+    return ids + [(eid, "lora") for eid, *_ in pool_plan(POOL_SIZE[quick], POOL_PREFIX)]
 
 
 def build_demo(repo: Any, data_dir: Path, *, quick: bool = False, progress: Progress | None = None,

@@ -26,7 +26,7 @@ from experts.runtime import open_repository
 from experts.training.config import TrainConfig
 from experts.training.lora import LoraData, LoraSpec, train_lora
 
-__all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_plan"]
+__all__ = ["PoolConfig", "FULL", "QUICK", "build_pool", "pool_domains", "pool_plan"]
 
 SLICE_DOMAINS = ["code", "python_docs", "legal", "scripture", "dictionary"]  # jargon stays unseen
 
@@ -50,11 +50,17 @@ QUICK = PoolConfig(ModelSize(n_layer=2, n_embd=64, n_head=2, n_positions=128, vo
                    LoraSpec(r=4, lora_alpha=8, target_modules=("c_attn", "c_proj", "c_fc")), 200_000)
 
 
+def pool_domains() -> list[str]:
+    """The slice domains whose corpora are available here."""
+    have = set(available_domains())
+    return [d for d in SLICE_DOMAINS if d in have]
+
+
 def pool_plan(n: int, prefix: str = "pool",
               domains: list[str] | None = None) -> list[tuple[str, LoraData, list[str], str]]:
     """(adapter id, data, extra tags, domain) for n adapters: the pool tasks, then domain parts
-    round-robin (K parts per domain, K just large enough)."""
-    domains = domains or SLICE_DOMAINS
+    round-robin (K parts per domain, K just large enough); default domains: `pool_domains()`."""
+    domains = domains or pool_domains()
     tasks = [t for t in POOL_TASKS if TASKS[t].domain in domains]
     out = [(f"{prefix}-task-{t}", LoraData(task=t), [f"task:{t}"], TASKS[t].domain) for t in tasks][:n]
     rest = n - len(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from experts.base import ExpertKind
-from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.errors import ExpertExistsError, ExpertUnavailableError, InvalidExpertError
 from experts.hf.lora import is_adapter_dir, validate_adapter_dir
 from experts.hf.smoke import smoke_test_adapter, smoke_test_model
 from experts.hf.validation import model_files, validate_model_dir
@@ -22,7 +22,9 @@ class Registration:
     default_dtype: str | None
 
     def artifact_dir(self, record: ExpertRecord) -> Path:
-        raise NotImplementedError
+        if not record.path:
+            raise ExpertUnavailableError(f"expert {record.id!r} has no artifact on disk")
+        return self.store.resolve(record.path)
 
     def stage_copy(self, src: Path) -> Path:
         """Copy a model directory's relevant files into a new staging directory."""

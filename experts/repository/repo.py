@@ -23,7 +23,6 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from experts.base import Expert
@@ -211,11 +210,6 @@ class ExpertRepository(Registration):
         if kind.describe is not None:
             d.update(kind.describe(record, self))
         return d
-
-    def artifact_dir(self, record: ExpertRecord) -> Path:
-        if not record.path:
-            raise ExpertUnavailableError(f"expert {record.id!r} has no artifact on disk")
-        return self.store.resolve(record.path)
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self, expert_id: str) -> LoadedModel:
