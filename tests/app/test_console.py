@@ -186,6 +186,7 @@ def test_the_playground_streams_a_chat_answer_chunk_by_chunk(page):
     page.select_option("#play-model", "tiny-mix")
     page.select_option("#play-mode", "chat")
     page.fill("#play-max", "24")
+    page.fill("#play-temp", "0")  # greedy: the same answer, as many chunks, on every run
     page.fill("#play-prompt", "What are lists?")
     # every text the answer shows, as the page shows it
     page.evaluate("""() => { window.seen = []; new MutationObserver(() => {
