@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from app.deps import AdminDep, require_admin
 from app.protocol.admin import JobList, JobView
 from app.protocol.common import error_responses
+from experts.hf.threads import run_sync
 
 router = APIRouter(prefix="/admin/jobs", tags=["admin: jobs"], dependencies=[Depends(require_admin)])
 

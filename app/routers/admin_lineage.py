@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends
 
 from app.deps import AdminDep, require_admin
 from app.protocol.common import error_responses
 from app.protocol.lineage import EXAMPLE, LineageGraph
+from experts.hf.threads import run_sync
 
 router = APIRouter(prefix="/admin/lineage", tags=["admin: experts"], dependencies=[Depends(require_admin)])
 

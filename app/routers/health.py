@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from anyio.to_thread import run_sync
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.deps import MetricsDep, RepoDep
 from app.errors import ApiError
 from app.protocol.common import error_responses
+from experts.hf.threads import run_sync
 
 router = APIRouter(tags=["health"])
 

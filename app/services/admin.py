@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from anyio.to_thread import run_sync
 from fastapi.encoders import jsonable_encoder
 from starlette.requests import Request
 
@@ -24,6 +23,7 @@ from app.sse import sse_event
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.hf.foreign import check_not_foreign
 from experts.hf.lora import is_adapter_dir
+from experts.hf.threads import run_sync
 from experts.hf.validation import is_model_file, validate_model_dir
 from experts.repository.archives import safe_extract
 from experts.repository.export import export_files, tar_stream

@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.protocol.blackbox import PatchEnsembleRequest, RegisterEnsembleRequest
@@ -37,6 +35,7 @@ from app.services.proxy import ProxyResult, ProxyStream
 from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import ExpertKind, GenerationParams, StreamDelta
 from experts.blackbox import BlackBoxEnsemble, EnsembleEnd, create_blackbox, is_blackbox, update_blackbox
+from experts.hf.threads import run_sync
 from experts.repository.repo import ExpertRepository
 from experts.runtime import Runtime
 

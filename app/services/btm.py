@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.protocol.btm import (
     BranchRequest,
     BudgetIn,
@@ -26,6 +24,7 @@ from experts.data.corpora import add_user_corpus, available_domains, list_corpor
 from experts.data.evaluation import evaluate_ids
 from experts.data.tokens import tokenize_text
 from experts.errors import ExpertExistsError, InvalidExpertError
+from experts.hf.threads import run_sync
 from experts.repository.jobs import JobContext
 from experts.repository.store import check_expert_id
 from experts.training.config import TrainConfig

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.protocol.chat import ChatCompletionRequest
@@ -32,6 +30,7 @@ from app.sse import SSE_DONE, sse_error, sse_event
 from experts.base import Expert, GenerationParams, StreamEnd
 from experts.hf.engine.engine import Prompt
 from experts.hf.local import LocalExpert, collect_async
+from experts.hf.threads import run_sync
 from experts.remote.expert import RemoteExpert
 from experts.repository.mixes import mix_id
 from experts.repository.repo import ExpertRepository

@@ -16,8 +16,6 @@ import concurrent.futures
 import math
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.protocol.searches import EnsembleSearchRequest
 from app.services.admin import AdminService
 from experts.blackbox.spec import BlackBoxSpec, is_blackbox, update_blackbox
@@ -33,6 +31,7 @@ from experts.btm.operations import BTM
 from experts.data.datasets import TASKS, load_task
 from experts.errors import InvalidExpertError, JobCancelledError
 from experts.evo.search_job import Progress
+from experts.hf.threads import run_sync
 from experts.repository.jobs import JobContext
 
 DEFAULT_TASK_EXAMPLES = 32

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.protocol.merge_sessions import LoraTrainRequest, SessionCreateRequest
 from app.services.admin import AdminService
 from experts.data.datasets import TASKS
 from experts.errors import ExpertExistsError, InvalidExpertError
 from experts.evo.sessions import LossOptions, MergeSession, MergeSessionManager, ValidationSpec
+from experts.hf.threads import run_sync
 from experts.repository.jobs import JobContext
 from experts.repository.store import check_expert_id
 from experts.training.config import TrainConfig

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.services.admin import AdminService
 from app.services.mergekit_refs import MergekitRefs
+from experts.hf.threads import run_sync
 from experts.repository.jobs import JobContext
 from experts.repository.merges import MergeRunner
 from merging.methods import METHODS

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.protocol.orphans import AdoptOrphanRequest
 from app.services.admin import AdminService
+from experts.hf.threads import run_sync
 from experts.repository.jobs import JobContext
 
 

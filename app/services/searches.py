@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from anyio.to_thread import run_sync
-
 from app.protocol.searches import EnsembleSearchRequest, SearchRequest
 from app.services.admin import AdminService
 from app.services.ensemble_search import EnsembleSearchService
@@ -27,6 +25,7 @@ from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledEr
 from experts.evo.ray_provider import RayProvider
 from experts.evo.search_job import HttpProvider, LocalProvider, Progress, SearchSpec, run_search
 from experts.evo.sessions import MergeSessionManager
+from experts.hf.threads import run_sync
 from experts.remote.upstream import RemoteSpec
 from experts.repository.jobs import JobContext
 from experts.repository.registry import ExpertRecord

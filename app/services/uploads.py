@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from anyio.to_thread import run_sync
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from app.errors import ApiError
 from experts.errors import InvalidExpertError
+from experts.hf.threads import run_sync
 from experts.repository.archives import check_upload_filename
 
 TEXT_FIELDS = ("id", "tags", "domain", "base")

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from anyio.to_thread import run_sync
 
 from experts.base import GenerationParams, GenerationResult, StreamDelta, TokenLogprob
 from experts.blackbox.maths import (
@@ -34,6 +33,7 @@ from experts.blackbox.members import Candidate, Ledger, LocalMember, RemoteMembe
 from experts.blackbox.spec import BlackBoxSpec
 from experts.errors import ExpertError, ExpertUnavailableError, GenerationInputError, UpstreamError
 from experts.hf.chat import render_default
+from experts.hf.threads import run_sync
 from experts.remote.expert import RemoteExpert
 from experts.repository.registry import ExpertRecord
 

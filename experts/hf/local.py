@@ -7,7 +7,6 @@ gateway uses; the blocking `generate` / `stream_sync` step the same code in the 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from experts.hf.engine import sync
 from experts.hf.engine.engine import Engine, Prompt
 from experts.hf.loading import LoadedModel, ModelCache
 from experts.hf.multilora import LoraFactors, MultiLora
+from experts.hf.threads import run_sync
 from experts.repository.registry import ExpertRecord
 
 
@@ -107,7 +107,7 @@ class LocalExpert:
         """One prompt through the engine, collected (for callers inside the gateway, e.g. ensembles); without
         an engine, the blocking path in a worker thread."""
         if self._engine is None:
-            return await asyncio.to_thread(self.generate, prompt, params)
+            return await run_sync(self.generate, prompt, params)
         prepared = await self._engine.run(self.prepare, prompt, params.max_tokens)
         return await collect_async(self.stream([prepared], params, whole=True), params)
 

@@ -1,14 +1,14 @@
 """Background jobs (uploads, merges, training, searches) with persisted state and progress.
 
-A job's row in the registry is its source of truth: status, progress 0..1 with a message, result
-or error, timestamps, the owner (the replica running it) and its lease. Workers run in a thread
-pool. A job runs on the replica that accepted it (its function is a closure, not a message), which claims
-it with one compare-and-set (queued -> running) and renews its lease on every heartbeat. Whichever replica
-notices first fails a job whose owner is gone: at once when the owner is known to be dead (a replica of
-this host whose lock is free, experts.repository.replicas; a restart of a single gateway), else when its
-lease has expired (a replica killed on another host, or hung). Never left running forever. The owner
-learns it lost its job (failed, or cancelled from another replica) at its next progress report, which
-then raises JobCancelledError, and its final write is refused: one ending per job.
+A job's row in the registry is its source of truth: status, progress 0..1 with a message, result or error,
+timestamps, the owner (the replica running it) and its lease. Workers run in threads that end when no job is
+left (`JobThreads`). A job runs on the replica that accepted it (its function is a closure, not a message),
+which claims it with one compare-and-set (queued -> running) and renews its lease on every heartbeat.
+Whichever replica notices first fails a job whose owner is gone: at once when the owner is known to be dead (a
+replica of this host whose lock is free, experts.repository.replicas; a restart of a single gateway), else
+when its lease has expired (a replica killed on another host, or hung). Never left running forever. The owner
+learns it lost its job (failed, or cancelled from another replica) at its next progress report, which then
+raises JobCancelledError, and its final write is refused: one ending per job.
 
 Every write of a job row that carries text from elsewhere goes through `_redacted`: `params`,
 `message`, `error`, `detail` and `result` lose any secret (experts.remote.redact) before they reach the
@@ -22,11 +22,12 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from experts.errors import JobCancelledError, JobNotFoundError, JobStateError
+from experts.hf.threads import own_cores
 from experts.remote.redact import REDACTOR
 from experts.repository.registry import JobRecord, Registry
 
@@ -93,6 +94,51 @@ class JobContext:
 JobFn = Callable[[JobContext], Any]
 
 
+class JobThreads:
+    """At most `workers` jobs at once. A worker thread owns the cores for torch while it runs jobs and ends
+    when none is queued: a thread that used torch keeps an OpenMP team for its whole life, and an idle team
+    slows every op of the engine's (experts.hf.threads), so no job thread outlives its work."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self._queue: deque[Callable[[], None]] = deque()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count = 0
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job workers are shut down")
+            self._queue.append(fn)
+            if len(self._threads) < self.workers:
+                self._count += 1
+                t = threading.Thread(target=self._work, name=f"{self.name}_{self._count}", daemon=True)
+                self._threads.add(t)
+                t.start()
+
+    def _work(self) -> None:
+        own_cores()
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._threads.discard(threading.current_thread())
+                    return
+                fn = self._queue.popleft()
+            fn()
+
+    def shutdown(self) -> None:
+        """Drop the queued jobs and wait for the running ones."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            threads = list(self._threads)
+        for t in threads:
+            t.join()
+
+
 class JobService:
     def __init__(self, registry: Registry, *, owner: str, workers: int = 2, lease_s: float = LEASE_S,
                  is_dead: Callable[[str], bool] | None = None) -> None:
@@ -100,7 +146,7 @@ class JobService:
         self.owner = owner
         self.lease_s = lease_s
         self._is_dead = is_dead  # whether another replica is known to be gone (experts.repository.replicas)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergegate-job")
+        self._pool = JobThreads(workers, "mergegate-job")
         self._contexts: dict[str, JobContext] = {}
         self._lock = threading.Lock()
 
@@ -146,7 +192,7 @@ class JobService:
         ctx = JobContext(self, job.id)
         with self._lock:
             self._contexts[job.id] = ctx
-        self._pool.submit(self._run, ctx, fn)
+        self._pool.submit(lambda: self._run(ctx, fn))
         return job
 
     def _run(self, ctx: JobContext, fn: JobFn) -> None:
@@ -215,7 +261,7 @@ class JobService:
             contexts = list(self._contexts.values())
         for ctx in contexts:
             ctx._cancel.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown()
         for ctx in contexts:  # queued jobs whose futures were dropped
             self.registry.update_job(ctx.job_id, only_if_status=["queued", "running"], status="cancelled",
                                      message="cancelled: the gateway shut down", finished_at=time.time())

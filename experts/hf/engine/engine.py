@@ -3,7 +3,7 @@
 It steps every model's scheduler in turn (one iteration each, round robin), and between steps runs
 other torch work handed to it (`call` / `run`: model loads, scoring, merge-session evaluation,
 black-box members' steps). One thread is right on a CPU: torch already uses every core inside each
-op, and a second thread brings a second OpenMP team that fights the first.
+op, and a second thread with a team of its own slows every op of the first (experts.hf.threads).
 
 Requests are submitted from any thread; their events come back through the request's sink, once
 per step. `stream()` is the asyncio face: an async iterator of a request's events that cancels the
@@ -27,6 +27,7 @@ from experts.errors import ExpertUnavailableError
 from experts.hf.engine.batch import Limits, StepStats
 from experts.hf.engine.choices import Event, Request
 from experts.hf.engine.scheduler import ModelScheduler
+from experts.hf.threads import own_cores
 
 log = logging.getLogger("mergegate.engine")
 T = TypeVar("T")
@@ -118,6 +119,7 @@ class Engine:
 
     # -- the thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        own_cores()  # the one thread whose torch ops use every core (experts.hf.threads)
         while True:
             with self._cv:
                 while not self._closed and not self._work:
