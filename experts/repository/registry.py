@@ -6,6 +6,7 @@ is versioned: `MIGRATIONS[i]` moves the database from version i to i + 1, inside
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,6 +97,7 @@ def _v4(conn: Connection) -> None:
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 MIGRATION_LOCK = 0x4D475F4D  # a PostgreSQL advisory lock: replicas starting together migrate one at a time
 SCHEMA_VERSION = len(MIGRATIONS)
+RECENT_ROWS = 4096  # rows kept for get_expert(max_age_s=...); beyond it, the copies are dropped
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._recent: dict[str, tuple[float, ExpertRecord]] = {}  # id -> (when read, the row)
 
     # -- schema -------------------------------------------------------------------------------
     def migrate(self) -> int:
@@ -235,6 +238,7 @@ class Registry:
         now = time.time()
         record.created_at = record.created_at or now
         record.updated_at = now
+        self._recent.pop(record.id, None)
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(experts_table).values(**record.to_dict()))
@@ -242,12 +246,24 @@ class Registry:
             raise ExpertExistsError(record.id) from None
         return record
 
-    def get_expert(self, expert_id: str) -> ExpertRecord:
+    def get_expert(self, expert_id: str, *, max_age_s: float = 0.0) -> ExpertRecord:
+        """The row. With `max_age_s`, a copy read at most that long ago may answer without a query (the
+        serving path: a change made through this registry shows at once, one made by another process within
+        `max_age_s`)."""
+        if max_age_s > 0:
+            hit = self._recent.get(expert_id)
+            if hit is not None and time.monotonic() - hit[0] <= max_age_s:
+                return copy.deepcopy(hit[1])
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(experts_table).where(experts_table.c.id == expert_id)).mappings().first()
         if row is None:
+            self._recent.pop(expert_id, None)
             raise ExpertNotFoundError(expert_id)
-        return ExpertRecord(**dict(row))
+        record = ExpertRecord(**dict(row))
+        if len(self._recent) >= RECENT_ROWS:
+            self._recent.clear()
+        self._recent[expert_id] = (time.monotonic(), copy.deepcopy(record))
+        return record
 
     def has_expert(self, expert_id: str) -> bool:
         with self.engine.connect() as conn:
@@ -262,16 +278,20 @@ class Registry:
             return [ExpertRecord(**dict(r)) for r in conn.execute(q).mappings()]
 
     def update_expert(self, expert_id: str, **values: Any) -> ExpertRecord:
+        self._recent.pop(expert_id, None)
         values["updated_at"] = time.time()
         with self.engine.begin() as conn:
             res = conn.execute(sa.update(experts_table).where(experts_table.c.id == expert_id).values(**values))
+        self._recent.pop(expert_id, None)  # a read between the two pops may have kept the old row
         if res.rowcount == 0:
             raise ExpertNotFoundError(expert_id)
         return self.get_expert(expert_id)
 
     def delete_expert(self, expert_id: str) -> None:
+        self._recent.pop(expert_id, None)
         with self.engine.begin() as conn:
             res = conn.execute(sa.delete(experts_table).where(experts_table.c.id == expert_id))
+        self._recent.pop(expert_id, None)
         if res.rowcount == 0:
             raise ExpertNotFoundError(expert_id)
 

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from experts.errors import ExpertNotFoundError
+from experts.repository import repo as repo_module
 from experts.repository.binding import META_KEY, bind
 from experts.repository.jobs import JobService
 from experts.repository.registry import Registry
@@ -127,7 +128,9 @@ def test_replicas_binding_a_fresh_pair_at_once_agree(db_url, tmp_path):
         r.close()
 
 
-def test_a_model_changed_or_deleted_on_another_replica_is_not_served_stale(db_url, tmp_path, tokenizer):
+def test_a_model_changed_or_deleted_on_another_replica_is_not_served_stale(db_url, tmp_path, tokenizer,
+                                                                          monkeypatch):
+    monkeypatch.setattr(repo_module, "SERVE_ROW_MAX_AGE_S", 0.2)  # how stale a served row may be (default 1 s)
     data = tmp_path / "data"
     m1 = build_model_dir(tmp_path / "m1", tokenizer=tokenizer, seed=1)
     m2 = build_model_dir(tmp_path / "m2", tokenizer=tokenizer, seed=2)
@@ -141,12 +144,14 @@ def test_a_model_changed_or_deleted_on_another_replica_is_not_served_stale(db_ur
         first = b.cache.get("m").model.transformer.wte.weight.detach().clone()
         a.delete("m")
         a.register_from_dir("m", m2)  # the same id, other weights, elsewhere
+        time.sleep(0.25)
         b.get("m")  # B reads the row, sees another artifact, drops its copy
         assert not b.is_loaded("m")
         b.load("m")
         assert not b.cache.get("m").model.transformer.wte.weight.equal(first)
         a.delete("m")
         assert b.sync() == 1 and not b.cache.loaded()  # deleted elsewhere: the heartbeat frees it
+        time.sleep(0.25)
         with pytest.raises(ExpertNotFoundError):
             b.get("m")
     finally:
