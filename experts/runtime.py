@@ -55,8 +55,9 @@ class Runtime:
     be served."""
 
     def __init__(self, *, limits: Limits | None = None, observer: Observer | None = None,
-                 http: httpx.AsyncClient | None = None, secrets_dir: Path | None = None) -> None:
-        self.engine = Engine(limits, observer=observer)
+                 http: httpx.AsyncClient | None = None, secrets_dir: Path | None = None,
+                 engine_threads: int | None = None) -> None:
+        self.engine = Engine(limits, observer=observer, threads=engine_threads)
         self.torch = TorchExecutor(self.engine)
         self.remote: RemoteRuntime | None = None
         if http is not None:

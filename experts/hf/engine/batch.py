@@ -43,14 +43,21 @@ class Prefill:
 
 @dataclass
 class Running:
-    """Rows decoding together. `lanes[i]` is (group, choice) of row i."""
+    """Rows decoding together. `lanes[i]` is (group, choice) of row i, or None for a row that has left
+    but still holds its place: removing a row copies the whole cache, so a few leavers stay as holes
+    (computed, never read) until the next join or until they are too many (`ModelScheduler._keep_running`)."""
 
     cache: Any
     mask: torch.Tensor | None  # [B, width]; None while no row is padded (all ones)
     width: int  # columns: the cache's plus the one fed next
     lengths: torch.Tensor  # [B] real tokens in the cache (the position of the token fed next)
     next_ids: torch.Tensor  # [B] the token each row feeds next
-    lanes: list[tuple[Group, int]] = field(default_factory=list)
+    lanes: list[tuple[Group, int] | None] = field(default_factory=list)
+    holes: int = 0  # lanes that are None
+
+    @property
+    def live(self) -> int:
+        return len(self.lanes) - self.holes
 
     def full_mask(self) -> torch.Tensor:
         return self.mask if self.mask is not None else torch.ones(len(self.lanes), self.width, dtype=torch.long)

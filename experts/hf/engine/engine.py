@@ -52,8 +52,9 @@ class Observer(Protocol):
 
 class Engine:
     def __init__(self, limits: Limits | None = None, *, observer: Observer | None = None,
-                 name: str = "mergegate-torch") -> None:
+                 name: str = "mergegate-torch", threads: int | None = None) -> None:
         self.limits = limits or Limits()
+        self.threads = threads  # torch threads of this thread's ops (None: every core, experts.hf.threads)
         self.observer = observer
         self._cv = threading.Condition()
         self._work: deque[tuple[Callable[[], Any], Future]] = deque()
@@ -119,7 +120,7 @@ class Engine:
 
     # -- the thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
-        own_cores()  # the one thread whose torch ops use every core (experts.hf.threads)
+        own_cores(self.threads)  # the one thread whose torch ops use the cores (experts.hf.threads)
         while True:
             with self._cv:
                 while not self._closed and not self._work:
@@ -178,8 +179,9 @@ class Engine:
                 g.request.fail(err)
             for g in sched.prefill.groups if sched.prefill else []:
                 g.request.fail(err)
-            for g, _ in sched.running.lanes if sched.running else []:
-                g.request.fail(err)
+            for lane in sched.running.lanes if sched.running else []:
+                if lane is not None:
+                    lane[0].request.fail(err)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per model label: rows decoding and prompts waiting (a snapshot)."""

@@ -79,8 +79,8 @@ class GrowingLayer(DynamicLayer):
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """New contents (rows selected, padded, joined or trimmed), with room for a few more columns."""
         b, h, n, d = keys.shape
-        self._k = keys.new_empty(b, h, n + 16, d)
-        self._v = values.new_empty(b, h, n + 16, d)
+        self._k = keys.new_empty(b, h, n + 32, d)
+        self._v = values.new_empty(b, h, n + 32, d)
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
         self.length = n

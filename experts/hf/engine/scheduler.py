@@ -61,8 +61,8 @@ class ModelScheduler:
 
     @property
     def rows(self) -> int:
-        """Rows decoding now."""
-        return len(self.running.lanes) if self.running else 0
+        """Rows decoding now (holes left by finished rows not counted)."""
+        return self.running.live if self.running else 0
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> StepStats:
@@ -74,7 +74,7 @@ class ModelScheduler:
             if self.prefill is not None:
                 self._guarded(self._prefill_chunk, [g.request for g in self.prefill.groups], stats)
             if self.running is not None:
-                self._guarded(self._decode, [g.request for g, _ in self.running.lanes], stats)
+                self._guarded(self._decode, [lane[0].request for lane in self.running.lanes if lane], stats)
         return stats
 
     def _guarded(self, fn: Callable[[StepStats], None], requests: list[Request], stats: StepStats) -> None:
@@ -100,8 +100,8 @@ class ModelScheduler:
             keep = [i for i, g in enumerate(p.groups) if not g.request.cancelled]
             self._select_prefill(keep)
         r = self.running
-        if r is not None and any(g.request.cancelled for g, _ in r.lanes):
-            self._keep_running([i for i, (g, _) in enumerate(r.lanes) if not g.request.cancelled])
+        if r is not None and any(lane and lane[0].request.cancelled for lane in r.lanes):
+            self._keep_running([i for i, lane in enumerate(r.lanes) if lane and not lane[0].request.cancelled])
 
     # -- admission --------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -197,7 +197,7 @@ class ModelScheduler:
         padded = any(p.offsets)
         logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1] if padded else None,
                                                p.positions[:, c0:c1] if padded else None, p.cache,
-                                               last_only=not echo, rows=_adapters(g for g in p.groups))
+                                               last_only=not echo, rows=_adapters(g.request for g in p.groups))
         stats.prefill_tokens += b * (c1 - c0)
         for i in echo:
             lo = max(c0, p.offsets[i])  # the row's real columns in this chunk
@@ -248,8 +248,11 @@ class ModelScheduler:
               lanes: list[tuple[Group, int]]) -> None:
         r = self.running
         if r is None:
-            self.running = Running(cache, None if bool(mask.all()) else mask, mask.shape[1], lengths, next_ids, lanes)
+            self.running = Running(cache, None if bool(mask.all()) else mask, mask.shape[1], lengths, next_ids,
+                                   list(lanes))
             return
+        if r.holes:
+            self._compact([i for i, lane in enumerate(r.lanes) if lane is not None])
         la, lb = r.width, mask.shape[1]
         width = max(la, lb)
         a = self.adapter
@@ -259,7 +262,7 @@ class ModelScheduler:
         r.width = width
         r.lengths = torch.cat([r.lengths, lengths])
         r.next_ids = torch.cat([r.next_ids, next_ids])
-        r.lanes = r.lanes + lanes
+        r.lanes = r.lanes + list(lanes)
 
     # -- decode -----------------------------------------------------------------------------------
     def _decode(self, stats: StepStats) -> None:
@@ -269,11 +272,14 @@ class ModelScheduler:
         padded = r.mask is not None  # without padding, the model's own (fastest) causal path
         logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask,
                                                r.lengths[:, None] if padded else None, r.cache, last_only=True,
-                                               rows=_adapters(g for g, _ in r.lanes))
+                                               rows=_adapters(lane and lane[0].request for lane in r.lanes))
         logits = logits[:, -1].float()
-        stats.decode_rows += len(r.lanes)
+        stats.decode_rows += r.live
         groups: dict[int, tuple[Group, list[int], list[int]]] = {}
-        for lane, (g, choice) in enumerate(r.lanes):
+        for lane, row in enumerate(r.lanes):
+            if row is None:
+                continue
+            g, choice = row
             entry = groups.get(id(g))
             if entry is None:
                 entry = groups[id(g)] = (g, [], [])
@@ -297,21 +303,40 @@ class ModelScheduler:
             stats.generated += len(lanes)
         self._deliver([g for g, _, _ in groups.values()], by_request)
         r.next_ids = torch.tensor(next_ids)
-        r.lengths = r.lengths + 1
-        keep = [i for i, (g, choice) in enumerate(r.lanes) if not g.failed and g.rows[choice].finish is None]
+        # a hole's position stays where it was: it must not walk past the model's context
+        r.lengths = r.lengths + 1 if not r.holes else r.lengths + torch.tensor([lane is not None for lane in r.lanes])
+        keep = [i for i, row in enumerate(r.lanes)
+                if row is not None and not row[0].failed and row[0].rows[row[1]].finish is None]
         self._keep_running(keep)
         if self.running is not None:
             self.running.width += 1
             if self.running.mask is not None:
-                self.running.mask = torch.cat([self.running.mask, torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
+                rows = len(self.running.lanes)
+                self.running.mask = torch.cat([self.running.mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
 
     def _keep_running(self, keep: list[int]) -> None:
+        """Keep rows `keep`; the others leave as holes while holes are at most a quarter of the batch
+        (a hole costs its share of a decode step, a removal one copy of every row's cache)."""
         r = self.running
         assert r is not None
-        if len(keep) == len(r.lanes):
+        if len(keep) == r.live:
             return
         if not keep:
             self.running = None
+            return
+        if len(r.lanes) - len(keep) <= len(r.lanes) // 4:
+            kept = set(keep)
+            r.lanes = [lane if i in kept else None for i, lane in enumerate(r.lanes)]
+            r.holes = len(r.lanes) - len(keep)
+            return
+        self._compact(keep)
+
+    def _compact(self, keep: list[int]) -> None:
+        """Rows `keep` only, holes gone: one selection of the cache; columns that are padding in every row go."""
+        r = self.running
+        assert r is not None
+        r.holes = 0
+        if len(keep) == len(r.lanes):
             return
         idx = torch.tensor(keep)
         r.cache = self.adapter.select(r.cache, idx)
@@ -344,7 +369,7 @@ class ModelScheduler:
             seen.add(key)
 
 
-def _adapters(groups: Iterable[Group]) -> list[Any] | None:
-    """Each row's LoRA adapter, or None when no row has one (the bare model's path)."""
-    rows = [g.request.adapter for g in groups]
+def _adapters(requests: Iterable[Request | None]) -> list[Any] | None:
+    """Each row's LoRA adapter (a hole has none), or None when no row has one (the bare model's path)."""
+    rows = [r.adapter if r is not None else None for r in requests]
     return rows if any(a is not None for a in rows) else None

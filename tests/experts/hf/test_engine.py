@@ -85,6 +85,34 @@ def test_batched_equals_alone(model, tokenizer, limits):
         assert_same(a, events, params)
 
 
+def test_rows_that_leave_as_holes_change_no_answer(model, tokenizer):
+    """Finished rows stay in the batch as holes (no cache copy) while they are few; the others' answers are
+    those they get alone, and a hole never walks past the context (the row that fills it finishes first)."""
+    rng = random.Random(5)
+    words = " ".join(rng.choice(WORDS) for _ in range(200))
+    long = tokenizer.decode(start_ids(tokenizer, words)[0][:120])
+    n_long = len(start_ids(tokenizer, long)[0])
+    assert 2 <= 128 - n_long <= 8
+    reqs = [(long, GenerationParams(max_tokens=128 - n_long, temperature=0.0))]  # ends exactly at the context
+    reqs += [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+              GenerationParams(max_tokens=12 + 2 * i, temperature=0.8 if i % 2 else 0.0, seed=i, logprobs=1))
+             for i in range(11)]
+    alone = [sync.generate(model, tokenizer, p, params) for p, params in reqs]
+    sched = ModelScheduler(model, tokenizer, Limits(max_batch_size=16, max_batched_tokens=4096))
+    outs: list[list] = [[] for _ in reqs]
+    for (prompt, params), out in zip(reqs, outs, strict=True):  # all at once: no join compacts the holes
+        r = Request(params, tokenizer, out.extend)
+        r.add_prompt(prompt, *start_ids(tokenizer, prompt))
+        sched.add(r)
+    holes = []
+    while sched.has_work():
+        sched.step()
+        holes.append(sched.running.holes if sched.running else 0)
+    for a, events, (_, params) in zip(alone, outs, reqs, strict=True):
+        assert_same(a, events, params)
+    assert max(holes) == 12 // 4  # rows did leave as holes, at most a quarter of the batch
+
+
 @pytest.mark.parametrize("backend,mode", [("stacked", "paper"), ("stacked", "reference"), ("loop", "paper")])
 def test_forest_batched_equals_alone(tokenizer, backend, mode):
     experts = []
