@@ -38,6 +38,7 @@ from bench.gateways import ROOT, GatewayProc, build_gpt2, build_tokenizer, check
 BASELINE_REF = "0e5ddbe"  # main before the engine (sequential generation on one thread)
 NEW_TOKENS = 32
 SIZE = {"layers": 4, "embd": 256, "heads": 4, "positions": 256}
+FOREST_PRIOR = [0.4, 0.3, 0.2, 0.1]
 
 
 def prompts(tok: Any, count: int, lengths: tuple[int, int], seed: int) -> list[str]:
@@ -88,18 +89,24 @@ def in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> fl
     return tokens / seconds
 
 
-def scheduler_in_process(model_dir: Path, texts: list[str], batch: int, rounds: int) -> float:
+def scheduler_in_process(model_dir: Path, texts: list[str], batch: int, rounds: int,
+                         members: list[Path] | None = None) -> float:
     """tokens/s of the engine's own scheduler driven in this process (no HTTP, no load generator) on the
-    same batches as `in_process`: what the engine costs next to `generate`, apart from the serving path."""
+    same batches as `in_process`: what the engine costs next to `generate`, apart from the serving path.
+    With `members`, the forest of those experts (prior 0.4/0.3/0.2/0.1, as served) instead of the model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from experts.base import GenerationParams
+    from experts.btm.mixture.model import EnsembleLM
     from experts.hf.engine.batch import Limits
     from experts.hf.engine.choices import Request
     from experts.hf.engine.scheduler import ModelScheduler
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if members:
+        model = EnsembleLM([AutoModelForCausalLM.from_pretrained(m).eval() for m in members], FOREST_PRIOR).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     batches = _batches(texts, batch, rounds)
     tokens, seconds = 0, 0.0
@@ -150,7 +157,7 @@ def setup(gw: GatewayProc, model_dir: Path, members: list[Path]) -> None:
     for i, m in enumerate(members):
         gw.register(f"member{i}", m)
     gw.post("/admin/btm/forests", {"id": "forest", "members": [f"member{i}" for i in range(len(members))],
-                                   "prior": {"weights": [0.4, 0.3, 0.2, 0.1]}})
+                                   "prior": {"weights": FOREST_PRIOR}})
     gw.post("/admin/experts/forest/pin", {"pinned": True})
 
 
@@ -207,6 +214,8 @@ def main() -> None:
         results["client_cpu_share_c32"] = client_cpu_share(gws["engine"], "bench", texts, 32, 128)
         for name, fig in interleaved(gws, "forest", texts, 16, 16 if args.quick else 48, rounds).items():
             results[name]["forest_c16"] = fig
+        results["forest_in_process_tps_16"] = scheduler_in_process(model_dir, texts, 16, 2 if args.quick else 4,
+                                                                   members)
         results["fairness"] = fairness(gws["engine"], tok, 64 if args.quick else 160)
     finally:
         for gw in gws.values():
@@ -239,9 +248,11 @@ def report(r: dict[str, Any], levels: tuple[int, ...]) -> None:
           f"{c32['tps'] / ip[32]:.2f} of in-process generate at batch 32 (target >= 0.70)")
     print(f"latency at concurrency 1: p50 {e[1]['p50_ms']:.0f} ms vs {s[1]['p50_ms']:.0f} ms "
           f"({e[1]['p50_ms'] / s[1]['p50_ms']:.2f}x; target <= 1.10)")
-    fe, fs = e["forest_c16"], s["forest_c16"]
+    fe, fs, fip = e["forest_c16"], s["forest_c16"], r["forest_in_process_tps_16"]
     print(f"forest at concurrency 16: {fe['rps']:.1f} vs {fs['rps']:.1f} req/s ({fe['rps'] / fs['rps']:.2f}x; "
-          "target >= 4)")
+          f"target >= 4); the forest's scheduler in process at batch 16: {fip:.0f} tok/s, "
+          f"{fip / fs['tps']:.2f}x the sequential gateway (the ceiling of that ratio); the engine reaches "
+          f"{fe['tps'] / fip:.2f} of it")
     f = r["fairness"]
     print(f"fairness at concurrency 32, prompts 8-200 tokens: short requests ({f['short_requests']}) p50 "
           f"{f['short_p50_ms']:.0f} ms, p99 {f['short_p99_ms']:.0f} ms ({f['p99_over_p50']:.2f}x; target <= 3)")
