@@ -383,31 +383,3 @@ def test_estimate_prior_on_gpts_is_a_distribution(gpts):
     p = estimate_prior(gpts, seqs)
     assert p.shape == (3,) and float(p.sum()) == pytest.approx(1.0)
     close(p, estimate_prior(gpts, seqs, backend="loop"))
-
-
-@pytest.mark.parametrize("backend", ["stacked", "loop"])
-@pytest.mark.parametrize("mode", ["paper", "reference"])
-def test_last_only_gives_the_full_forwards_last_position_and_state(gpts, backend, mode):
-    """The engine's prefill asks for the last position only: same mixture there, same posterior state."""
-    ens = EnsembleLM(gpts, [0.5, 0.3, 0.2], mode=mode, backend=backend).eval()
-    ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[1, :2] = 0  # left padding on two rows
-    mask[2, :4] = 0
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    nxt = torch.randint(1, 64, (3, 3), generator=torch.Generator().manual_seed(2))
-    outs = {}
-    with torch.inference_mode():
-        for last_only in (False, True):
-            a = ens(input_ids=ids, attention_mask=mask, position_ids=positions, last_only=last_only)
-            mask2 = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
-            b = ens(input_ids=nxt, cache=a.cache, attention_mask=mask2,
-                    position_ids=positions[:, -1:] + torch.arange(1, 4), last_only=last_only)
-            outs[last_only] = (a, b)
-    (fa, fb), (la, lb) = outs[False], outs[True]
-    assert la.logits.shape == (3, 1, fa.logits.shape[-1]) and fa.logits.shape[1] == 7
-    for full, last in ((fa, la), (fb, lb)):
-        assert torch.allclose(full.logits[:, -1:], last.logits, atol=1e-5)
-        assert torch.allclose(full.cache.loglik, last.cache.loglik, atol=1e-5)
-        assert torch.allclose(full.cache.last_logprobs, last.cache.last_logprobs, atol=1e-5)
-        assert torch.allclose(full.weights, last.weights, atol=1e-6)
