@@ -54,6 +54,7 @@ class Running:
     next_ids: torch.Tensor  # [B] the token each row feeds next
     lanes: list[tuple[Group, int] | None] = field(default_factory=list)
     holes: int = 0  # lanes that are None
+    hole_adapters: dict[int, Any] = field(default_factory=dict)  # a hole keeps its LoRA rows (no rebinding)
 
     @property
     def live(self) -> int:

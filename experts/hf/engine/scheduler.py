@@ -197,7 +197,7 @@ class ModelScheduler:
         padded = any(p.offsets)
         logits, p.cache = self.adapter.forward(p.ids[:, c0:c1], p.mask[:, :c1] if padded else None,
                                                p.positions[:, c0:c1] if padded else None, p.cache,
-                                               last_only=not echo, rows=_adapters(g.request for g in p.groups))
+                                               last_only=not echo, rows=_adapters(g.request.adapter for g in p.groups))
         stats.prefill_tokens += b * (c1 - c0)
         for i in echo:
             lo = max(c0, p.offsets[i])  # the row's real columns in this chunk
@@ -270,9 +270,10 @@ class ModelScheduler:
         r = self.running
         assert r is not None
         padded = r.mask is not None  # without padding, the model's own (fastest) causal path
+        loras = _adapters(lane[0].request.adapter if lane else r.hole_adapters.get(i) for i, lane in enumerate(r.lanes))
         logits, r.cache = self.adapter.forward(r.next_ids[:, None], r.mask,
                                                r.lengths[:, None] if padded else None, r.cache, last_only=True,
-                                               rows=_adapters(lane and lane[0].request for lane in r.lanes))
+                                               rows=loras)
         logits = logits[:, -1].float()
         stats.decode_rows += r.live
         groups: dict[int, tuple[Group, list[int], list[int]]] = {}
@@ -326,6 +327,9 @@ class ModelScheduler:
             return
         if len(r.lanes) - len(keep) <= len(r.lanes) // 4:
             kept = set(keep)
+            for i, lane in enumerate(r.lanes):
+                if lane is not None and i not in kept:
+                    r.hole_adapters[i] = lane[0].request.adapter
             r.lanes = [lane if i in kept else None for i, lane in enumerate(r.lanes)]
             r.holes = len(r.lanes) - len(keep)
             return
@@ -336,6 +340,7 @@ class ModelScheduler:
         r = self.running
         assert r is not None
         r.holes = 0
+        r.hole_adapters = {}
         if len(keep) == len(r.lanes):
             return
         idx = torch.tensor(keep)
@@ -369,7 +374,8 @@ class ModelScheduler:
             seen.add(key)
 
 
-def _adapters(requests: Iterable[Request | None]) -> list[Any] | None:
-    """Each row's LoRA adapter (a hole has none), or None when no row has one (the bare model's path)."""
-    rows = [r.adapter if r is not None else None for r in requests]
+def _adapters(adapters: Iterable[Any]) -> list[Any] | None:
+    """Each row's LoRA adapter (a hole keeps the one it had, so the batch's binding stays the same), or None
+    when no row has one (the bare model's path)."""
+    rows = list(adapters)
     return rows if any(a is not None for a in rows) else None
