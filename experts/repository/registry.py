@@ -265,6 +265,10 @@ class Registry:
         self._recent[expert_id] = (time.monotonic(), copy.deepcopy(record))
         return record
 
+    def forget_recent(self, expert_id: str) -> None:
+        """Drop the copy `get_expert(max_age_s=...)` may answer with (the row changed elsewhere)."""
+        self._recent.pop(expert_id, None)
+
     def has_expert(self, expert_id: str) -> bool:
         with self.engine.connect() as conn:
             q = sa.select(experts_table.c.id).where(experts_table.c.id == expert_id)

@@ -189,6 +189,7 @@ class ExpertRepository(Registration):
         stale = [i for i, s in list(self._stamps.items()) if current.get(i) != s]
         for expert_id in stale:
             self._drop(expert_id)
+            self.registry.forget_recent(expert_id)  # the next request reads the new row, not a recent copy
         return len(stale)
 
     @staticmethod
