@@ -32,7 +32,7 @@ def test_finished_runs_are_files_and_collected(tmp_path):
 
 def _run(target: str, method: str, seed: int, em: float, ce: float) -> dict:
     return {"target": target, "method": method, "seed": seed, "test_exact": em, "test_loss": ce, "val_loss": ce,
-            "queries": 1200}
+            "queries": 1200, "alpha": [1.0], "beta": [em]}
 
 
 def test_paired_comparison_counts_wins_per_seed():
@@ -45,3 +45,11 @@ def test_paired_comparison_counts_wins_per_seed():
     table = evo_repro_report.paired_table(res, "evo_merging", "lorahub")
     assert "| a | 3 | 0.000 ± 0.100 | 1 / 1 / 1 |" in table
     assert json.dumps(res)  # the report reads plain JSON
+
+
+def test_a_deterministic_baseline_is_paired_with_every_seed():
+    runs = [_run("a", "evo_merging", s, 0.1 * s, 1.0) for s in range(4)]
+    runs += [_run("a", "lorahub", s, 0.15, 1.0) for s in range(2)]  # seeds 0 and 1 identical
+    (row,) = evo_repro_report.paired({"settings": {"targets": ["a"]}, "runs": runs}, "evo_merging", "lorahub")
+    assert row["seeds"] == 4
+    assert evo_repro_report.wins(row["em"], lower_is_better=False) == "2 / 0 / 2"
