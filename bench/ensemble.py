@@ -1,6 +1,12 @@
 """BTM ensemble throughput: k experts run together (stacked GPT-2) vs a naive loop over experts vs
-torch.func vmap, against the floor of k x one expert's cost. All in one run, rounds interleaved
-(median reported) because the CPU is shared.
+torch.func vmap, each against the floor of k x one expert's cost *on the same kernel*. All in one run,
+rounds interleaved (median reported) because the CPU is shared.
+
+The stacked backend has its own lean GPT-2 kernel (experts.btm.mixture.runners.StackedGPT2Runner),
+faster per expert than a transformers forward; so its floor is k x one expert through that kernel
+(an ensemble of one, backend "stacked"), while the naive loop and vmap, which run transformers'
+forward per expert, are held to k x one transformers forward. A variant's "cost / floor" is then
+what running k experts together costs over running them one by one with the same code.
 
 Two workloads, both through experts.hf.generation (the serving path):
 - decode: greedy generation of --new tokens after a --prompt-token prompt (KV cache), tokens/s;
@@ -80,7 +86,11 @@ def main() -> None:
                 "naive loop": EnsembleLM(experts, prior, backend="loop")}
     if not args.no_vmap:
         variants["vmap"] = EnsembleLM(experts, prior, backend="vmap")
-    variants["single expert"] = experts[0]
+    variants["single expert (HF)"] = experts[0]
+    variants["single expert (stacked kernel)"] = EnsembleLM(experts[:1], [1.0], backend="stacked")
+    singles = ("single expert (HF)", "single expert (stacked kernel)")
+    floor_of = {"batched (stacked)": "single expert (stacked kernel)", "naive loop": "single expert (HF)",
+                "vmap": "single expert (HF)"}
 
     tok = IdTokenizer()
     gen = torch.Generator().manual_seed(0)
@@ -122,16 +132,20 @@ def main() -> None:
 
     def table(title: str, per_tok: dict[str, list[float]]) -> None:
         med = {n: statistics.median(v) for n, v in per_tok.items()}
-        floor = args.k * med["single expert"]
         naive = med["naive loop"]
         print(f"\n{title}")
-        print(f"| {'variant':<24} | {'tokens/s':>9} | {'ms/token':>8} | {'speed-up vs naive':>17} "
-              f"| {'cost / floor':>12} |")
-        print(f"|{'-' * 26}|{'-' * 11}|{'-' * 10}|{'-' * 19}|{'-' * 14}|")
-        rows = [(n, med[n]) for n in variants if n != "single expert"]
-        rows += [(f"floor: {args.k} x single expert", floor), ("single expert", med["single expert"])]
-        for n, s in rows:
-            print(f"| {n:<24} | {1 / s:9.1f} | {s * 1e3:8.2f} | {naive / s:16.2f}x | {s / floor:11.2f}x |")
+        print(f"| {'variant':<42} | {'tokens/s':>9} | {'ms/token':>8} | {'speed-up vs naive':>17} "
+              f"| {'cost / floor (same kernel)':>26} |")
+        print(f"|{'-' * 44}|{'-' * 11}|{'-' * 10}|{'-' * 19}|{'-' * 28}|")
+        for n in variants:
+            s = med[n]
+            if n in singles:
+                fl = f"floor: {args.k} x {n}"
+                print(f"| {fl:<42} | {1 / (args.k * s):9.1f} | {args.k * s * 1e3:8.2f} | "
+                      f"{naive / (args.k * s):16.2f}x | {'1.00x':>26} |")
+                continue
+            floor = args.k * med[floor_of[n]]
+            print(f"| {n:<42} | {1 / s:9.1f} | {s * 1e3:8.2f} | {naive / s:16.2f}x | {s / floor:25.2f}x |")
 
     print(f"k={args.k} GPT-2 experts ({args.layers} layers x {args.embd}, {args.heads} heads, "
           f"vocab {args.vocab}, random weights); torch {torch.__version__}, "
@@ -142,7 +156,9 @@ def main() -> None:
     table(f"decode: greedy generation, {args.new} new tokens after a {args.prompt}-token prompt "
           f"(prompt forward subtracted), batch 1", dec)
     table(f"score: score_ids of {args.score_tokens} tokens (one forward over all positions)", sco)
-    print("\nTargets (issue 4): batched >= 1.5x the naive loop; batched cost <= 1.3x the floor.")
+    print("\nTargets (issue 4): batched >= 1.5x the naive loop; batched cost <= 1.3x the floor. The floor is"
+          " k x one expert on the variant's own kernel (the stacked kernel for the batched path, transformers'"
+          " forward for the loop and vmap), so a cost / floor below 1 is the batching's own gain.")
 
 
 if __name__ == "__main__":

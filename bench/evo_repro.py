@@ -1,30 +1,27 @@
-"""Evo-Merging's comparison (Chen et al. 2025, arXiv:2509.12951) reproduced on the demo LoRA pool.
+"""Evo-Merging (Chen et al. 2025, arXiv:2509.12951) vs LoraHub on the structured pool, resumable.
 
-    python bench/evo_repro.py --data-dir bench/out/evo_data --threads 2 --out bench/out/evo_repro.json
-    python bench/evo_repro.py --quick --data-dir /tmp/evo-quick --out /tmp/evo-quick.json   # CI, ~1-2 min
+    python bench/evo_repro.py --data-dir /work/runs/evo/data --out /work/runs/evo/state --threads 1
+    python bench/evo_repro.py --quick --data-dir /tmp/evo-q --out /tmp/evo-q-state          # tiny, minutes
 
-Builds (or completes: resumable) the demo pool with `experts.evo.pool.build_pool` in the data dir, then for
-each held-out target task (no pool adapter trained on it) opens a merge session on its validation split
-(the search's only signal) and a second one on its test split (the report), and runs every method at the
-same per-method query budget on the validation session:
+The pool (:mod:`experts.evo.task_pool`): a byte-level base and N = 24 LoRA adapters trained on structured
+tasks with exact-match answers (members, auxiliary, synergistic, irrelevant adapters and five distractors
+trained on shuffled labels). Targets: ``mix3`` (three member tasks interleaved: in-distribution) and the
+unseen tasks ``rev/digits`` and ``sort/upper`` (no adapter trained on them). Per target, one merge session
+on its validation split (the searches' only signal) and a white-box copy of the base for the test split.
 
-* Evo-Merging: two stages (budget split 1:3 / 2:3 as the paper's 400:800), CMA-ES popsize 20, sigma0 0.05;
-* LoraHub: NGOpt over beta in [-1.5, 1.5]^N from 0, alpha = 1, same budget;
-* ablations: no denoising (alpha = 1, beta searched), no scaling (beta = 1/N, alpha searched),
-  no negative beta (beta in [0, 1.5]);
-* uniform average (alpha = 1, beta = 1/N: the operator's "w/o denoising & scaling");
-* task arithmetic in the operator (alpha = 1, beta = lambda for all; lambda from a grid);
-* white-box task arithmetic, TIES and DARE-TIES on the adapters' deltas dW_i = s B_i A_i (merge library,
-  base = 0, so the method sees the task vectors themselves), lambda x density x top-K pre-selection from
-  a grid (top-K ranks adapters by their single-adapter validation loss, those N queries are counted);
-* the best single adapter on validation (N queries).
+Steps, each written to the --out directory as soon as it is done (a killed run resumes where it stopped):
 
-Test scores come from a white-box copy of the base (W = W0 + dW written in place) on the test session's
-batches: loss (mean token CE over completion tokens, the session's definition), token accuracy (argmax =
-target at every scored position, teacher-forced) and exact match (every completion token is the argmax,
-i.e. greedy decoding from the prompt reproduces the completion's tokens). For every (alpha, beta) result
-the test session's own loss is also recorded and must agree (`session_gap`). Test evaluations are never
-counted in a method's budget.
+1. ``signal/<target>.json``: stage 1's signal before any search: the validation loss over alpha vectors
+   (the first CMA generation around alpha = 1, sigma0 0.05, and alpha uniform in [0, 1]^N) at beta = 1/N
+   and at beta = 1/sqrt(N), against the L1 term's spread 0.05 * (max - min) of mean(alpha); and every
+   single adapter's validation loss and test exact match (the pool's roles, seen by the targets);
+2. ``runs/<target>/<seed>/<method>.json``: one search (or fixed merge) per target, seed and method, scored
+   on the test split (CE, token accuracy, exact match); searches get the paper's settings (popsize 20,
+   sigma0 0.05, stage budgets 400 + 800; LoraHub NGOpt at 1,200 and at its own 40);
+3. ``results.json``: everything above in one file (``bench/evo_repro_report.py`` makes the tables).
+
+Methods run in phases (all seeds of the main comparison first, then the ablations), so a run cut short
+still holds complete paired comparisons. Progress lines carry UTC timestamps.
 """
 
 from __future__ import annotations
@@ -33,8 +30,10 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,321 +41,289 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# OpenMP threads that spin while waiting stall badly when another process holds a core (see build_pool.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import warnings
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/build_pool.py
 
 import torch
 
 from bench.evo_whitebox import Metered, WhiteBox
+from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
+from experts.evo.task_pool import FULL as POOL_FULL
+from experts.evo.task_pool import MEMBERS, build_task_pool, target_examples
+from experts.evo.task_pool import QUICK as POOL_QUICK
+from experts.runtime import open_repository
+from merging.search import evo_merging, lorahub
 
-SEARCHED = ("evo_merging", "lorahub", "no_denoise", "no_scale", "no_negative", "lorahub_40")
-FIXED = ("uniform", "task_arithmetic_beta", "best_single")  # (alpha, beta) candidates picked on validation
-WHITE_BOX = ("task_arithmetic_dw", "ties", "dare_ties")  # merge-library methods on the deltas dW_i
-METHODS = (*SEARCHED, *FIXED[:2], *WHITE_BOX, FIXED[2], "base")
-NATIVE_LORAHUB_BUDGET = 40  # LoraHub's own max_inference_step, an extra row below the equal-budget ones
-LABELS = {"base": "base (no adapter)", "evo_merging": "Evo-Merging", "lorahub": "LoraHub (NGOpt)",
-          "lorahub_40": f"LoraHub at its own budget ({NATIVE_LORAHUB_BUDGET})",
-          "no_denoise": "w/o denoising", "no_scale": "w/o scaling", "no_negative": "w/o negative beta",
-          "uniform": "uniform average", "task_arithmetic_beta": "task arithmetic (beta = lambda)",
-          "task_arithmetic_dw": "task arithmetic (dW, white-box)", "ties": "TIES (dW, white-box)",
-          "dare_ties": "DARE-TIES (dW, white-box)", "best_single": "best single adapter"}
+MAIN = ("evo_merging", "lorahub", "lorahub_40")
+ABLATIONS = ("no_denoise", "no_negative", "stage1_beta_sqrt", "no_scale")
+FIXED = ("base", "uniform", "best_single")
 
 
 @dataclass(frozen=True)
 class Settings:
-    tasks: tuple[str, ...]
-    n: int  # adapters in the pool
-    budget: int  # validation queries per method
-    popsize: int
-    val_examples: int
-    test_examples: int
-    max_tokens: int  # per example (prompt truncated from the left first)
-    batch_tokens: int
-    lambdas: tuple[float, ...]
-    densities: tuple[float, ...]
-    top_k: tuple[int, ...]  # white-box pre-selection sizes; 0 = all N
-    seed: int = 42
-    methods: tuple[str, ...] = METHODS
+    targets: tuple[str, ...] = ("mix3", "rev/digits", "sort/upper")
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    budget_stage1: int = 400
+    budget_stage2: int = 800
+    lorahub_budget: int = 1200
+    lorahub_own: int = 40
+    popsize: int = 20
+    sigma0: float = 0.05
+    l1: float = 0.05
+    val_examples: int = 300
+    test_examples: int = 500
+    max_tokens: int = 48
+    batch_tokens: int = 4096
+    methods: tuple[str, ...] = MAIN + ABLATIONS
 
 
-FULL = Settings(("dictionary_word", "verse_next", "jargon_define", "code_return"), 20, 200, 20, 48, 160, 64,
-                2048, (0.05, 0.1, 0.3, 0.5, 0.7, 1.0), (0.5, 0.7, 0.9, 1.0), (0, 5))
-QUICK = Settings(("dictionary_word", "verse_next", "jargon_define"), 20, 24, 8, 12, 24, 48, 2048,
-                 (0.05, 0.3, 1.0), (0.5, 0.9), (0,))
+QUICK = Settings(("mix3", "rev/digits"), (0, 1), 20, 40, 60, 10, 10, 0.05, 0.05, 40, 40)
 
 
-def stage_budgets(budget: int, popsize: int) -> tuple[int, int]:
-    """Split a budget 1:2 between the stages (paper: 400:800), stage 1 in whole generations if possible."""
-    b1 = popsize * round(budget / 3 / popsize) if budget >= 3 * popsize else budget // 3
-    return b1, budget - b1
+def stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-# ------------------------------------------------------------------------------------------------
-# the methods; each returns (candidate, validation loss, params) and spends queries through `meter`
+def say(out: Path, line: str) -> None:
+    """A progress line with a UTC timestamp, on stdout and appended to <out>/progress.log."""
+    text = f"{stamp()} {line}"
+    print(text, flush=True)
+    with (out / "progress.log").open("a") as f:
+        f.write(text + "\n")
 
-Picked = tuple[dict[str, Any], float, dict[str, Any]]
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a killed run never leaves half a file behind (a missing file is redone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes sharing one state dir never collide
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
-def run_search(name: str, meter: Metered, st: Settings) -> Picked:
-    from merging.search import evo_merging, lorahub
+def run_path(out: Path, target: str, seed: int | None, method: str) -> Path:
+    return out / "runs" / target.replace("/", "-") / ("fixed" if seed is None else f"seed{seed}") / f"{method}.json"
 
-    n, (b1, b2) = meter.n, stage_budgets(st.budget, st.popsize)
-    common = {"popsize": st.popsize, "seed": st.seed}
-    if name in ("lorahub", "lorahub_40"):
-        budget = st.budget if name == "lorahub" else min(st.budget, NATIVE_LORAHUB_BUDGET)
-        r = lorahub(meter, n, budget=budget, seed=st.seed)
-    elif name == "no_denoise":
-        r = evo_merging(meter, n, budget_stage1=0, budget_stage2=st.budget, denoise=False, **common)
-    elif name == "no_scale":
-        r = evo_merging(meter, n, budget_stage1=st.budget, budget_stage2=0, scale=False, **common)
+
+def jobs(st: Settings) -> list[tuple[str, int | None, str]]:
+    """(target, seed, method) in run order: fixed merges, then the main methods for every seed, then the
+    ablations for every seed (a run cut short still holds whole seeds of the main comparison)."""
+    out: list[tuple[str, int | None, str]] = [(t, None, m) for t in st.targets for m in FIXED]
+    for phase in (MAIN, ABLATIONS):
+        out += [(t, s, m) for s in st.seeds for t in st.targets for m in phase if m in st.methods]
+    return out
+
+
+def search(method: str, meter: Metered, st: Settings, seed: int) -> tuple[list[float], list[float], float, dict]:
+    """One search on the validation session; returns (alpha, beta, best validation loss, details)."""
+    n = meter.n
+    evo = {"popsize": st.popsize, "sigma0": st.sigma0, "l1": st.l1, "seed": seed,
+           "budget_stage1": st.budget_stage1, "budget_stage2": st.budget_stage2}
+    total = st.budget_stage1 + st.budget_stage2
+    if method in ("lorahub", "lorahub_40"):
+        budget = st.lorahub_budget if method == "lorahub" else st.lorahub_own
+        r = lorahub(meter, n, budget=budget, l1=st.l1, seed=seed)
+    elif method == "no_denoise":  # the whole budget to stage 2, alpha = 1
+        r = evo_merging(meter, n, **{**evo, "budget_stage1": 0, "budget_stage2": total}, denoise=False)
+    elif method == "no_scale":  # the whole budget to stage 1, beta = 1/N
+        r = evo_merging(meter, n, **{**evo, "budget_stage1": total, "budget_stage2": 0}, scale=False)
+    elif method == "no_negative":  # no sign-aware scaling: beta in [0, 1.5]
+        r = evo_merging(meter, n, **evo, negative=False)
+    elif method == "stage1_beta_sqrt":  # stage 1 at beta = 1/sqrt(N): a merged update that moves the loss
+        r = evo_merging(meter, n, **evo, stage1_beta=1.0 / math.sqrt(n))
     else:
-        negative = name != "no_negative"
-        r = evo_merging(meter, n, budget_stage1=b1, budget_stage2=b2, negative=negative, **common)
-    stages = [{"stage": s.stage, "queries": s.queries, "loss": s.loss, "stop": s.stop_reason}
-              for s in r.stages]
-    selected = r.settings.get("stages", {}).get("lorahub", {}).get("selected")  # what NGOpt picked
-    params = {"stages": stages, "selected": selected, "best_loss_curve": [h.best_loss for h in r.history]}
-    return {"alpha": list(r.alpha), "beta": list(r.beta)}, r.loss, params
+        r = evo_merging(meter, n, **evo)
+    curve = [h.best_loss for h in r.history]
+    details = {"stages": [{"stage": s.stage, "queries": s.queries, "loss": s.loss, "stop": s.stop_reason}
+                          for s in r.stages],
+               "curve_every_20": curve[19::20], "settings": {k: v for k, v in r.settings.items()
+                                                            if isinstance(v, int | float | str | bool | None)}}
+    return list(map(float, r.alpha)), list(map(float, r.beta)), float(r.loss), details
 
 
-def run_fixed(name: str, meter: Metered, st: Settings, ranking: list[float]) -> Picked:
-    """uniform, task arithmetic (beta = lambda) and the best single adapter: evaluated candidates."""
-    n, ones = meter.n, [1.0] * meter.n
-    if name == "uniform":
-        cands = [[1.0 / n] * n]
-    elif name == "task_arithmetic_beta":
-        cands = [[lam] * n for lam in st.lambdas]
-    else:  # best_single: the ranking's N queries are this method's
-        meter.take(n)
-        i = min(range(n), key=lambda j: ranking[j])
-        return {"alpha": ones, "beta": [float(j == i) for j in range(n)]}, ranking[i], {"index": i}
-    losses = meter.evaluate_many([(ones, c) for c in cands])
-    i = min(range(len(cands)), key=lambda j: losses[j])
-    params = {"lambda": cands[i][0], "grid": dict(zip(map(str, (c[0] for c in cands)), losses, strict=True))}
-    return {"alpha": ones, "beta": cands[i]}, losses[i], params
+class Target:
+    """One target's sessions (validation: the signal; test: the report's cross-check) and test batches."""
+
+    def __init__(self, mgr: MergeSessionManager, base: str, pool: list[str], target: str, st: Settings) -> None:
+        loss = LossOptions(max_tokens_per_example=st.max_tokens, batch_tokens=st.batch_tokens)
+        self.val = mgr.create(base, pool, ValidationSpec(examples=tuple(target_examples(
+            target, "validation", st.val_examples))), loss=loss, budget=10**9)
+        self.test = mgr.create(base, pool, ValidationSpec(examples=tuple(target_examples(
+            target, "test", st.test_examples))), loss=loss, budget=10**9)
+        self.singles: list[float] | None = None
+
+    def single_losses(self) -> list[float]:
+        if self.singles is None:
+            n = self.val.n
+            self.singles = self.val.evaluate_many([([1.0] * n, [float(j == i) for j in range(n)])
+                                                   for i in range(n)])
+        return self.singles
 
 
-def run_white_box(name: str, meter: Metered, st: Settings, wb: WhiteBox, val_batches: list[Any],
-                  ranking: list[float]) -> Picked:
-    """Grid over (top-K, density, lambda) on validation, each point one counted query."""
-    method = "task_arithmetic" if name == "task_arithmetic_dw" else name
-    if any(st.top_k):
-        meter.take(wb.n)  # the single-adapter ranking behind top-K pre-selection
-    order = sorted(range(wb.n), key=lambda j: ranking[j])
-    densities = (1.0,) if method == "task_arithmetic" else st.densities
-    best: tuple[float, dict[str, Any]] = (math.inf, {})
-    for k in st.top_k:
-        subset = tuple(sorted(order[:k])) if k else tuple(range(wb.n))
-        for density in densities:
-            mixed = wb.mixed(method, subset, density, st.seed)
-            for lam in st.lambdas:
-                meter.take(1)
-                wb.set(mixed, lam)
-                loss = wb.score(val_batches)["loss"]
-                if loss < best[0]:
-                    best = (loss, {"method": method, "subset": subset, "density": density, "lambda": lam,
-                                   "top_k": k or wb.n})
-    return {"white_box": best[1]}, best[0], dict(best[1])
-
-
-def realize(wb: WhiteBox, cand: dict[str, Any], seed: int) -> None:
-    if "white_box" in cand:
-        c = cand["white_box"]
-        wb.set(wb.mixed(c["method"], tuple(c["subset"]), c["density"], seed), c["lambda"])
-    elif "alpha" in cand:
-        wb.set(wb.evo_deltas(cand["alpha"], cand["beta"]))
-    else:
-        wb.set(None)
-
-
-def split_check(btm: Any, task: str, st: Settings) -> dict[str, Any]:
-    """Split sizes and exact-duplicate counts between them (validation/test vs train, and each other)."""
-    from experts.data.datasets import load_task
-
-    key = lambda e: (e.get("prompt"), e.get("completion"))
-    tr = {key(e) for e in load_task(btm, task, "train")}
-    va = {key(e) for e in load_task(btm, task, "validation", st.val_examples)}
-    te = {key(e) for e in load_task(btm, task, "test", st.test_examples)}
-    return {"validation": len(va), "test": len(te), "train": len(tr), "validation&test": len(va & te),
-            "validation&train": len(va & tr), "test&train": len(te & tr)}
-
-
-def run_task(task: str, st: Settings, mgr: Any, wb: WhiteBox, base: str, pool: list[str]) -> dict[str, Any]:
-    from experts.evo.sessions import LossOptions, ValidationSpec
-
-    t0 = time.perf_counter()
-    loss = LossOptions(max_tokens_per_example=st.max_tokens, batch_tokens=st.batch_tokens)
-    val = mgr.create(base, pool, ValidationSpec(task=task, split="validation", max_examples=st.val_examples),
-                     loss=loss, budget=10**9)
-    test = mgr.create(base, pool, ValidationSpec(task=task, split="test", max_examples=st.test_examples),
-                      loss=loss, budget=10**9)
-    try:
-        out: dict[str, Any] = {"splits": split_check(mgr.btm, task, st), "methods": {},
-                               "val": {"examples": val.n_examples, "tokens": val.n_tokens},
-                               "test": {"examples": test.n_examples, "tokens": test.n_tokens}}
-        t = time.perf_counter()
-        one_hot = [[float(j == i) for j in range(val.n)] for i in range(val.n)]
-        ranking = val.evaluate_many([([1.0] * val.n, b) for b in one_hot])
-        out["seconds_per_query"] = (time.perf_counter() - t) / val.n
-        print(f"{task}: validation {val.n_examples} examples / {val.n_tokens} scored tokens, test "
-              f"{test.n_examples} / {test.n_tokens}; {out['seconds_per_query']:.3f} s per query", flush=True)
-        for name in st.methods:
-            out["methods"][name] = run_method(name, st, val, test, wb, ranking)
-            r = out["methods"][name]
-            print(f"  {task:16s} {name:22s} val {r['val_loss']:.4f} test {r['test_loss']:.4f} "
-                  f"acc {r['token_acc']:.3f} em {r['exact']:.3f} q {r['queries']:4d} ({r['seconds']:.1f} s)",
-                  flush=True)
-        out["seconds"] = round(time.perf_counter() - t0, 1)
-        return out
-    finally:
-        mgr.delete(val.id)
-        mgr.delete(test.id)
-
-
-def run_method(name: str, st: Settings, val: Any, test: Any, wb: WhiteBox, ranking: list[float]) -> dict:
-    t = time.perf_counter()
-    meter = Metered(val, st.budget)
-    if name == "base":
-        cand, val_loss, params = {}, float("nan"), {}
-    elif name in SEARCHED:
-        cand, val_loss, params = run_search(name, meter, st)
-    elif name in FIXED:
-        cand, val_loss, params = run_fixed(name, meter, st, ranking)
-    else:
-        cand, val_loss, params = run_white_box(name, meter, st, wb, val.batches, ranking)
-    search_s = time.perf_counter() - t
-    realize(wb, cand, st.seed)
-    if name == "base":
-        val_loss = wb.score(val.batches)["loss"]  # not a query: the base is known to everyone
-    scores = wb.score(test.batches)
-    row = {"val_loss": val_loss, "test_loss": scores["loss"], "token_acc": scores["token_acc"],
-           "exact": scores["exact"], "queries": meter.used, "budget": st.budget, "params": params,
-           "seconds": round(search_s, 1), **({"alpha": cand["alpha"], "beta": cand["beta"]} if "alpha" in cand
-                                             else {})}
-    if "alpha" in cand:  # the provider's own test loss for the same (alpha, beta): must agree
-        row["test_loss_session"] = test.evaluate(cand["alpha"], cand["beta"])
-        row["session_gap"] = abs(row["test_loss_session"] - row["test_loss"])
+def scored(wb: WhiteBox, tg: Target, alpha: list[float] | None, beta: list[float] | None) -> dict[str, Any]:
+    """Test CE, token accuracy and exact match of (alpha, beta) (None: the base), with the session's CE."""
+    wb.set(None if alpha is None else wb.evo_deltas(alpha, beta))
+    s = wb.score(tg.test.batches)
+    row = {"test_loss": s["loss"], "test_token_acc": s["token_acc"], "test_exact": s["exact"]}
+    if alpha is not None:
+        row["session_gap"] = abs(tg.test.evaluate(alpha, beta) - s["loss"])
     return row
 
 
-# ------------------------------------------------------------------------------------------------
-# report
+def signal(tg: Target, wb: WhiteBox, st: Settings, roles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage 1's signal: loss spread over alpha vs the L1 term's spread, at beta = 1/N and 1/sqrt(N)."""
+    n, rng = tg.val.n, random.Random(0)
+    cma = [[min(1.0, max(0.0, rng.gauss(1.0, st.sigma0))) for _ in range(n)] for _ in range(st.popsize)]
+    uni = [[rng.random() for _ in range(n)] for _ in range(st.popsize)]
+    out: dict[str, Any] = {}
+    for label, b in (("1/N", 1.0 / n), ("1/sqrt(N)", 1.0 / math.sqrt(n))):
+        for name, alphas in (("cma_gen1", [[1.0] * n, *cma]), ("uniform_alpha", [[1.0] * n, *uni])):
+            losses = tg.val.evaluate_many([(a, [b] * n) for a in alphas])
+            means = [sum(a) / n for a in alphas]
+            out[f"beta={label}/{name}"] = {
+                "beta": b, "loss_at_alpha_1": losses[0], "loss_min": min(losses), "loss_max": max(losses),
+                "loss_range": max(losses) - min(losses), "l1_range": st.l1 * (max(means) - min(means)),
+                "rank_corr_loss_vs_mean_alpha": _spearman(losses, means)}
+    singles = tg.single_losses()
+    base_val = tg.val.evaluate([1.0] * n, [0.0] * n)
+    out["base_val_loss"] = base_val
+    out["singles"] = []
+    for i, (loss, role) in enumerate(zip(singles, roles, strict=True)):
+        beta = [float(j == i) for j in range(n)]
+        out["singles"].append({**role, "val_loss": loss, **scored(wb, tg, [1.0] * n, beta)})
+    return out
 
 
-def table(result: dict[str, Any], field: str, digits: int = 4) -> str:
-    """Markdown: one row per method, one column per task, plus the mean over tasks."""
-    tasks = list(result["tasks"])
-    lines = [f"| method | {' | '.join(tasks)} | mean |", "|---" * (len(tasks) + 2) + "|"]
-    for name in [m for m in METHODS if m in result["tasks"][tasks[0]]["methods"]]:
-        vals = [result["tasks"][t]["methods"][name][field] for t in tasks]
-        cells = [f"{v:.{digits}f}" for v in vals] + [f"{sum(vals) / len(vals):.{digits}f}"]
-        lines.append(f"| {LABELS[name]} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+def _spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for k, i in enumerate(order):
+            r[i] = float(k)
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx and vy else 0.0
 
 
-def report(result: dict[str, Any]) -> str:
-    parts = []
-    for field, title, d in (("test_loss", "test loss (mean token CE, nats; lower is better)", 4),
-                            ("token_acc", "test token accuracy (teacher-forced argmax)", 3),
-                            ("exact", "test exact match (greedy completion = reference tokens)", 3),
-                            ("val_loss", "validation loss of the selected candidate (the search's CE)", 4),
-                            ("queries", "validation queries used (budget per method: "
-                             f"{result['settings']['budget']})", 0)):
-        parts.append(f"### {title}\n\n{table(result, field, d)}")
-    return "\n\n".join(parts)
+def run_one(tg: Target, wb: WhiteBox, st: Settings, seed: int | None, method: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    n = tg.val.n
+    budget = st.lorahub_own if method == "lorahub_40" else (
+        st.lorahub_budget if method == "lorahub" else st.budget_stage1 + st.budget_stage2)
+    meter = Metered(tg.val, budget)
+    details: dict[str, Any] = {}
+    if method == "base":
+        alpha, beta, val_loss = None, None, tg.val.evaluate([1.0] * n, [0.0] * n)
+    elif method == "uniform":
+        alpha, beta = [1.0] * n, [1.0 / n] * n
+        val_loss = meter.evaluate(alpha, beta)
+    elif method == "best_single":
+        meter.take(n)  # the ranking's N queries
+        singles = tg.single_losses()
+        i = min(range(n), key=lambda j: singles[j])
+        alpha, beta, val_loss, details = [1.0] * n, [float(j == i) for j in range(n)], singles[i], {"index": i}
+    else:
+        assert seed is not None
+        alpha, beta, val_loss, details = search(method, meter, st, seed)
+    row = {"method": method, "seed": seed, "val_loss": val_loss, "queries": meter.used, "budget": budget,
+           "search_seconds": round(time.perf_counter() - t0, 1), "alpha": alpha, "beta": beta, **details}
+    row.update(scored(wb, tg, alpha, beta))
+    return row
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Every finished file under <out> in one dict (what results.json holds)."""
+    meta = json.loads((out / "meta.json").read_text())
+    res: dict[str, Any] = {**meta, "signal": {}, "runs": []}
+    for p in sorted((out / "signal").glob("*.json")):
+        res["signal"][p.stem.replace("-", "/", 1)] = json.loads(p.read_text())
+    for p in sorted((out / "runs").rglob("*.json")):
+        res["runs"].append({"target": p.parent.parent.name.replace("-", "/", 1), **json.loads(p.read_text())})
+    return res
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole reproduction; returns the JSON-able result (also written to args.out)."""
-    from transformers.utils import logging as hf_logging
-
-    from experts.btm.operations import BTM
-    from experts.evo.pool import FULL as POOL_FULL
-    from experts.evo.pool import QUICK as POOL_QUICK
-    from experts.evo.pool import build_pool
-    from experts.evo.sessions import MergeSessionManager
-    from experts.runtime import open_repository
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # NGOpt's Cobyla (LoraHub) makes scipy warn that nevergrad's rhoend > rhobeg and resets it; harmless
-    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")  # nevergrad's Cobyla, harmless
     torch.set_num_threads(args.threads)
-    st = QUICK if args.quick else FULL
-    over = {k: v for k, v in (("budget", args.budget), ("n", args.n), ("val_examples", args.val_examples),
-                              ("test_examples", args.test_examples), ("seed", args.seed)) if v is not None}
-    st = replace(st, **over, **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}))
+    st = QUICK if args.quick else Settings()
+    if args.seeds:
+        st = replace(st, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.targets:
+        st = replace(st, targets=tuple(args.targets.split(",")))
     if args.methods:
-        unknown = set(args.methods.split(",")) - set(METHODS)
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-        st = replace(st, methods=tuple(m for m in METHODS if m in args.methods.split(",") or m == "base"))
-    t0 = time.perf_counter()
-    data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    repo = open_repository(data_dir, database_url=f"sqlite:///{(data_dir / 'registry.db').resolve()}",
+        st = replace(st, methods=tuple(args.methods.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    repo = open_repository(data, database_url=f"sqlite:///{(data / 'registry.db').resolve()}",
                            max_loaded_models=2, max_loaded_bytes=1 << 30)
+    t0 = time.perf_counter()
     try:
-        pool = build_pool(repo, st.n, quick=args.quick, prefix=args.prefix)
-        pool_s = time.perf_counter() - t0
-        print(f"pool: {pool['base']} + {len(pool['adapters'])} adapters ({pool['trained']} trained now, "
-              f"{pool_s:.0f} s)\nsettings: {json.dumps(asdict(st))}; Evo stage budgets "
-              f"{stage_budgets(st.budget, st.popsize)}", flush=True)
-        btm = BTM(repo, data_dir, (POOL_QUICK if args.quick else POOL_FULL).corpus_bytes)
-        mgr = MergeSessionManager(repo, btm=btm, max_sessions=4)
-        wb = WhiteBox(repo.artifact_dir(repo.record(pool["base"])),
-                      [repo.artifact_dir(repo.record(a)) for a in pool["adapters"]])
-        result: dict[str, Any] = {"settings": asdict(st), "threads": args.threads, "tasks": {},
-                                  "pool": {**pool, "seconds_this_run": round(pool_s, 1)}}
-        t1 = time.perf_counter()
-        for task in st.tasks:
-            result["tasks"][task] = run_task(task, st, mgr, wb, pool["base"], pool["adapters"])
-        result["seconds_methods"] = round(time.perf_counter() - t1, 1)
-        result["seconds_total"] = round(time.perf_counter() - t0, 1)
-        result["command"] = " ".join(["python", "bench/evo_repro.py", *(args.argv or [])])
+        say(out, f"pool: building or reusing in {data}")
+        pool = build_task_pool(repo, quick=args.quick, prefix=args.prefix, echo=lambda s: say(out, s))
+        say(out, f"pool ready: {pool['base']} + {len(pool['adapters'])} adapters ({pool['trained']} trained now)")
+        records = {a: repo.record(a) for a in [pool["base"], *pool["adapters"]]}
+        meta = {"settings": asdict(st), "pool": pool, "threads": args.threads,
+                "pool_config": asdict(POOL_QUICK if args.quick else POOL_FULL),
+                "pool_train": {a: records[a].lineage.get("train") for a in records},
+                "command": " ".join(["python", "bench/evo_repro.py", *args.argv])}
+        write_json(out / "meta.json", meta)
+        mgr = MergeSessionManager(repo, max_sessions=4)
+        wb = WhiteBox(repo.artifact_dir(records[pool["base"]]),
+                      [repo.artifact_dir(records[a]) for a in pool["adapters"]])
+        roles = [{"adapter": a, "task": m.task, "role": m.role} for a, m in zip(pool["adapters"], MEMBERS, strict=True)]
+        todo = jobs(st)
+        targets: dict[str, Target] = {}
+        try:
+            for k, (target, seed, method) in enumerate(todo):
+                path = run_path(out, target, seed, method)
+                if path.exists():
+                    continue
+                if target not in targets:
+                    for old in list(targets):  # one target's sessions at a time
+                        mgr.delete(targets[old].val.id)
+                        mgr.delete(targets.pop(old).test.id)
+                    targets[target] = Target(mgr, pool["base"], pool["adapters"], target, st)
+                    sig = out / "signal" / f"{target.replace('/', '-')}.json"
+                    if not sig.exists():  # before any search on this target
+                        t = time.perf_counter()
+                        write_json(sig, signal(targets[target], wb, st, roles))
+                        say(out, f"{target}: stage-1 signal and single adapters ({time.perf_counter() - t:.0f} s)")
+                row = run_one(targets[target], wb, st, seed, method)
+                write_json(path, row)
+                say(out, f"[{k + 1}/{len(todo)}] {target} seed {seed} {method}: val {row['val_loss']:.4f} test CE "
+                         f"{row['test_loss']:.4f} EM {row['test_exact']:.3f} ({row['queries']} q, "
+                         f"{row['search_seconds']:.0f} s)")
+        finally:
+            for tg in targets.values():
+                mgr.delete(tg.val.id)
+                mgr.delete(tg.test.id)
     finally:
         repo.close()
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=_json_default))
+    result = collect(out)
+    result["seconds_this_invocation"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", result)
+    say(out, f"done: {len(result['runs'])} runs in {out / 'results.json'}")
     return result
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, tuple):
-        return list(x)
-    raise TypeError(type(x))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="bench/out/evo_data", help="MergeGate data dir holding the pool")
-    p.add_argument("--quick", action="store_true", help="tiny pool, budgets and data (CI)")
-    p.add_argument("--tasks", help="comma-separated held-out tasks (default: see FULL / QUICK)")
-    p.add_argument("--budget", type=int, help="validation queries per method")
-    p.add_argument("--methods", help="comma-separated subset of the methods (default all; base always runs)")
-    p.add_argument("--n", type=int, help="adapters in the pool (default 20)")
-    p.add_argument("--val-examples", type=int)
-    p.add_argument("--test-examples", type=int)
-    p.add_argument("--seed", type=int, help="CMA / NGOpt / DARE seed (default 42, the authors')")
-    p.add_argument("--prefix", default="pool", help="pool prefix for build_pool")
+    p.add_argument("--data-dir", required=True, help="MergeGate data dir holding (or receiving) the pool")
+    p.add_argument("--out", required=True, help="state directory: progress.log, signal/, runs/, results.json")
+    p.add_argument("--quick", action="store_true", help="tiny pool and budgets (a smoke run)")
+    p.add_argument("--seeds", help="comma-separated search seeds (default 0,1,2,3,4)")
+    p.add_argument("--targets", help="comma-separated targets (default mix3,rev/digits,sort/upper)")
+    p.add_argument("--methods", help=f"comma-separated subset of {', '.join(MAIN + ABLATIONS)}")
+    p.add_argument("--prefix", default="tpool", help="the pool's expert-id prefix")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
-    p.add_argument("--out", help="write the result JSON here")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    result = run(args)
-    print(f"\n{report(result)}\n\nwall time: {result['seconds_total']:.0f} s (methods "
-          f"{result['seconds_methods']:.0f} s, pool {result['pool']['seconds_this_run']:.0f} s), "
-          f"{args.threads} thread(s); command: {result['command']}")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    run(parse_args())

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from experts.errors import InvalidExpertError
 
-__all__ = ["Batch", "Encoded", "encode_examples", "make_batches", "masked_ce_sum", "masked_ce_sums", "mean_loss",
+__all__ = ["Batch", "Encoded", "encode_examples", "exact_match", "make_batches", "masked_ce_sum", "masked_ce_sums",
+           "mean_loss",
            "validate_examples"]
 
 
@@ -214,3 +215,22 @@ def mean_loss(model: Any, batches: Sequence[Batch], *, fast: bool = True) -> flo
             total += masked_ce_sum(model, b, fast=fast).cpu()
             n += b.n_targets
     return float(total.item() / max(n, 1))
+
+
+def exact_match(model: Any, batches: Sequence[Batch]) -> tuple[float, float]:
+    """(exact match, token accuracy) over the examples of `batches`, teacher-forced; no gradients.
+
+    An example matches when every scored token is the model's argmax given the reference prefix, i.e.
+    greedy decoding from the prompt reproduces the completion token for token (a completion that ends
+    with a stop token, e.g. a newline, then also stops there). Padding rows never count.
+    """
+    hits = tokens = exact = examples = 0
+    with torch.inference_mode():
+        for b in batches:
+            logits = model(input_ids=b.ids, use_cache=False).logits[:, :-1][b.mask]  # (K, V)
+            hit = logits.argmax(-1) == b.targets
+            rows = b.mask.nonzero()[:, 0]  # the example of each scored position (mask order)
+            wrong = torch.zeros(b.ids.shape[0]).index_add_(0, rows, (~hit).float())
+            hits, tokens = hits + int(hit.sum()), tokens + b.n_targets
+            exact, examples = exact + int((wrong == 0).sum()), examples + b.ids.shape[0]
+    return exact / max(examples, 1), hits / max(tokens, 1)

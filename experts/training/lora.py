@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from experts.data.datasets import TASKS, load_task
-from experts.data.scoring import Encoded, encode_examples, make_batches, mean_loss, validate_examples
+from experts.data.scoring import Encoded, encode_examples, exact_match, make_batches, mean_loss, validate_examples
 from experts.data.synthetic import is_synthetic
 from experts.errors import ExpertExistsError, InvalidExpertError, JobCancelledError
 from experts.repository.registry import ExpertRecord
@@ -168,7 +168,10 @@ def train_lora(
 
     Returns:
         The registered record; its lineage holds the recipe and the training numbers, including the
-        validation loss of the base before training (`initial_val_loss`) and after (`final_val_loss`).
+        validation loss of the base before training (`initial_val_loss`) and after (`final_val_loss`),
+        the periodic validation losses (`val_history`, [step, loss]) and, for prompt/completion pairs,
+        the exact match and token accuracy on the validation pairs after training (`final_val_exact`,
+        `final_val_token_acc`).
     """
     _check_request(repo, expert_id, data)
     model, tok, n_pos = _load_base(repo, base, budget)
@@ -182,7 +185,11 @@ def train_lora(
         progress(0.98, "saving the adapter")
     train = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.elapsed_s, 2),
              "final_train_loss": _finite(result.final_train_loss), "initial_val_loss": initial,
-             "final_val_loss": final}
+             "final_val_loss": final, "val_history": [[s, _finite(v)] for s, v in result.val_history]}
+    if prep.kind == "pairs" and prep.val_ex:  # convergence evidence: exact match on the validation pairs
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        exact, token_acc = exact_match(peft_model, make_batches(prep.val_ex, pad_id=pad))
+        train.update(final_val_exact=exact, final_val_token_acc=token_acc, val_examples=len(prep.val_ex))
     return _save_and_register(repo, peft_model, expert_id, base, data, lora, budget, train, list(tags),
                               domain)
 

@@ -1,77 +1,55 @@
-"""bench/evo_repro.py --quick end to end: every method on every task with finite test scores, budgets
-respected, validation and test disjoint, and the reported test losses equal the provider's own (a fresh
-session)."""
+"""bench/evo_repro.py's bookkeeping (run order, resumable state) and bench/evo_repro_report.py's paired
+statistics, on made-up results (the end-to-end run is `python bench/evo_repro.py --quick`)."""
 
 from __future__ import annotations
 
 import json
-import math
 
-import pytest
-import torch
-
-from bench import evo_repro
+from bench import evo_repro, evo_repro_report
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evo-repro")
-    threads = torch.get_num_threads()
-    try:
-        args = ["--quick", "--data-dir", str(root / "data"), "--out", str(root / "out.json")]
-        result = evo_repro.main(args)
-    finally:
-        torch.set_num_threads(threads)
-    return root, result
+def test_whole_seeds_of_the_main_comparison_come_before_any_ablation():
+    st = evo_repro.Settings(targets=("mix3", "rev/digits"), seeds=(0, 1))
+    order = evo_repro.jobs(st)
+    methods = [m for _, _, m in order]
+    assert methods[:6] == ["base", "uniform", "best_single"] * 2
+    last_main = max(i for i, m in enumerate(methods) if m in evo_repro.MAIN)
+    first_ablation = min(i for i, m in enumerate(methods) if m in evo_repro.ABLATIONS)
+    assert last_main < first_ablation
+    assert len(order) == 6 + 2 * 2 * (len(evo_repro.MAIN) + len(evo_repro.ABLATIONS))
+    assert len(set(order)) == len(order)
 
 
-def test_every_method_every_task(quick):
-    root, result = quick
-    assert json.loads((root / "out.json").read_text())["tasks"].keys() == result["tasks"].keys()
-    assert len(result["tasks"]) >= 3 and result["pool"]["adapters"] and len(result["pool"]["adapters"]) >= 20
-    for task, r in result["tasks"].items():
-        assert set(r["methods"]) == set(evo_repro.METHODS), task
-        assert r["splits"]["validation&test"] == 0 and r["splits"]["test&train"] == 0
-        for name, m in r["methods"].items():
-            assert math.isfinite(m["test_loss"]) and math.isfinite(m["val_loss"]), (task, name)
-            assert 0.0 <= m["token_acc"] <= 1.0 and 0.0 <= m["exact"] <= 1.0
+def test_finished_runs_are_files_and_collected(tmp_path):
+    evo_repro.write_json(tmp_path / "meta.json", {"settings": {"targets": ["rev/digits"]}})
+    path = evo_repro.run_path(tmp_path, "rev/digits", 3, "lorahub")
+    assert path == tmp_path / "runs" / "rev-digits" / "seed3" / "lorahub.json"
+    evo_repro.write_json(path, {"method": "lorahub", "seed": 3, "test_exact": 0.5})
+    assert not list(tmp_path.rglob("*.tmp"))
+    res = evo_repro.collect(tmp_path)
+    assert res["runs"] == [{"target": "rev/digits", "method": "lorahub", "seed": 3, "test_exact": 0.5}]
 
 
-def test_budgets(quick):
-    _, result = quick
-    budget = result["settings"]["budget"]
-    for r in result["tasks"].values():
-        for name, m in r["methods"].items():
-            assert m["queries"] <= budget, name
-        for name in ("evo_merging", "lorahub", "no_denoise", "no_scale", "no_negative"):
-            assert r["methods"][name]["queries"] == budget, name  # the searches spend exactly the budget
+def _run(target: str, method: str, seed: int, em: float, ce: float) -> dict:
+    return {"target": target, "method": method, "seed": seed, "test_exact": em, "test_loss": ce, "val_loss": ce,
+            "queries": 1200, "alpha": [1.0], "beta": [em]}
 
 
-def test_test_losses_match_the_provider(quick):
-    """The bench's white-box test loss of uniform average = a fresh merge session's loss on the test split."""
-    from experts.btm.operations import BTM
-    from experts.evo.pool import QUICK
-    from experts.evo.sessions import LossOptions, MergeSessionManager, ValidationSpec
-    from experts.runtime import open_repository
+def test_paired_comparison_counts_wins_per_seed():
+    runs = [_run("a", "evo_merging", s, em, 1.0 - em) for s, em in enumerate((0.5, 0.6, 0.4))]
+    runs += [_run("a", "lorahub", s, em, 1.0 - em) for s, em in enumerate((0.4, 0.6, 0.5))]
+    res = {"settings": {"targets": ["a"]}, "runs": runs}
+    (row,) = evo_repro_report.paired(res, "evo_merging", "lorahub")
+    assert row["seeds"] == 3
+    assert evo_repro_report.wins(row["em"], lower_is_better=False) == "1 / 1 / 1"
+    table = evo_repro_report.paired_table(res, "evo_merging", "lorahub")
+    assert "| a | 3 | 0.000 ± 0.100 | 1 / 1 / 1 |" in table
+    assert json.dumps(res)  # the report reads plain JSON
 
-    root, result = quick
-    st = result["settings"]
-    data = root / "data"
-    repo = open_repository(data, database_url=f"sqlite:///{data / 'registry.db'}", max_loaded_models=2,
-                           max_loaded_bytes=1 << 30)
-    try:
-        mgr = MergeSessionManager(repo, btm=BTM(repo, data, QUICK.corpus_bytes))
-        loss = LossOptions(max_tokens_per_example=st["max_tokens"], batch_tokens=st["batch_tokens"])
-        pool = result["pool"]["adapters"]
-        n = len(pool)
-        for task, r in result["tasks"].items():
-            spec = ValidationSpec(task=task, split="test", max_examples=st["test_examples"])
-            s = mgr.create(result["pool"]["base"], pool, spec, loss=loss)
-            direct = s.evaluate([1.0] * n, [1.0 / n] * n)
-            assert r["methods"]["uniform"]["test_loss"] == pytest.approx(direct, rel=1e-5, abs=1e-6), task
-            for name, m in r["methods"].items():
-                if "session_gap" in m:
-                    assert m["session_gap"] < 1e-4, (task, name)
-            mgr.delete(s.id)
-    finally:
-        repo.close()
+
+def test_a_deterministic_baseline_is_paired_with_every_seed():
+    runs = [_run("a", "evo_merging", s, 0.1 * s, 1.0) for s in range(4)]
+    runs += [_run("a", "lorahub", s, 0.15, 1.0) for s in range(2)]  # seeds 0 and 1 identical
+    (row,) = evo_repro_report.paired({"settings": {"targets": ["a"]}, "runs": runs}, "evo_merging", "lorahub")
+    assert row["seeds"] == 4
+    assert evo_repro_report.wins(row["em"], lower_is_better=False) == "2 / 0 / 2"
