@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 MODEL = "fake-model"
 TEXT = ["Hel", "lo", " world"]
@@ -79,12 +79,7 @@ class FakeUpstream:
         self._thread.join(timeout=10)
 
     def wait_for(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
+        return wait_until(predicate, timeout)
 
     # -- endpoints --------------------------------------------------------------------------------
     async def _leak(self, request: Request) -> Response:

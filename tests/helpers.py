@@ -47,6 +47,16 @@ def build_model_dir(out: Path, *, tokenizer=None, n_layer: int = 2, n_embd: int 
     return out
 
 
+def wait_until(predicate, timeout: float = 10.0, every: float = 0.02) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return bool(predicate())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -40,11 +40,6 @@ def own_cores(n: int | None = None) -> None:
     _set(n or CORES)
 
 
-def one_core() -> None:
-    """This thread's torch ops run on the calling thread alone (no OpenMP team is created for it)."""
-    _set(1)
-
-
 def _set(n: int) -> None:
     if getattr(_local, "threads", None) != n:
         torch.set_num_threads(n)
@@ -52,7 +47,8 @@ def _set(n: int) -> None:
 
 
 def on_one_core(fn: Callable[..., T], *args: Any) -> T:
-    one_core()
+    """`fn(*args)` with this thread's torch ops on the thread alone (no OpenMP team is created for it)."""
+    _set(1)
     return fn(*args)
 
 

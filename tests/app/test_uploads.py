@@ -8,7 +8,6 @@ import io
 import os
 import tarfile
 import threading
-import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from tests.app.test_admin import artifacts, expert_ids, files_of, staging
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_until
 
 
 def tar_of(model_dir: Path, extra: dict[str, bytes] | None = None, mode: str = "w:gz") -> bytes:
@@ -167,10 +166,7 @@ class HeldUpload:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+    assert wait_until(predicate, timeout, every=0.05), "timed out"
 
 
 def test_uploads_are_spooled_in_the_data_dir_and_capped_in_number(tmp_path, tiny_model_dir):

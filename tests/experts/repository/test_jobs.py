@@ -1,21 +1,12 @@
 """Job worker threads: at most `workers` at once, and none outlives the queue (its OpenMP team ends with it)."""
 
 import threading
-import time
 
 import torch
 
 from experts.hf.threads import CORES
 from experts.repository.jobs import JobThreads
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.helpers import wait_until
 
 
 def test_job_threads_run_everything_at_most_workers_at_once_and_then_end():
@@ -36,13 +27,13 @@ def test_job_threads_run_everything_at_most_workers_at_once_and_then_end():
 
     for i in range(5):
         pool.submit(lambda i=i: job(i))
-    assert _wait(lambda: running[0] == 2)
+    assert wait_until(lambda: running[0] == 2)
     release.set()
-    assert _wait(lambda: len(done) == 5)
+    assert wait_until(lambda: len(done) == 5)
     assert sorted(done) == [0, 1, 2, 3, 4]
     assert peak[0] == 2
     assert all(n == CORES for _, n in threads)  # a job owns the cores
-    assert _wait(lambda: not any(t.name.startswith("t-job") for t in threading.enumerate()))
+    assert wait_until(lambda: not any(t.name.startswith("t-job") for t in threading.enumerate()))
 
 
 def test_shutdown_drops_queued_jobs_and_waits_for_running_ones():

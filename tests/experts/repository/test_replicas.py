@@ -41,15 +41,6 @@ def endless(started: threading.Event):
     return fn
 
 
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 def test_a_job_whose_lease_expires_is_failed_once_by_another_replica(two_registries):
     reg_a, reg_b = two_registries
     a = JobService(reg_a, owner="gw-aaaaaaaaaaaa", workers=1, lease_s=0.6)
