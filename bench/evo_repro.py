@@ -55,6 +55,7 @@ from merging.search import evo_merging, lorahub
 
 MAIN = ("evo_merging", "lorahub", "lorahub_40")
 ABLATIONS = ("no_denoise", "no_negative", "stage1_beta_sqrt", "no_scale")
+SIGMA_SWEEP = ("sigma0_0.15", "sigma0_0.3")  # CMA's initial step in both stages (the paper's 0.05 is MAIN)
 FIXED = ("base", "uniform", "best_single")
 
 
@@ -73,7 +74,7 @@ class Settings:
     test_examples: int = 500
     max_tokens: int = 48
     batch_tokens: int = 4096
-    methods: tuple[str, ...] = MAIN + ABLATIONS
+    methods: tuple[str, ...] = MAIN + ABLATIONS + SIGMA_SWEEP
 
 
 QUICK = Settings(("mix3", "rev/digits"), (0, 1), 20, 40, 60, 10, 10, 0.05, 0.05, 40, 40)
@@ -107,7 +108,7 @@ def jobs(st: Settings) -> list[tuple[str, int | None, str]]:
     """(target, seed, method) in run order: fixed merges, then the main methods for every seed, then the
     ablations for every seed (a run cut short still holds whole seeds of the main comparison)."""
     out: list[tuple[str, int | None, str]] = [(t, None, m) for t in st.targets for m in FIXED]
-    for phase in (MAIN, ABLATIONS):
+    for phase in (MAIN, ABLATIONS, SIGMA_SWEEP):
         out += [(t, s, m) for s in st.seeds for t in st.targets for m in phase if m in st.methods]
     return out
 
@@ -127,6 +128,8 @@ def search(method: str, meter: Metered, st: Settings, seed: int) -> tuple[list[f
         r = evo_merging(meter, n, **{**evo, "budget_stage1": total, "budget_stage2": 0}, scale=False)
     elif method == "no_negative":  # no sign-aware scaling: beta in [0, 1.5]
         r = evo_merging(meter, n, **evo, negative=False)
+    elif method in SIGMA_SWEEP:  # the same two stages with a larger initial CMA step
+        r = evo_merging(meter, n, **{**evo, "sigma0": float(method.split("_", 1)[1])})
     elif method == "stage1_beta_sqrt":  # stage 1 at beta = 1/sqrt(N): a merged update that moves the loss
         r = evo_merging(meter, n, **evo, stage1_beta=1.0 / math.sqrt(n))
     else:
@@ -317,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny pool and budgets (a smoke run)")
     p.add_argument("--seeds", help="comma-separated search seeds (default 0,1,2,3,4)")
     p.add_argument("--targets", help="comma-separated targets (default mix3,rev/digits,sort/upper)")
-    p.add_argument("--methods", help=f"comma-separated subset of {', '.join(MAIN + ABLATIONS)}")
+    p.add_argument("--methods", help=f"comma-separated subset of {', '.join(MAIN + ABLATIONS + SIGMA_SWEEP)}")
     p.add_argument("--prefix", default="tpool", help="the pool's expert-id prefix")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = p.parse_args(argv)

@@ -19,7 +19,8 @@ from typing import Any
 LABELS = {"evo_merging": "Evo-Merging (400 + 800)", "lorahub": "LoraHub (NGOpt, 1,200)",
           "lorahub_40": "LoraHub at its own 40", "no_denoise": "w/o denoising (0 + 1,200)",
           "no_negative": "w/o sign-aware scaling (beta >= 0)", "stage1_beta_sqrt": "stage 1 at beta = 1/sqrt(N)",
-          "no_scale": "w/o scaling (1,200 + 0)", "uniform": "uniform average (alpha 1, beta 1/N)",
+          "no_scale": "w/o scaling (1,200 + 0)", "sigma0_0.15": "sigma0 0.15 (both stages)",
+          "sigma0_0.3": "sigma0 0.3 (both stages)", "uniform": "uniform average (alpha 1, beta 1/N)",
           "best_single": "best single adapter (on validation)", "base": "base (no adapter)"}
 ORDER = list(LABELS)
 
@@ -147,6 +148,10 @@ def report(res: dict[str, Any]) -> str:
              ("Paired: Evo-Merging vs LoraHub (40)", paired_table(res, "evo_merging", "lorahub_40")),
              ("Ablations", method_table(res, abl))]
     parts += [(f"Paired: {m} vs Evo-Merging", paired_table(res, m, "evo_merging")) for m in abl[1:]]
+    sweep = ["evo_merging", "sigma0_0.15", "sigma0_0.3", "lorahub"]
+    if any(r["method"] in sweep[1:3] for r in res["runs"]):
+        parts += [("sigma0 sweep", method_table(res, sweep))]
+        parts += [(f"Paired: {m} vs Evo-Merging", paired_table(res, m, "evo_merging")) for m in sweep[1:3]]
     return "\n\n".join(f"### {title}\n\n{body}" for title, body in parts)
 
 
