@@ -15,8 +15,11 @@ def test_whole_seeds_of_the_main_comparison_come_before_any_ablation():
     assert methods[:6] == ["base", "uniform", "best_single"] * 2
     last_main = max(i for i, m in enumerate(methods) if m in evo_repro.MAIN)
     first_ablation = min(i for i, m in enumerate(methods) if m in evo_repro.ABLATIONS)
+    first_sweep = min(i for i, m in enumerate(methods) if m in evo_repro.SIGMA_SWEEP)
     assert last_main < first_ablation
-    assert len(order) == 6 + 2 * 2 * (len(evo_repro.MAIN) + len(evo_repro.ABLATIONS))
+    assert max(i for i, m in enumerate(methods) if m in evo_repro.ABLATIONS) < first_sweep
+    phases = len(evo_repro.MAIN) + len(evo_repro.ABLATIONS) + len(evo_repro.SIGMA_SWEEP)
+    assert len(order) == 6 + 2 * 2 * phases
     assert len(set(order)) == len(order)
 
 
