@@ -256,14 +256,9 @@ class ForestAdapter:
         return EnsembleCache(self.runner.select(c.experts, rows), c.loglik[rows], c.last_logprobs[rows], c.length,
                              self._real(c)[rows])
 
-    def pad_left(self, c: EnsembleCache, n: int) -> EnsembleCache:
-        if n <= 0:
-            return c
-        return EnsembleCache(self.runner.pad_left(c.experts, n), c.loglik, c.last_logprobs, c.length + n, c.last_real)
-
-    def concat(self, a: EnsembleCache, b: EnsembleCache) -> EnsembleCache:
-        return EnsembleCache(self.runner.concat(a.experts, b.experts), torch.cat([a.loglik, b.loglik]),
-                             torch.cat([a.last_logprobs, b.last_logprobs]), a.length,
+    def join(self, a: EnsembleCache, pad_a: int, b: EnsembleCache, pad_b: int) -> EnsembleCache:
+        return EnsembleCache(self.runner.join(a.experts, pad_a, b.experts, pad_b), torch.cat([a.loglik, b.loglik]),
+                             torch.cat([a.last_logprobs, b.last_logprobs]), a.length + pad_a,
                              torch.cat([self._real(a), self._real(b)]))
 
     def trim_left(self, c: EnsembleCache, n: int) -> EnsembleCache:

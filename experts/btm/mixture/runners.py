@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experts.hf.engine.kv import HFAdapter
+from experts.hf.engine.kv import ROOM, HFAdapter, joined
 from experts.hf.generation import cache_arg
 
 BACKENDS = ("auto", "stacked", "loop", "vmap")
@@ -61,11 +61,8 @@ class LoopRunner:
     def select(self, state: list[Any], rows: torch.Tensor) -> list[Any]:
         return [a.select(c, rows) for a, c in zip(self._hf, state, strict=True)]
 
-    def pad_left(self, state: list[Any], n: int) -> list[Any]:
-        return [a.pad_left(c, n) for a, c in zip(self._hf, state, strict=True)]
-
-    def concat(self, a: list[Any], b: list[Any]) -> list[Any]:
-        return [h.concat(x, y) for h, x, y in zip(self._hf, a, b, strict=True)]
+    def join(self, a: list[Any], pad_a: int, b: list[Any], pad_b: int) -> list[Any]:
+        return [h.join(x, pad_a, y, pad_b) for h, x, y in zip(self._hf, a, b, strict=True)]
 
     def trim_left(self, state: list[Any], n: int) -> list[Any]:
         return [a.trim_left(c, n) for a, c in zip(self._hf, state, strict=True)]
@@ -261,22 +258,27 @@ class StackedGPT2Runner:
         return StackedKV(layers, length)
 
     def select(self, state: StackedKV, rows: torch.Tensor) -> StackedKV:
-        return self._rebuild(state, lambda t: t.index_select(1, rows), state.length)
+        """One copy per buffer into buffers with room to grow (the next decode steps need no new buffer)."""
+        layers = []
+        for kb, vb in state.layers:
+            pair = []
+            for t in (kb, vb):
+                if t.shape[2] - state.length <= ROOM:  # few spare columns: take them along
+                    picked = t.view(self.k, -1, *t.shape[1:]).index_select(1, rows)
+                else:
+                    picked = joined([(self._rows(t, state.length).index_select(1, rows), 0)], 1, 3, ROOM)
+                pair.append(picked.view(-1, *picked.shape[2:]))
+            layers.append((pair[0], pair[1]))
+        return StackedKV(layers, state.length)
 
-    def pad_left(self, state: StackedKV, n: int) -> StackedKV:
-        if n <= 0:
-            return state
-        return self._rebuild(state, lambda t: torch.cat([t.new_zeros(*t.shape[:3], n, t.shape[4]), t], dim=3),
-                             state.length + n)
-
-    def concat(self, a: StackedKV, b: StackedKV) -> StackedKV:
-        assert a.length == b.length
+    def join(self, a: StackedKV, pad_a: int, b: StackedKV, pad_b: int) -> StackedKV:
+        """Rows expert-major in both: one copy of each into buffers with room to grow."""
         layers = []
         for (ka, va), (kb, vb) in zip(a.layers, b.layers, strict=True):
-            k_ = torch.cat([self._rows(ka, a.length), self._rows(kb, b.length)], dim=1)
-            v_ = torch.cat([self._rows(va, a.length), self._rows(vb, b.length)], dim=1)
-            layers.append((k_.reshape(-1, *k_.shape[2:]).contiguous(), v_.reshape(-1, *v_.shape[2:]).contiguous()))
-        return StackedKV(layers, a.length)
+            k_ = joined([(self._rows(ka, a.length), pad_a), (self._rows(kb, b.length), pad_b)], 1, 3, ROOM)
+            v_ = joined([(self._rows(va, a.length), pad_a), (self._rows(vb, b.length), pad_b)], 1, 3, ROOM)
+            layers.append((k_.view(-1, *k_.shape[2:]), v_.view(-1, *v_.shape[2:])))
+        return StackedKV(layers, a.length + pad_a)
 
     def trim_left(self, state: StackedKV, n: int) -> StackedKV:
         if n <= 0:

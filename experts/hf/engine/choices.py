@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from experts.base import GenerationParams, StreamDelta, StreamEnd, TokenLogprob
-from experts.hf.generation import find_stop, sample, token_bytes, token_text, top_logprobs
+from experts.hf.generation import find_stop, sample, text_decoder, token_bytes, token_text, top_logprobs
 
 Event = StreamDelta | StreamEnd | BaseException
 Sink = Callable[[list[Event]], None]
@@ -128,7 +128,7 @@ class Group:
                 continue
             before = len(row.text)
             row.ids.append(tid)
-            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            row.text = self.request.decode(row.ids)
             if lp is not None:
                 base = len(self.prompt) if p.echo else 0
                 row.pending.append(TokenLogprob(token_text(self.tokenizer, tid), tid, float(lp[j, tid]),
@@ -182,6 +182,7 @@ class Request:
     def __init__(self, params: GenerationParams, tokenizer: Any, sink: Sink, adapter: Any = None) -> None:
         self.params = params
         self.tokenizer = tokenizer
+        self.decode = text_decoder(tokenizer)  # ids -> text, as every step needs it
         self.adapter = adapter  # LoRA factors applied to this request's rows (None: the bare model)
         self.sink = sink
         self.groups: list[Group] = []

@@ -33,11 +33,15 @@ class BatchAdapter(Protocol):
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any: ...
 
-    def pad_left(self, cache: Any, n: int) -> Any: ...
+    def join(self, a: Any, pad_a: int, b: Any, pad_b: int) -> Any:
+        """Rows of `a` then rows of `b`, `a` with `pad_a` padding columns on its left and `b` with `pad_b`
+        (the two widths then agree): one copy of each, into a cache with room to grow."""
 
-    def concat(self, a: Any, b: Any) -> Any: ...
 
     def trim_left(self, cache: Any, n: int) -> Any: ...
+
+
+ROOM = 32  # spare columns of a cache rebuilt by a selection or a join (decode steps before it must grow)
 
 
 class GrowingLayer(DynamicLayer):
@@ -77,15 +81,25 @@ class GrowingLayer(DynamicLayer):
         return self.length if self.is_initialized else 0
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """New contents (rows selected, padded, joined or trimmed), with room for a few more columns."""
+        """New contents (rows selected or trimmed), with room for a few more columns."""
         b, h, n, d = keys.shape
-        self._k = keys.new_empty(b, h, n + 32, d)
-        self._v = values.new_empty(b, h, n + 32, d)
-        self._k[:, :, :n] = keys
-        self._v[:, :, :n] = values
-        self.length = n
-        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+        k, v = keys.new_empty(b, h, n + ROOM, d), values.new_empty(b, h, n + ROOM, d)
+        k[:, :, :n] = keys
+        v[:, :, :n] = values
+        self.adopt(k, v, n)
+
+    def adopt(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Buffers filled elsewhere, valid up to column `n`."""
+        self._k, self._v, self.length = k, v, n
+        self.keys, self.values = k[:, :, :n], v[:, :, :n]
         self.is_initialized = True
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows`: one copy, of the spare columns too when there are few of them."""
+        if self._k.shape[2] - self.length <= ROOM:
+            self.adopt(self._k.index_select(0, rows), self._v.index_select(0, rows), self.length)
+        else:
+            self.replace(self.keys.index_select(0, rows), self.values.index_select(0, rows))
 
 
 class HFAdapter:
@@ -137,18 +151,23 @@ class HFAdapter:
         return cache
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any:
-        return self._apply(cache, lambda t: t.index_select(0, rows))
-
-    def pad_left(self, cache: Any, n: int) -> Any:
-        return cache if n <= 0 else self._apply(cache, lambda t: _pad(t, n))
-
-    def concat(self, a: Any, b: Any) -> Any:
-        for la, lb in zip(self._layers(a), self._layers(b), strict=True):
-            keys, values = torch.cat([la.keys, lb.keys]), torch.cat([la.values, lb.values])
-            if isinstance(la, GrowingLayer):
-                la.replace(keys, values)
+        for layer in self._layers(cache):
+            if isinstance(layer, GrowingLayer):
+                layer.select_rows(rows)
             else:
-                la.keys, la.values = keys, values
+                layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        return cache
+
+    def join(self, a: Any, pad_a: int, b: Any, pad_b: int) -> Any:
+        for la, lb in zip(self._layers(a), self._layers(b), strict=True):
+            room = ROOM if isinstance(la, GrowingLayer) else 0
+            k = joined([(la.keys, pad_a), (lb.keys, pad_b)], 0, 2, room)
+            v = joined([(la.values, pad_a), (lb.values, pad_b)], 0, 2, room)
+            n = k.shape[2] - room
+            if isinstance(la, GrowingLayer):
+                la.adopt(k, v, n)
+            else:
+                la.keys, la.values = k, v
         return a
 
     def trim_left(self, cache: Any, n: int) -> Any:
@@ -164,9 +183,25 @@ def _plain_layers(model: Any) -> bool:
     return all(type(layer) is DynamicLayer for layer in probe.layers)
 
 
-def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zeros on the left of the sequence axis (dim 2 of [batch, heads, seq, head_dim])."""
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], n, *t.shape[3:]), t], dim=2)
+def joined(parts: Sequence[tuple[torch.Tensor, int]], row_dim: int, seq_dim: int, room: int) -> torch.Tensor:
+    """The parts' rows stacked along `row_dim`, each right-aligned on `seq_dim` after its left padding (zeros:
+    masked columns must hold finite values), in one new buffer with `room` spare columns on the right."""
+    first, pad0 = parts[0]
+    n = first.shape[seq_dim] + pad0
+    shape = list(first.shape)
+    shape[row_dim] = sum(t.shape[row_dim] for t, _ in parts)
+    shape[seq_dim] = n + room
+    out = first.new_empty(shape)
+    r = 0
+    for t, pad in parts:
+        if t.shape[seq_dim] + pad != n:
+            raise ValueError(f"widths differ: {t.shape[seq_dim]} + {pad} != {n}")
+        rows = out.narrow(row_dim, r, t.shape[row_dim])
+        if pad:
+            rows.narrow(seq_dim, 0, pad).zero_()
+        rows.narrow(seq_dim, pad, t.shape[seq_dim]).copy_(t)
+        r += t.shape[row_dim]
+    return out
 
 
 def adapter_for(model: Any) -> BatchAdapter:

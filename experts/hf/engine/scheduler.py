@@ -255,8 +255,7 @@ class ModelScheduler:
             self._compact([i for i, lane in enumerate(r.lanes) if lane is not None])
         la, lb = r.width, mask.shape[1]
         width = max(la, lb)
-        a = self.adapter
-        r.cache = a.concat(a.pad_left(r.cache, width - la), a.pad_left(cache, width - lb))
+        r.cache = self.adapter.join(r.cache, width - la, cache, width - lb)
         if r.mask is not None or la != lb or not bool(mask.all()):
             r.mask = torch.cat([pad_mask(r.full_mask(), width - la), pad_mask(mask, width - lb)])
         r.width = width
