@@ -261,6 +261,14 @@ class ForestAdapter:
                              torch.cat([a.last_logprobs, b.last_logprobs]), a.length + pad_a,
                              torch.cat([self._real(a), self._real(b)]))
 
+    def place(self, c: EnsembleCache, slots: torch.Tensor, new: EnsembleCache, pad: int) -> EnsembleCache:
+        c.loglik[slots] = new.loglik
+        c.last_logprobs[slots] = new.last_logprobs
+        real = self._real(c).clone()
+        real[slots] = self._real(new)
+        return EnsembleCache(self.runner.place(c.experts, slots, new.experts, pad), c.loglik, c.last_logprobs,
+                             c.length, None if bool(real.all()) else real)
+
     def trim_left(self, c: EnsembleCache, n: int) -> EnsembleCache:
         if n <= 0:
             return c

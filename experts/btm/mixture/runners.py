@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from experts.hf.engine.kv import ROOM, HFAdapter, joined
+from experts.hf.engine.kv import ROOM, HFAdapter, joined, place_rows
 from experts.hf.generation import cache_arg
 
 BACKENDS = ("auto", "stacked", "loop", "vmap")
@@ -63,6 +63,9 @@ class LoopRunner:
 
     def join(self, a: list[Any], pad_a: int, b: list[Any], pad_b: int) -> list[Any]:
         return [h.join(x, pad_a, y, pad_b) for h, x, y in zip(self._hf, a, b, strict=True)]
+
+    def place(self, state: list[Any], slots: torch.Tensor, new: list[Any], pad: int) -> list[Any]:
+        return [h.place(x, slots, y, pad) for h, x, y in zip(self._hf, state, new, strict=True)]
 
     def trim_left(self, state: list[Any], n: int) -> list[Any]:
         return [a.trim_left(c, n) for a, c in zip(self._hf, state, strict=True)]
@@ -279,6 +282,13 @@ class StackedGPT2Runner:
             v_ = joined([(self._rows(va, a.length), pad_a), (self._rows(vb, b.length), pad_b)], 1, 3, ROOM)
             layers.append((k_.view(-1, *k_.shape[2:]), v_.view(-1, *v_.shape[2:])))
         return StackedKV(layers, a.length + pad_a)
+
+    def place(self, state: StackedKV, slots: torch.Tensor, new: StackedKV, pad: int) -> StackedKV:
+        for (kb, vb), (nk, nv) in zip(state.layers, new.layers, strict=True):
+            for buf, src in ((kb, nk), (vb, nv)):  # a view of the buffer (written in place), expert-major rows
+                dst = buf.view(self.k, -1, *buf.shape[1:])[:, :, :, :state.length]
+                place_rows(dst, slots, self._rows(src, new.length), pad, 1, 3)
+        return state
 
     def trim_left(self, state: StackedKV, n: int) -> StackedKV:
         if n <= 0:

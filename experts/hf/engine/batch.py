@@ -45,7 +45,7 @@ class Prefill:
 class Running:
     """Rows decoding together. `lanes[i]` is (group, choice) of row i, or None for a row that has left
     but still holds its place: removing a row copies the whole cache, so a few leavers stay as holes
-    (computed, never read) until the next join or until they are too many (`ModelScheduler._keep_running`)."""
+    (computed, never read) until a joining row takes the place or they are too many (`layout.keep`)."""
 
     cache: Any
     mask: torch.Tensor | None  # [B, width]; None while no row is padded (all ones)

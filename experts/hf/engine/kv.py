@@ -37,6 +37,10 @@ class BatchAdapter(Protocol):
         """Rows of `a` then rows of `b`, `a` with `pad_a` padding columns on its left and `b` with `pad_b`
         (the two widths then agree): one copy of each, into a cache with room to grow."""
 
+    def place(self, cache: Any, slots: torch.Tensor, new: Any, pad: int) -> Any:
+        """`new`'s rows written over rows `slots` of `cache` (rows that left), right-aligned after `pad` zero
+        columns: no other row is copied."""
+
 
     def trim_left(self, cache: Any, n: int) -> Any: ...
 
@@ -170,6 +174,12 @@ class HFAdapter:
                 la.keys, la.values = k, v
         return a
 
+    def place(self, cache: Any, slots: torch.Tensor, new: Any, pad: int) -> Any:
+        for la, lb in zip(self._layers(cache), self._layers(new), strict=True):
+            place_rows(la.keys, slots, lb.keys, pad, 0, 2)
+            place_rows(la.values, slots, lb.values, pad, 0, 2)
+        return cache
+
     def trim_left(self, cache: Any, n: int) -> Any:
         return cache if n <= 0 else self._apply(cache, lambda t: t[:, :, n:])
 
@@ -202,6 +212,16 @@ def joined(parts: Sequence[tuple[torch.Tensor, int]], row_dim: int, seq_dim: int
         rows.narrow(seq_dim, pad, t.shape[seq_dim]).copy_(t)
         r += t.shape[row_dim]
     return out
+
+
+def place_rows(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor, pad: int, row_dim: int, seq_dim: int) -> None:
+    """In place: rows `slots` (on `row_dim`) of `dst` become `pad` zero columns then `src` (on `seq_dim`)."""
+    if dst.shape[seq_dim] != pad + src.shape[seq_dim]:
+        raise ValueError(f"widths differ: {dst.shape[seq_dim]} != {pad} + {src.shape[seq_dim]}")
+    lead = (slice(None),) * row_dim
+    if pad:
+        dst.narrow(seq_dim, 0, pad)[(*lead, slots)] = 0
+    dst.narrow(seq_dim, pad, src.shape[seq_dim])[(*lead, slots)] = src
 
 
 def adapter_for(model: Any) -> BatchAdapter:

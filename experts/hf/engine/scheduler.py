@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from experts.errors import EngineOverloadedError, ExpertUnavailableError
-from experts.hf.engine.batch import Limits, Prefill, Running, StepStats, pad_mask
+from experts.hf.engine import layout
+from experts.hf.engine.batch import Limits, Prefill, Running, StepStats
 from experts.hf.engine.choices import Event, Group, Request
 from experts.hf.engine.kv import BatchAdapter, adapter_for
 
@@ -101,7 +102,8 @@ class ModelScheduler:
             self._select_prefill(keep)
         r = self.running
         if r is not None and any(lane and lane[0].request.cancelled for lane in r.lanes):
-            self._keep_running([i for i, lane in enumerate(r.lanes) if lane and not lane[0].request.cancelled])
+            self.running = layout.keep(self.adapter, r, [i for i, lane in enumerate(r.lanes)
+                                                         if lane and not lane[0].request.cancelled])
 
     # -- admission --------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -242,26 +244,7 @@ class ModelScheduler:
         cache = self.adapter.select(p.cache, idx)
         mask = torch.cat([p.mask[idx], torch.ones(len(idx), 1, dtype=p.mask.dtype)], dim=1)
         lengths = p.mask[idx].sum(1)  # the first sampled token goes at this position
-        self._join(cache, mask, lengths, torch.tensor(first), lanes)
-
-    def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, next_ids: torch.Tensor,
-              lanes: list[tuple[Group, int]]) -> None:
-        r = self.running
-        if r is None:
-            self.running = Running(cache, None if bool(mask.all()) else mask, mask.shape[1], lengths, next_ids,
-                                   list(lanes))
-            return
-        if r.holes:
-            self._compact([i for i, lane in enumerate(r.lanes) if lane is not None])
-        la, lb = r.width, mask.shape[1]
-        width = max(la, lb)
-        r.cache = self.adapter.join(r.cache, width - la, cache, width - lb)
-        if r.mask is not None or la != lb or not bool(mask.all()):
-            r.mask = torch.cat([pad_mask(r.full_mask(), width - la), pad_mask(mask, width - lb)])
-        r.width = width
-        r.lengths = torch.cat([r.lengths, lengths])
-        r.next_ids = torch.cat([r.next_ids, next_ids])
-        r.lanes = r.lanes + list(lanes)
+        self.running = layout.join(self.adapter, self.running, cache, mask, lengths, torch.tensor(first), lanes)
 
     # -- decode -----------------------------------------------------------------------------------
     def _decode(self, stats: StepStats) -> None:
@@ -307,55 +290,12 @@ class ModelScheduler:
         r.lengths = r.lengths + 1 if not r.holes else r.lengths + torch.tensor([lane is not None for lane in r.lanes])
         keep = [i for i, row in enumerate(r.lanes)
                 if row is not None and not row[0].failed and row[0].rows[row[1]].finish is None]
-        self._keep_running(keep)
+        self.running = layout.keep(self.adapter, r, keep)
         if self.running is not None:
             self.running.width += 1
             if self.running.mask is not None:
                 rows = len(self.running.lanes)
                 self.running.mask = torch.cat([self.running.mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
-
-    def _keep_running(self, keep: list[int]) -> None:
-        """Keep rows `keep`; the others leave as holes while holes are at most a quarter of the batch
-        (a hole costs its share of a decode step, a removal one copy of every row's cache)."""
-        r = self.running
-        assert r is not None
-        if len(keep) == r.live:
-            return
-        if not keep:
-            self.running = None
-            return
-        if len(r.lanes) - len(keep) <= len(r.lanes) // 4:
-            kept = set(keep)
-            for i, lane in enumerate(r.lanes):
-                if lane is not None and i not in kept:
-                    r.hole_adapters[i] = lane[0].request.adapter
-            r.lanes = [lane if i in kept else None for i, lane in enumerate(r.lanes)]
-            r.holes = len(r.lanes) - len(keep)
-            return
-        self._compact(keep)
-
-    def _compact(self, keep: list[int]) -> None:
-        """Rows `keep` only, holes gone: one selection of the cache; columns that are padding in every row go."""
-        r = self.running
-        assert r is not None
-        r.holes = 0
-        r.hole_adapters = {}
-        if len(keep) == len(r.lanes):
-            return
-        idx = torch.tensor(keep)
-        r.cache = self.adapter.select(r.cache, idx)
-        r.lengths, r.next_ids = r.lengths[idx], r.next_ids[idx]
-        r.lanes = [r.lanes[i] for i in keep]
-        if r.mask is None:
-            return
-        r.mask = r.mask[idx]
-        lead = int((r.mask.cumsum(1) == 0).all(0).sum())  # columns that are padding in every row
-        if lead > 0:
-            r.cache = self.adapter.trim_left(r.cache, lead)
-            r.mask = r.mask[:, lead:]
-            r.width -= lead
-        if bool(r.mask.all()):
-            r.mask = None
 
     # -- events -----------------------------------------------------------------------------------
     @staticmethod

@@ -129,6 +129,46 @@ def test_forest_batched_equals_alone(tokenizer, backend, mode):
         assert_same(a, events, params)
 
 
+def _forest(tokenizer, backend: str) -> EnsembleLM:
+    experts = []
+    for s in range(3):
+        torch.manual_seed(10 + s)
+        experts.append(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer),
+                                                  n_positions=128)).eval())
+    return EnsembleLM(experts, [0.5, 0.3, 0.2], mode="paper", backend=backend).eval()
+
+
+@pytest.mark.parametrize("kind", ["model", "stacked", "loop"])
+def test_joining_rows_fill_holes_and_change_no_answer(model, tokenizer, kind, monkeypatch):
+    """A row that joins while others have left takes a hole's place (its cache written over that row, the
+    others not copied); every answer stays the one it gets alone."""
+    lm = model if kind == "model" else _forest(tokenizer, kind)
+    rng = random.Random(7)
+    reqs = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6 if i < 4 else 3))),
+             GenerationParams(max_tokens=[2, 14, 16, 18][i] if i < 4 else 6, temperature=0.8 if i % 2 else 0.0,
+                              seed=i, logprobs=1))
+            for i in range(7)]
+    alone = [sync.generate(lm, tokenizer, p, params) for p, params in reqs]
+    sched = ModelScheduler(lm, tokenizer, Limits(max_batch_size=4, max_batched_tokens=4096))
+    placed: list[int] = []
+    place = sched.adapter.place
+    monkeypatch.setattr(sched.adapter, "place", lambda c, slots, new, pad: (placed.append(len(slots)),
+                                                                            place(c, slots, new, pad))[1])
+    outs: list[list] = [[] for _ in reqs]
+    for i, ((prompt, params), out) in enumerate(zip(reqs, outs, strict=True)):
+        r = Request(params, tokenizer, out.extend)
+        r.add_prompt(prompt, *start_ids(tokenizer, prompt))
+        sched.add(r)
+        if i == 3:  # the first four fill the batch before the others arrive
+            for _ in range(3):
+                sched.step()
+    while sched.has_work():
+        sched.step()
+    for a, events, (_, params) in zip(alone, outs, reqs, strict=True):
+        assert_same(a, events, params)
+    assert placed, "no row joined into a hole"
+
+
 def test_a_prompt_is_prefilled_once_for_its_n_choices(model, tokenizer):
     sched = ModelScheduler(model, tokenizer)
     out: list = []
