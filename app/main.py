@@ -103,7 +103,8 @@ def build_services(settings: Settings, metrics: Metrics, http: httpx.AsyncClient
     admin_key, client_keys = resolve_admin_key(settings), [k.get_secret_value() for k in settings.api_keys]
     install_redaction(admin_key, *client_keys)  # before anything can log or answer
     limits = Limits(max_batch_size=settings.max_batch_size, max_batched_tokens=settings.max_batched_tokens,
-                    max_queue=settings.max_queue, admit_window_s=settings.admit_window_ms / 1000)
+                    max_queue=settings.max_queue, admit_window_s=settings.admit_window_ms / 1000,
+                    gpt2_kernel=settings.gpt2_kernel)
     runtime = Runtime(limits=limits, observer=metrics, http=http, secrets_dir=settings.data_dir / "secrets",
                       engine_threads=settings.engine_threads or None)
     repo = open_repository(settings.data_dir, database_url=settings.db_url, runtime=runtime,

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="prompts waiting for a place; beyond it requests get 429")
     admit_window_ms: float = Field(0.0, ge=0, le=1000, description="an idle model waits this long for more "
                                    "prompts, so a burst is prefilled as one batch")
+    gpt2_kernel: bool = Field(True, description="run plain GPT-2 models on the engine's own kernel (the same "
+                              "answers as the transformers module, less overhead per step); false: the module")
     engine_threads: int = Field(0, ge=0, description="torch threads of the engine's forward passes (0: every "
                                 "core torch sees); fewer leave cores to the HTTP server on a small machine")
     job_workers: int = 2

@@ -2,7 +2,7 @@
 torch.func vmap, each against the floor of k x one expert's cost *on the same kernel*. All in one run,
 rounds interleaved (median reported) because the CPU is shared.
 
-The stacked backend has its own lean GPT-2 kernel (experts.btm.mixture.runners.StackedGPT2Runner),
+The stacked backend has its own lean GPT-2 kernel (experts.hf.engine.gpt2.StackedGPT2Runner),
 faster per expert than a transformers forward; so its floor is k x one expert through that kernel
 (an ensemble of one, backend "stacked"), while the naive loop and vmap, which run transformers'
 forward per expert, are held to k x one transformers forward. A variant's "cost / floor" is then

@@ -25,6 +25,7 @@ class Limits:
     admit_ratio: float = 0.25
     max_wait_s: float = 0.08
     admit_window_s: float = 0.0  # the gateway sets MERGEGATE_ADMIT_WINDOW_MS (3 ms)
+    gpt2_kernel: bool = True  # plain GPT-2s run on the engine's own kernel (experts.hf.engine.gpt2)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from experts.hf.engine.columns import ROOM, joined, place_rows
+from experts.hf.engine.gpt2 import StackedGPT2Runner, StackedKV, stacked_unsupported
 from experts.hf.generation import cache_arg
 from experts.hf.multilora import MultiLora
 
@@ -43,9 +45,6 @@ class BatchAdapter(Protocol):
 
 
     def trim_left(self, cache: Any, n: int) -> Any: ...
-
-
-ROOM = 32  # spare columns of a cache rebuilt by a selection or a join (decode steps before it must grow)
 
 
 class GrowingLayer(DynamicLayer):
@@ -110,16 +109,24 @@ class HFAdapter:
     """Any transformers causal LM whose cache is made of full-attention layers (a DynamicCache): the engine
     gives it a cache of `GrowingLayer`s and changes that cache in place."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, kernel: bool = False) -> None:
         self.model = model
         self.arg = cache_arg(type(model))
         params = inspect.signature(type(model).forward).parameters
         self.paddable = "position_ids" in params and "attention_mask" in params
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self.growing = _plain_layers(model)
+        # a plain GPT-2 runs on the engine's own kernel (its weights shared), except for rows with a LoRA
+        # adapter: those need the module hooks, so a batch that gets one moves to the module's forward
+        self.kernel = StackedGPT2Runner([model]) if kernel and self.growing and not stacked_unsupported([model]) \
+            else None
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool, rows: Sequence[Any] | None = None) -> tuple[torch.Tensor, Any]:
+        if self.kernel is not None and rows is None and (cache is None or isinstance(cache, StackedKV)):
+            logits, state = self.kernel(ids, cache, True, mask=mask, positions=positions, last_only=last_only)
+            return logits[0], state
+        cache = self._dynamic(cache)
         kwargs: dict[str, Any] = {"use_cache": True}
         if cache is None and self.growing:
             cache = DynamicCache.__new__(DynamicCache)
@@ -139,6 +146,20 @@ class HFAdapter:
         return out.logits, getattr(out, self.arg)
 
     @staticmethod
+    def _dynamic(cache: Any) -> Any:
+        """The kernel's state as a DynamicCache of GrowingLayers over the same buffers (no copy)."""
+        if not isinstance(cache, StackedKV):
+            return cache
+        out = DynamicCache.__new__(DynamicCache)
+        Cache.__init__(out, layer_class_to_replicate=GrowingLayer)
+        for k, v in cache.layers:
+            layer = GrowingLayer()
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.adopt(k, v, cache.length)
+            out.layers.append(layer)
+        return out
+
+    @staticmethod
     def _layers(cache: Any) -> list[Any]:
         layers = getattr(cache, "layers", None)
         if layers is None or not all(type(layer) in (DynamicLayer, GrowingLayer) for layer in layers):
@@ -155,6 +176,9 @@ class HFAdapter:
         return cache
 
     def select(self, cache: Any, rows: torch.Tensor) -> Any:
+        if isinstance(cache, StackedKV):
+            assert self.kernel is not None
+            return self.kernel.select(cache, rows)
         for layer in self._layers(cache):
             if isinstance(layer, GrowingLayer):
                 layer.select_rows(rows)
@@ -163,6 +187,10 @@ class HFAdapter:
         return cache
 
     def join(self, a: Any, pad_a: int, b: Any, pad_b: int) -> Any:
+        if isinstance(a, StackedKV) and isinstance(b, StackedKV):
+            assert self.kernel is not None
+            return self.kernel.join(a, pad_a, b, pad_b)
+        a, b = self._dynamic(a), self._dynamic(b)
         for la, lb in zip(self._layers(a), self._layers(b), strict=True):
             room = ROOM if isinstance(la, GrowingLayer) else 0
             k = joined([(la.keys, pad_a), (lb.keys, pad_b)], 0, 2, room)
@@ -175,12 +203,19 @@ class HFAdapter:
         return a
 
     def place(self, cache: Any, slots: torch.Tensor, new: Any, pad: int) -> Any:
+        if isinstance(cache, StackedKV) and isinstance(new, StackedKV):
+            assert self.kernel is not None
+            return self.kernel.place(cache, slots, new, pad)
+        cache, new = self._dynamic(cache), self._dynamic(new)
         for la, lb in zip(self._layers(cache), self._layers(new), strict=True):
             place_rows(la.keys, slots, lb.keys, pad, 0, 2)
             place_rows(la.values, slots, lb.values, pad, 0, 2)
         return cache
 
     def trim_left(self, cache: Any, n: int) -> Any:
+        if n > 0 and isinstance(cache, StackedKV):
+            assert self.kernel is not None
+            return self.kernel.trim_left(cache, n)
         return cache if n <= 0 else self._apply(cache, lambda t: t[:, :, n:])
 
 
@@ -193,37 +228,7 @@ def _plain_layers(model: Any) -> bool:
     return all(type(layer) is DynamicLayer for layer in probe.layers)
 
 
-def joined(parts: Sequence[tuple[torch.Tensor, int]], row_dim: int, seq_dim: int, room: int) -> torch.Tensor:
-    """The parts' rows stacked along `row_dim`, each right-aligned on `seq_dim` after its left padding (zeros:
-    masked columns must hold finite values), in one new buffer with `room` spare columns on the right."""
-    first, pad0 = parts[0]
-    n = first.shape[seq_dim] + pad0
-    shape = list(first.shape)
-    shape[row_dim] = sum(t.shape[row_dim] for t, _ in parts)
-    shape[seq_dim] = n + room
-    out = first.new_empty(shape)
-    r = 0
-    for t, pad in parts:
-        if t.shape[seq_dim] + pad != n:
-            raise ValueError(f"widths differ: {t.shape[seq_dim]} + {pad} != {n}")
-        rows = out.narrow(row_dim, r, t.shape[row_dim])
-        if pad:
-            rows.narrow(seq_dim, 0, pad).zero_()
-        rows.narrow(seq_dim, pad, t.shape[seq_dim]).copy_(t)
-        r += t.shape[row_dim]
-    return out
-
-
-def place_rows(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor, pad: int, row_dim: int, seq_dim: int) -> None:
-    """In place: rows `slots` (on `row_dim`) of `dst` become `pad` zero columns then `src` (on `seq_dim`)."""
-    if dst.shape[seq_dim] != pad + src.shape[seq_dim]:
-        raise ValueError(f"widths differ: {dst.shape[seq_dim]} != {pad} + {src.shape[seq_dim]}")
-    lead = (slice(None),) * row_dim
-    if pad:
-        dst.narrow(seq_dim, 0, pad)[(*lead, slots)] = 0
-    dst.narrow(seq_dim, pad, src.shape[seq_dim])[(*lead, slots)] = src
-
-
-def adapter_for(model: Any) -> BatchAdapter:
+def adapter_for(model: Any, *, kernel: bool = True) -> BatchAdapter:
+    """The model's own adapter (a forest's), or an HFAdapter (`kernel`: plain GPT-2s on the engine's kernel)."""
     own = getattr(model, "engine_adapter", None)
-    return own() if callable(own) else HFAdapter(model)
+    return own() if callable(own) else HFAdapter(model, kernel=kernel)

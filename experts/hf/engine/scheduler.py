@@ -32,7 +32,7 @@ class ModelScheduler:
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits or Limits()
-        self.adapter: BatchAdapter = adapter_for(model)
+        self.adapter: BatchAdapter = adapter_for(model, kernel=self.limits.gpt2_kernel)
         self.waiting: deque[Group] = deque()
         self._lock = threading.Lock()  # `waiting` is appended to from other threads
         self.prefill: Prefill | None = None

@@ -85,6 +85,20 @@ def test_batched_equals_alone(model, tokenizer, limits):
         assert_same(a, events, params)
 
 
+def test_the_gpt2_kernel_answers_as_the_module_does(model, tokenizer):
+    """Plain GPT-2s run on the engine's own kernel; the Hugging Face module's forward gives the same answers."""
+    reqs = random_requests(3, 10)
+    kernel = run_batched(model, tokenizer, reqs, Limits(max_batch_size=6, max_batched_tokens=24))
+    module = run_batched(model, tokenizer, reqs, Limits(max_batch_size=6, max_batched_tokens=24, gpt2_kernel=False))
+    sched = ModelScheduler(model, tokenizer)
+    assert sched.adapter.kernel is not None
+    shared = sched.adapter.kernel.layers[0]["qkv_w"].data_ptr() == model.transformer.h[0].attn.c_attn.weight.data_ptr()
+    assert shared and sched.adapter.kernel.wte.data_ptr() == model.transformer.wte.weight.data_ptr()  # no copy
+    assert ModelScheduler(model, tokenizer, Limits(gpt2_kernel=False)).adapter.kernel is None
+    for (_, params), a, b in zip(reqs, module, kernel, strict=True):
+        assert_same(sync.collect(iter(a), params), b, params)
+
+
 def test_rows_that_leave_as_holes_change_no_answer(model, tokenizer):
     """Finished rows stay in the batch as holes (no cache copy) while they are few; the others' answers are
     those they get alone, and a hole never walks past the context (the row that fills it finishes first)."""
