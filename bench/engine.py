@@ -39,6 +39,9 @@ BASELINE_REF = "0e5ddbe"  # main before the engine (sequential generation on one
 NEW_TOKENS = 32
 SIZE = {"layers": 4, "embd": 256, "heads": 4, "positions": 256}
 FOREST_PRIOR = [0.4, 0.3, 0.2, 0.1]
+# requests per round = WAVES x concurrency for the engine: the first wave's joint prefill and the last wave's
+# tail (fewer than `concurrency` in flight) are a small part of a round (3-4 waves made them a third)
+WAVES = 10
 
 
 def prompts(tok: Any, count: int, lengths: tuple[int, int], seed: int) -> list[str]:
@@ -207,12 +210,12 @@ def main() -> None:
             if c == 32 or c == levels[0]:  # in-process generate next to the levels it is compared with
                 ip.append({b: in_process(model_dir, texts, b, 2 if args.quick else 4) for b in (1, 8, 32)})
                 ip[-1]["scheduler_32"] = scheduler_in_process(model_dir, texts, 32, 2 if args.quick else 4)
-            total = max(16, 2 * c) if args.quick else max(32, 4 * c)
+            total = max(16, 2 * c) if args.quick else max(64, WAVES * c)
             for name, fig in interleaved(gws, "bench", texts, c, total, rounds).items():
                 results[name][c] = fig
         results["in_process_tps"] = {b: statistics.mean(x[b] for x in ip) for b in (1, 8, 32, "scheduler_32")}
         results["client_cpu_share_c32"] = client_cpu_share(gws["engine"], "bench", texts, 32, 128)
-        for name, fig in interleaved(gws, "forest", texts, 16, 16 if args.quick else 48, rounds).items():
+        for name, fig in interleaved(gws, "forest", texts, 16, 16 if args.quick else WAVES * 16, rounds).items():
             results[name]["forest_c16"] = fig
         results["forest_in_process_tps_16"] = scheduler_in_process(model_dir, texts, 16, 2 if args.quick else 4,
                                                                    members)

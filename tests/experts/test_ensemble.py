@@ -328,6 +328,30 @@ def test_generation_with_cache_equals_without(gpts, backend, mode):
     assert len(set(want_ids)) > 3  # not a degenerate repetition
 
 
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_last_only_gives_the_last_mixture_and_the_same_cache(gpts, mode):
+    """What the engine asks of a prefill: the mixture at the last position only, and a cache that continues
+    exactly as the full forward's does (left padding included)."""
+    ens = EnsembleLM(gpts, [0.5, 0.3, 0.2], mode=mode).eval()
+    ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = ens(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        last = ens(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, last_only=True)
+        assert last.logits.shape == (3, 1, full.logits.shape[-1])
+        close(last.logits[:, 0].flatten(), full.logits[:, -1].flatten())
+        close(last.cache.loglik.flatten(), full.cache.loglik.flatten())
+        close(last.cache.last_logprobs.flatten(), full.cache.last_logprobs.flatten())
+        nxt = torch.tensor([[5], [6], [7]])
+        m2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        a = ens(input_ids=nxt, attention_mask=m2, position_ids=pos[:, -1:] + 1, cache=full.cache, use_cache=True)
+        b = ens(input_ids=nxt, attention_mask=m2, position_ids=pos[:, -1:] + 1, cache=last.cache, use_cache=True,
+                last_only=True)
+        close(b.logits[:, -1].flatten(), a.logits[:, -1].flatten())
+
+
 def test_k1_equals_the_single_expert(gpts):
     ens = EnsembleLM(gpts, [0.3, 0.5, 0.2], top_k=1)
     assert ens.selected == [1]

@@ -127,9 +127,25 @@ class EnsembleLM(torch.nn.Module):
             logits, st = self.runner(input_ids, state, use_cache, mask=mask, positions=positions)
         return torch.log_softmax(logits.float(), dim=-1), st
 
+    def _evidence_last(self, input_ids: torch.Tensor, state: Any, use_cache: bool, mask: torch.Tensor | None,
+                       positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(log p_j of each fed token after the first [B, T-1, k], every expert's log-probs at the last position
+        [B, k, V], the runner's state) from one log-normaliser per position."""
+        if mask is None and positions is None:
+            logits, state = self.runner(input_ids, state, use_cache)
+        else:
+            logits, state = self.runner(input_ids, state, use_cache, mask=mask, positions=positions)
+        logits = logits.float()  # [k, B, T, V]
+        k, B, T, _ = logits.shape
+        lse = torch.logsumexp(logits, dim=-1)  # [k, B, T]
+        fed = logits[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(k, B, T - 1, 1)).squeeze(-1)
+        target = (fed - lse[:, :, :-1]).permute(1, 2, 0)
+        last = (logits[:, :, -1] - lse[:, :, -1:]).permute(1, 0, 2)
+        return target, last, state
+
     def forward(self, input_ids: torch.Tensor, use_cache: bool = True, cache: EnsembleCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **kw: Any) -> EnsembleOutput:
+                last_only: bool = False, **kw: Any) -> EnsembleOutput:
         """Mixture log-probs for every position. With `attention_mask` [B, past + T] (left padding: 0 for
         padding) and `position_ids` [B, T], each row gets exactly what it would get alone: padding is never
         attended to and is no evidence for the posterior."""
@@ -144,11 +160,18 @@ class EnsembleLM(torch.nn.Module):
         if padded and not getattr(self.runner, "pads", False):
             raise NotImplementedError(f"the {self.runner.name} backend does not support padding")
         real = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool)
-        lp, state = self.expert_logprobs(input_ids, cache.experts if cache is not None else None, use_cache,
-                                         attention_mask if padded else None, position_ids)
-        lp = lp.permute(1, 2, 0, 3)  # [B, T, k, V]
-        # log-likelihood of each fed token under each expert; evidence only between two real tokens
-        target = lp[:, :-1].gather(-1, input_ids[:, 1:, None, None].expand(B, T - 1, self.k, 1)).squeeze(-1)
+        state_in = cache.experts if cache is not None else None
+        if last_only:  # the mixture at the last position only: no [B, T, k, V] log-probs are built
+            lp = None
+            target, last, state = self._evidence_last(input_ids, state_in, use_cache,
+                                                      attention_mask if padded else None, position_ids)
+        else:
+            lp, state = self.expert_logprobs(input_ids, state_in, use_cache, attention_mask if padded else None,
+                                             position_ids)
+            lp = lp.permute(1, 2, 0, 3)  # [B, T, k, V]
+            # log-likelihood of each fed token under each expert; evidence only between two real tokens
+            target = lp[:, :-1].gather(-1, input_ids[:, 1:, None, None].expand(B, T - 1, self.k, 1)).squeeze(-1)
+            last = lp[:, -1]
         target = torch.cat([target, target.new_zeros(B, 1, self.k)], dim=1)  # last target not fed yet
         valid = torch.cat([real[:, :-1] & real[:, 1:], real.new_zeros(B, 1)], dim=1)
         target = target * valid.unsqueeze(-1)
@@ -166,12 +189,12 @@ class EnsembleLM(torch.nn.Module):
         prev_real = torch.cat([has_prev.unsqueeze(1), real[:, :-1]], dim=1)
         starts = (real & ~prev_real).unsqueeze(-1)
         logw = padded_log_posteriors(self.log_prior, target, self.mode, context_loglik=context, starts=starts)
-        mixed = mix_log_weights(lp, logw)
+        mixed = mix_log_weights(lp, logw) if lp is not None else mix_log_weights(last[:, None], logw[:, -1:])
         new_cache = None
         if use_cache:
             prev = cache.loglik if cache is not None else target.new_zeros(B, self.k)
             loglik = prev + first + target[:, :-1].sum(1)
-            new_cache = EnsembleCache(state, loglik, lp[:, -1].clone(), (cache.length if cache else 0) + T,
+            new_cache = EnsembleCache(state, loglik, last.clone(), (cache.length if cache else 0) + T,
                                       real[:, -1].clone() if attention_mask is not None else None)
         return EnsembleOutput(mixed, new_cache, logw.exp())
 
@@ -245,7 +268,8 @@ class ForestAdapter:
                 last_only: bool, rows: Any = None) -> tuple[torch.Tensor, Any]:
         if rows is not None and any(r is not None for r in rows):
             raise NotImplementedError("LoRA adapters on a forest are not served")
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         last_only=last_only)
         return out.logits, out.cache
 
     @staticmethod
