@@ -189,7 +189,10 @@ class EnsembleLM(torch.nn.Module):
         prev_real = torch.cat([has_prev.unsqueeze(1), real[:, :-1]], dim=1)
         starts = (real & ~prev_real).unsqueeze(-1)
         logw = padded_log_posteriors(self.log_prior, target, self.mode, context_loglik=context, starts=starts)
-        mixed = mix_log_weights(lp, logw) if lp is not None else mix_log_weights(last[:, None], logw[:, -1:])
+        if lp is not None:
+            mixed = mix_log_weights(lp, logw)
+        else:  # the same sum over experts, as a reduction over the outer axis of the runner's [k, B, V] layout
+            mixed = torch.logsumexp(last.transpose(0, 1) + logw[:, -1].t().unsqueeze(-1), dim=0).unsqueeze(1)
         new_cache = None
         if use_cache:
             prev = cache.loglik if cache is not None else target.new_zeros(B, self.k)

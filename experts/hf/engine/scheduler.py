@@ -241,7 +241,8 @@ class ModelScheduler:
         if not lanes:
             return
         idx = torch.tensor(source)
-        cache = self.adapter.select(p.cache, idx)
+        # one row per prompt, all kept (the common case): the prefill's cache as it is, not a copy of it
+        cache = p.cache if source == list(range(len(p.groups))) else self.adapter.select(p.cache, idx)
         mask = torch.cat([p.mask[idx], torch.ones(len(idx), 1, dtype=p.mask.dtype)], dim=1)
         lengths = p.mask[idx].sum(1)  # the first sampled token goes at this position
         self.running = layout.join(self.adapter, self.running, cache, mask, lengths, torch.tensor(first), lanes)
