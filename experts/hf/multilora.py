@@ -170,22 +170,35 @@ class MultiLora:
             raise InvalidExpertError(f"the base model has no module {path!r} for this adapter") from None
 
         def add_delta(_: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-            binding = self._active
-            if binding is None or path not in binding.per_module:
-                return None
-            at, bt = binding.per_module[path]
-            x = args[0]
-            g = binding.group
-            if x.shape[0] != at.shape[0] * g:  # not the bound batch (a call from elsewhere): leave it alone
-                return None
-            # segments of g rows share an entry: one [g*T, in] matrix per entry (g = 1: a row per entry)
-            xa = torch.bmm(x.reshape(at.shape[0], -1, x.shape[-1]).to(at.dtype), at)
-            if out.dtype == bt.dtype and out.is_contiguous():  # the add fused into the second matmul
-                out.view(bt.shape[0], -1, bt.shape[-1]).baddbmm_(xa, bt)
-                return out
-            return out + torch.bmm(xa, bt).reshape(out.shape).to(out.dtype)
+            return self._delta(path, args[0], out)
 
         self._hooks[path] = module.register_forward_hook(add_delta)
+
+    def _delta(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """`out` with the bound rows' deltas of module `path` added (x: its input), or None when none applies."""
+        binding = self._active
+        if binding is None or path not in binding.per_module:
+            return None
+        at, bt = binding.per_module[path]
+        g = binding.group
+        if x.shape[0] != at.shape[0] * g:  # not the bound batch (a call from elsewhere): leave it alone
+            return None
+        # segments of g rows share an entry: one [g*T, in] matrix per entry (g = 1: a row per entry)
+        xa = torch.bmm(x.reshape(at.shape[0], -1, x.shape[-1]).to(at.dtype), at)
+        if out.dtype == bt.dtype and out.is_contiguous():  # the add fused into the second matmul
+            out.view(bt.shape[0], -1, bt.shape[-1]).baddbmm_(xa, bt)
+            return out
+        return out + torch.bmm(xa, bt).reshape(out.shape).to(out.dtype)
+
+    def delta(self, path: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """For a forward that does not call the modules (the engine's GPT-2 kernel): module `path`'s output `out`
+        [rows, T, out] for its input `x` [rows, T, in], with the bound rows' deltas."""
+        got = self._delta(path, x, out)
+        return out if got is None else got
+
+    def bound_paths(self) -> set[str]:
+        """The module paths the bound batch has deltas for (empty when nothing is bound)."""
+        return set(self._active.per_module) if self._active is not None else set()
 
     def _bind(self, rows: Sequence[LoraFactors | None]) -> _Binding:
         key = tuple(id(r) if r is not None else 0 for r in rows)

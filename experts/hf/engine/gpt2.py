@@ -9,6 +9,7 @@ for a plain GPT-2 (experts.hf.engine.kv.HFAdapter), with the weights shared, not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ _SAME = ("n_layer", "n_embd", "n_head", "vocab_size", "activation_function", "la
 
 
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # under transformer.h.<layer>
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -144,9 +146,12 @@ class StackedGPT2Runner:
         return allowed.unsqueeze(1).repeat(self.k, 1, 1, 1), False
 
     def __call__(self, input_ids: torch.Tensor, state: StackedKV | None, use_cache: bool,
-                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None, last_only: bool = False
+                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None, last_only: bool = False,
+                 lora: Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, StackedKV | None]:
-        """Logits [k, B, T, V] (T = 1 with `last_only`: the last position's) and the continued state."""
+        """Logits [k, B, T, V] (T = 1 with `last_only`: the last position's) and the continued state.
+        `lora(layer, name, x, y)`: projection `name` (one of PROJECTIONS) of layer `layer` gave `y` for input `x`
+        ([k, B*T, *]); returns it with the rows' LoRA deltas added."""
         k, d, h, dh = self.k, self.d, self.h, self.dh
         B, T = input_ids.shape
         past = 0 if state is None else state.length
@@ -165,6 +170,8 @@ class StackedGPT2Runner:
         for li, L in enumerate(self.layers):
             a = self._ln(x, L["ln1_w"], L["ln1_b"])
             qkv = torch.baddbmm(L["qkv_b"], a, L["qkv_w"])  # [k, BT, 3d]
+            if lora is not None:
+                qkv = lora(li, "attn.c_attn", a, qkv)
             qkv = qkv.view(k, B, T, 3, h, dh).permute(3, 0, 1, 4, 2, 5).reshape(3, k * B, h, T, dh)
             q, kk, vv = qkv[0], qkv[1], qkv[2]
             if use_cache:
@@ -177,10 +184,13 @@ class StackedGPT2Runner:
                 vv = torch.cat([state.layers[li][1][:, :, :past], vv], dim=2)
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, is_causal=causal, scale=L["scale"])
             o = o.view(k, B, h, T, dh).permute(0, 1, 3, 2, 4).reshape(k, B * T, d)
-            x = x + torch.baddbmm(L["o_b"], o, L["o_w"])
+            y = torch.baddbmm(L["o_b"], o, L["o_w"])
+            x = x + (y if lora is None else lora(li, "attn.c_proj", o, y))
             m = self._ln(x, L["ln2_w"], L["ln2_b"])
-            m = self.act(torch.baddbmm(L["fc_b"], m, L["fc_w"]))
-            x = x + torch.baddbmm(L["pr_b"], m, L["pr_w"])
+            y = torch.baddbmm(L["fc_b"], m, L["fc_w"])
+            m = self.act(y if lora is None else lora(li, "mlp.c_fc", m, y))
+            y = torch.baddbmm(L["pr_b"], m, L["pr_w"])
+            x = x + (y if lora is None else lora(li, "mlp.c_proj", m, y))
         kept = T
         if last_only and T > 1:  # the head for the sampled position only
             x, kept = x.view(k, B, T, d)[:, :, -1], 1

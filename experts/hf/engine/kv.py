@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from experts.hf.engine.columns import ROOM, joined, place_rows
-from experts.hf.engine.gpt2 import StackedGPT2Runner, StackedKV, stacked_unsupported
+from experts.hf.engine.gpt2 import PROJECTIONS, StackedGPT2Runner, StackedKV, stacked_unsupported
 from experts.hf.generation import cache_arg
 from experts.hf.multilora import MultiLora
 
@@ -116,16 +116,31 @@ class HFAdapter:
         self.paddable = "position_ids" in params and "attention_mask" in params
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self.growing = _plain_layers(model)
-        # a plain GPT-2 runs on the engine's own kernel (its weights shared), except for rows with a LoRA
-        # adapter: those need the module hooks, so a batch that gets one moves to the module's forward
+        # a plain GPT-2 runs on the engine's own kernel (its weights shared), LoRA rows included when their
+        # adapters change only the kernel's projections; otherwise a batch moves to the module's forward
         self.kernel = StackedGPT2Runner([model]) if kernel and self.growing and not stacked_unsupported([model]) \
             else None
+        n_layer = self.kernel.n_layer if self.kernel is not None else 0
+        self.kernel_paths = {f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS}
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool, rows: Sequence[Any] | None = None) -> tuple[torch.Tensor, Any]:
-        if self.kernel is not None and rows is None and (cache is None or isinstance(cache, StackedKV)):
-            logits, state = self.kernel(ids, cache, True, mask=mask, positions=positions, last_only=last_only)
-            return logits[0], state
+        if self.kernel is not None and (cache is None or isinstance(cache, StackedKV)):
+            if rows is None:
+                logits, state = self.kernel(ids, cache, True, mask=mask, positions=positions, last_only=last_only)
+                return logits[0], state
+            ml = MultiLora.of(self.model)
+            with ml.applied(rows):
+                if ml.bound_paths() <= self.kernel_paths:  # every adapted module is one of the kernel's projections
+                    b, t = ids.shape
+
+                    def lora(layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                        path = f"transformer.h.{layer}.{name}"
+                        return ml.delta(path, x.view(b, t, -1), y.view(b, t, -1)).view(y.shape)
+
+                    logits, state = self.kernel(ids, cache, True, mask=mask, positions=positions,
+                                                last_only=last_only, lora=lora)
+                    return logits[0], state
         cache = self._dynamic(cache)
         kwargs: dict[str, Any] = {"use_cache": True}
         if cache is None and self.growing:

@@ -37,10 +37,10 @@ def stream_generate(model: Any, tokenizer: Any, prompt: str, params: GenerationP
         request.cancel()
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, params: GenerationParams, adapter: Any = None
-             ) -> GenerationResult:
+def generate(model: Any, tokenizer: Any, prompt: str, params: GenerationParams, adapter: Any = None,
+             limits: Limits | None = None) -> GenerationResult:
     """Collect `stream_generate` into whole choices."""
-    return collect(stream_generate(model, tokenizer, prompt, params, adapter=adapter), params)
+    return collect(stream_generate(model, tokenizer, prompt, params, limits, adapter=adapter), params)
 
 
 def collect(events: Iterator[StreamDelta | StreamEnd], params: GenerationParams, n: int | None = None

@@ -122,3 +122,22 @@ def test_segments_equal_per_row_adapters(tiny_model_dir, pool):
         plain = model(input_ids=x.repeat(2, 1)).logits  # unbound again: the bare base
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got[:2], got[2:], atol=1e-3) and not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_lora_rows_run_on_the_gpt2_kernel(tiny_model_dir, pool, monkeypatch):
+    """Adapters on the kernel's projections are served by the engine's GPT-2 kernel (the module's forward is not
+    called), with the same answer as the module's forward with its hooks."""
+    _, factors = pool
+    base = load_hf_model(tiny_model_dir)
+    module = sync.generate(base.model, base.tokenizer, "def f(x):", PARAMS, adapter=factors[1],
+                           limits=Limits(gpt2_kernel=False))
+    calls: list[str] = []
+    delta = MultiLora.delta
+    monkeypatch.setattr(MultiLora, "delta",
+                        lambda self, path, x, out: (calls.append(path), delta(self, path, x, out))[1])
+    monkeypatch.setattr(type(base.model), "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("module")))
+    kernel = sync.generate(base.model, base.tokenizer, "def f(x):", PARAMS, adapter=factors[1])
+    assert calls and all(p.startswith("transformer.h.") for p in calls)
+    assert kernel.choices[0].text == module.choices[0].text
+    for a, b in zip(module.choices[0].tokens, kernel.choices[0].tokens, strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-4
