@@ -56,3 +56,14 @@ def test_a_deterministic_baseline_is_paired_with_every_seed():
     (row,) = evo_repro_report.paired({"settings": {"targets": ["a"]}, "runs": runs}, "evo_merging", "lorahub")
     assert row["seeds"] == 4
     assert evo_repro_report.wins(row["em"], lower_is_better=False) == "2 / 0 / 2"
+
+
+def test_a_baseline_shown_deterministic_on_one_target_stands_for_every_seed_on_another():
+    runs = [_run(t, "evo_merging", s, 0.1 * s, 1.0) for t in ("a", "b") for s in range(3)]
+    runs += [_run("a", "lorahub", s, 0.15, 1.0) for s in range(2)]  # identical: the optimiser is seed-free
+    runs += [_run("b", "lorahub", 0, 0.05, 1.0)]  # one run on target b
+    rows = evo_repro_report.paired({"settings": {"targets": ["a", "b"]}, "runs": runs}, "evo_merging", "lorahub")
+    assert [(r["target"], r["seeds"]) for r in rows] == [("a", 3), ("b", 3), ("all targets", 6)]
+    runs_other = [r for r in runs if not (r["target"] == "a" and r["method"] == "lorahub")]
+    (only,) = evo_repro_report.paired({"settings": {"targets": ["b"]}, "runs": runs_other}, "evo_merging", "lorahub")
+    assert only["seeds"] == 1  # without that evidence, one run pairs with its own seed only
