@@ -121,21 +121,23 @@ class EnsembleLM(torch.nn.Module):
                         mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, Any]:
         """Each running expert's log-probs [k, B, T, V] (float32) and the runner state."""
+        logits, st = self._logits(input_ids, state, use_cache, mask, positions)
+        return torch.log_softmax(logits, dim=-1), st
+
+    def _logits(self, input_ids: torch.Tensor, state: Any, use_cache: bool, mask: torch.Tensor | None,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """The running experts' logits [k, B, T, V] (float32) and the runner state."""
         if mask is None and positions is None:
             logits, st = self.runner(input_ids, state, use_cache)
         else:
             logits, st = self.runner(input_ids, state, use_cache, mask=mask, positions=positions)
-        return torch.log_softmax(logits.float(), dim=-1), st
+        return logits.float(), st
 
     def _evidence_last(self, input_ids: torch.Tensor, state: Any, use_cache: bool, mask: torch.Tensor | None,
                        positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(log p_j of each fed token after the first [B, T-1, k], every expert's log-probs at the last position
         [B, k, V], the runner's state) from one log-normaliser per position."""
-        if mask is None and positions is None:
-            logits, state = self.runner(input_ids, state, use_cache)
-        else:
-            logits, state = self.runner(input_ids, state, use_cache, mask=mask, positions=positions)
-        logits = logits.float()  # [k, B, T, V]
+        logits, state = self._logits(input_ids, state, use_cache, mask, positions)  # [k, B, T, V]
         k, B, T, _ = logits.shape
         lse = torch.logsumexp(logits, dim=-1)  # [k, B, T]
         fed = logits[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(k, B, T - 1, 1)).squeeze(-1)

@@ -74,7 +74,7 @@ def _place(adapter: BatchAdapter, r: Running, cache: Any, mask: torch.Tensor, le
     idx = torch.tensor(slots)
     pad = r.width - mask.shape[1]
     r.cache = adapter.place(r.cache, idx, cache, pad)
-    r.mask = r.full_mask().clone()
+    r.mask = r.mask.clone() if r.mask is not None else r.full_mask()  # a row's mask changes in place below
     r.mask[idx] = pad_mask(mask, pad)
     r.lengths, r.next_ids = r.lengths.clone(), r.next_ids.clone()
     r.lengths[idx], r.next_ids[idx] = lengths, next_ids
