@@ -43,6 +43,7 @@ import httpx
 
 from bench.engine import prompts
 from bench.gateways import ROOT, GatewayProc, build_gpt2, build_tokenizer, cleanup, randomize_lora, run_load
+from experts.hf.engine.heap import AFTER_IDLE_S
 
 SIZE = {"layers": 4, "embd": 256, "heads": 4, "positions": 256}
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -143,9 +144,10 @@ def metrics_page(gw: GatewayProc) -> str:
 
 
 def settle(gw: GatewayProc, bodies: list[dict[str, Any]], concurrency: int) -> int:
-    """Serve `bodies` (every model loaded and its buffers grown), then the RSS after a short pause."""
+    """Serve `bodies` (every model loaded and its buffers grown), then the RSS at rest: after the engine has been
+    idle long enough to hand its freed buffers back (experts.hf.engine.heap)."""
     run_load(gw.base, bodies, concurrency)
-    time.sleep(0.5)
+    time.sleep(AFTER_IDLE_S + 0.5)
     return rss(gw)
 
 

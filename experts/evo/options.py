@@ -28,7 +28,10 @@ ALPHA_RANGE = (0.0, 1.0)
 BETA_RANGE = (-1.5, 1.5)
 MAX_POOL = 1024
 MAX_BATCH_CANDIDATES = 1000
-BATCH_FORWARD_TOKENS = 8192  # padded tokens per batched forward of a population (candidates x examples)
+# padded tokens per batched forward of a population (candidates x examples). On 2 CPU cores (bench/multi_lora.py,
+# popsize 20 x 32 texts x 128 tokens) a generation took 3.64 s at 2,048, 4.03 s at 4,096 and 4.13 s at 8,192:
+# bigger forwards' activations fall out of the cache, and every forward is one hop of the engine's thread
+BATCH_FORWARD_TOKENS = 2048
 DEFAULT_REGISTERED_EXAMPLES = 32  # corpus and task sources without max_examples
 
 

@@ -161,6 +161,14 @@ class MultiLora:
             model._mergegate_multilora = ml
         return ml
 
+    @staticmethod
+    def release(model: Any) -> None:
+        """Drop the per-row stacks kept for `model`'s last batch (at 32 rows of rank 8 on every projection of a
+        4 x 256 GPT-2, about 11 MB); the engine calls it when the model goes idle."""
+        ml = getattr(model, "_mergegate_multilora", None)
+        if ml is not None and ml._active is None:
+            ml._last = None
+
     def _hook(self, path: str) -> None:
         if path in self._hooks:
             return

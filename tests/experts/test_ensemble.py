@@ -15,6 +15,8 @@ from experts.btm.mixture import (
     bayes_posterior,
     cached_prior,
     estimate_prior,
+    mix_log_weights,
+    mix_log_weights_outer,
     mix_logprobs,
     reference_posterior,
     sequence_posteriors,
@@ -119,6 +121,18 @@ def test_mix_logprobs_is_stable_and_normalised():
     close(out, want, 1e-9)
     probs = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
     close(mix_logprobs(probs.log(), torch.tensor([0.5, 0.5])).exp(), [0.4, 0.6])
+
+
+def test_mix_over_the_outer_axis_matches_the_hand_computed_mixture():
+    # two experts (outer axis), two rows, three tokens; row 0: w = (0.25, 0.75), row 1: w = (1, 0)
+    p = torch.tensor([[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], [[0.9, 0.1, 0.0], [0.4, 0.4, 0.2]]], dtype=torch.float64)
+    w = torch.tensor([[0.25, 0.75], [1.0, 0.0]], dtype=torch.float64)
+    out = mix_log_weights_outer(p.log(), w.log())
+    close(out.exp(), [[0.8, 0.2, 0.0], [0.2, 0.3, 0.5]], 1e-12)
+    assert out[0, 2] == float("-inf") and not out.isnan().any()  # a token no expert allows stays -inf
+    lp = torch.log_softmax(torch.randn(4, 3, 7, dtype=torch.float64), -1)
+    lw = torch.log_softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+    close(mix_log_weights_outer(lp, lw), mix_log_weights(lp.permute(1, 0, 2), lw), 1e-12)
 
 
 def test_cached_prior_ema_spec_vector():

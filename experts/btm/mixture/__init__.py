@@ -16,6 +16,7 @@ from experts.btm.mixture.posterior import (
     cached_prior,
     ema_update,
     mix_log_weights,
+    mix_log_weights_outer,
     mix_logprobs,
     reference_posterior,
     sequence_log_posteriors,
@@ -27,7 +28,7 @@ from experts.btm.mixture.runners import BACKENDS, make_runner
 __all__ = [
     "BACKENDS", "MODES", "EnsembleCache", "EnsembleConfig", "EnsembleLM", "EnsembleOutput", "TopK",
     "bayes_log_posterior", "bayes_posterior", "cached_prior", "ema_update", "estimate_prior", "make_runner",
-    "mix_log_weights", "mix_logprobs", "reference_posterior", "sequence_log_posteriors",
+    "mix_log_weights", "mix_log_weights_outer", "mix_logprobs", "reference_posterior", "sequence_log_posteriors",
     "sequence_posteriors",
     "top_k_experts",
 ]

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from experts.btm.mixture.posterior import check_mode, ema_update, mix_log_weights, padded_log_posteriors, top_k_experts
+from experts.btm.mixture.posterior import (
+    check_mode,
+    ema_update,
+    mix_log_weights,
+    mix_log_weights_outer,
+    padded_log_posteriors,
+    top_k_experts,
+)
 from experts.btm.mixture.runners import make_runner
 from experts.hf.generation import context_length
 
@@ -139,11 +146,12 @@ class EnsembleLM(torch.nn.Module):
         [B, k, V], the runner's state) from one log-normaliser per position."""
         logits, state = self._logits(input_ids, state, use_cache, mask, positions)  # [k, B, T, V]
         k, B, T, _ = logits.shape
-        lse = torch.logsumexp(logits, dim=-1)  # [k, B, T]
+        last = torch.log_softmax(logits[:, :, -1], dim=-1).permute(1, 0, 2)  # one fused pass
+        if T == 1:  # a decode step: no token of this call is scored yet
+            return logits.new_zeros(B, 0, k), last, state
+        lse = torch.logsumexp(logits[:, :, :-1], dim=-1)  # [k, B, T-1]
         fed = logits[:, :, :-1].gather(-1, input_ids[None, :, 1:, None].expand(k, B, T - 1, 1)).squeeze(-1)
-        target = (fed - lse[:, :, :-1]).permute(1, 2, 0)
-        last = (logits[:, :, -1] - lse[:, :, -1:]).permute(1, 0, 2)
-        return target, last, state
+        return (fed - lse).permute(1, 2, 0), last, state
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = True, cache: EnsembleCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -194,12 +202,13 @@ class EnsembleLM(torch.nn.Module):
         if lp is not None:
             mixed = mix_log_weights(lp, logw)
         else:  # the same sum over experts, as a reduction over the outer axis of the runner's [k, B, V] layout
-            mixed = torch.logsumexp(last.transpose(0, 1) + logw[:, -1].t().unsqueeze(-1), dim=0).unsqueeze(1)
+            mixed = mix_log_weights_outer(last.transpose(0, 1), logw[:, -1]).unsqueeze(1)
         new_cache = None
         if use_cache:
             prev = cache.loglik if cache is not None else target.new_zeros(B, self.k)
             loglik = prev + first + target[:, :-1].sum(1)
-            new_cache = EnsembleCache(state, loglik, last.clone(), (cache.length if cache else 0) + T,
+            kept = last if lp is None else last.clone()  # the last-only path's `last` is its own tensor already
+            new_cache = EnsembleCache(state, loglik, kept, (cache.length if cache else 0) + T,
                                       real[:, -1].clone() if attention_mask is not None else None)
         return EnsembleOutput(mixed, new_cache, logw.exp())
 
@@ -297,6 +306,9 @@ class ForestAdapter:
         real[slots] = self._real(new)
         return EnsembleCache(self.runner.place(c.experts, slots, new.experts, pad), c.loglik, c.last_logprobs,
                              c.length, None if bool(real.all()) else real)
+
+    def release(self) -> None:
+        pass  # a forest keeps nothing between steps outside its cache
 
     def trim_left(self, c: EnsembleCache, n: int) -> EnsembleCache:
         if n <= 0:

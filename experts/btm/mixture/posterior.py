@@ -98,6 +98,16 @@ def mix_log_weights(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) ->
     return torch.logsumexp(expert_logprobs + log_weights.unsqueeze(-1), dim=-2)
 
 
+# BTM paper §2 (spec §2.1): the same log Σ_j w_j p_j, with the experts on the outer axis (a runner's layout).
+def mix_log_weights_outer(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """expert_logprobs [k, B, V], log_weights [B, k] -> log Σ_j w_j p_j [B, V]. One temporary of the input's
+    size, reduced in place (torch.logsumexp over an outer axis makes several, and is ~1.5x slower)."""
+    z = expert_logprobs + log_weights.t().unsqueeze(-1)
+    m = z.amax(dim=0)
+    m = m.masked_fill_(torch.isinf(m), 0.0)  # a token every expert rules out stays -inf (no inf - inf)
+    return z.sub_(m).exp_().sum(dim=0).log_().add_(m)
+
+
 # BTM paper §2 (spec §2.1): mixture Σ_j P(D=j | x_<t) · p_j(x_t | x_<t), returned as log-probabilities.
 def mix_logprobs(expert_logprobs: torch.Tensor, posterior: torch.Tensor) -> torch.Tensor:
     """expert_logprobs [..., k, V] (log-probs), posterior [..., k] (probabilities)

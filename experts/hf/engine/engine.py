@@ -26,6 +26,7 @@ from experts.base import GenerationParams, StreamDelta, StreamEnd
 from experts.errors import ExpertUnavailableError
 from experts.hf.engine.batch import Limits, StepStats
 from experts.hf.engine.choices import Event, Request
+from experts.hf.engine.heap import HeapTrimmer
 from experts.hf.engine.scheduler import ModelScheduler
 from experts.hf.threads import own_cores
 
@@ -61,6 +62,7 @@ class Engine:
         self._schedulers: dict[int, tuple[str, Any, ModelScheduler]] = {}  # id(model) -> (label, model, scheduler)
         self._closed = False
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[Event]]] = []
+        self.heap = HeapTrimmer()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -124,7 +126,7 @@ class Engine:
         while True:
             with self._cv:
                 while not self._closed and not self._work:
-                    wait = self._idle_for()
+                    wait = min(self._idle_for(), self.heap.due_in())
                     if wait <= 0:
                         break
                     self._cv.wait(None if wait == float("inf") else wait)
@@ -134,8 +136,9 @@ class Engine:
                 self._work.clear()
                 now = time.monotonic()
                 active = [e for e in self._schedulers.values() if e[2].ready_in(now) <= 0]
-                for key in [k for k, e in self._schedulers.items() if not e[2].has_work()]:
-                    del self._schedulers[key]  # idle: no state worth keeping (a new one is cheap)
+                dropped = [self._schedulers.pop(k)[2] for k, e in list(self._schedulers.items()) if not e[2].has_work()]
+            for sched in dropped:  # idle: no state worth keeping (a new scheduler is cheap)
+                sched.adapter.release()
             for fn, fut in work:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -151,6 +154,13 @@ class Engine:
                 if self.observer is not None:
                     self.observer.stepped(label, stats, sched.rows, len(sched.waiting))
             self._flush()
+            with self._cv:
+                idle = not any(e[2].has_work() for e in self._schedulers.values())
+            if work or not idle:
+                self.heap.busy()
+            else:  # idle for a while: the freed buffers go back to the OS (experts.hf.engine.heap)
+                self.heap.idle()
+                self.heap.run_if_due()
         self._fail_all(ExpertUnavailableError("the gateway is shutting down"))
         self._flush()
 

@@ -46,6 +46,9 @@ class BatchAdapter(Protocol):
 
     def trim_left(self, cache: Any, n: int) -> Any: ...
 
+    def release(self) -> None:
+        """Drop what is kept between steps outside the cache (the model has nothing to do)."""
+
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer that appends in place: K and V live in buffers with room to grow (doubling), so a
@@ -122,6 +125,9 @@ class HFAdapter:
             else None
         n_layer = self.kernel.n_layer if self.kernel is not None else 0
         self.kernel_paths = {f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS}
+
+    def release(self) -> None:
+        MultiLora.release(self.model)  # the LoRA rows' stacks of its last batch
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any,
                 last_only: bool, rows: Sequence[Any] | None = None) -> tuple[torch.Tensor, Any]:

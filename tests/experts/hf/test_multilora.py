@@ -141,3 +141,39 @@ def test_lora_rows_run_on_the_gpt2_kernel(tiny_model_dir, pool, monkeypatch):
     assert kernel.choices[0].text == module.choices[0].text
     for a, b in zip(module.choices[0].tokens, kernel.choices[0].tokens, strict=True):
         assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_an_idle_engine_drops_the_lora_rows_stacks_and_trims(tiny_model_dir, pool):
+    import asyncio
+    import time
+
+    from experts.base import StreamDelta
+    from experts.hf.engine.engine import Engine, Prompt
+
+    _, factors = pool
+    base = load_hf_model(tiny_model_dir)
+    want = [sync.generate(base.model, base.tokenizer, f"def f{i}(x):", PARAMS, adapter=f).choices[0].text
+            for i, f in enumerate(factors)]
+    assert len(set(want)) == len(want)  # each adapter answers its own way
+    engine = Engine(Limits(max_batch_size=4))
+    engine.heap.after_idle_s = 0.05
+
+    async def burst() -> list[str]:
+        async def one(i: int, f) -> str:
+            ids, n = start_ids(base.tokenizer, f"def f{i}(x):")
+            events = [e async for e in engine.stream("m", base.model, base.tokenizer, [Prompt("p", ids, n)],
+                                                     PARAMS, adapter=f)]
+            return "".join(e.text for e in events if isinstance(e, StreamDelta))
+        return list(await asyncio.gather(*(one(i, f) for i, f in enumerate(factors))))
+
+    try:
+        for round_ in range(2):  # the second burst runs on a released binding and a trimmed heap
+            got = asyncio.run(burst())
+            assert got == want
+            deadline = time.monotonic() + 10
+            while engine.heap.trims <= round_ and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.heap.trims == round_ + 1 or not engine.heap.available
+            assert base.model._mergegate_multilora._last is None  # the per-row stacks went with the idle model
+    finally:
+        engine.close()
