@@ -149,8 +149,9 @@ class StackedGPT2Runner:
 
     def _attn_mask(self, B: int, T: int, past: int, keys: torch.Tensor | None,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, bool]:
-        """(mask, is_causal) for sdpa. With `keys` [B, past+T] (0 = padding) the mask is per row, [k*B, 1, T, S];
-        a padding query may see itself (so no row of the softmax is empty: no NaN reaches the cache)."""
+        """(mask, is_causal) for sdpa. With `keys` [B, past+T] (0 = padding) the mask is per row and additive (0 or
+        -inf), [k*B, 1, T, S]; a padding query may see itself (no row of the softmax is empty: no NaN reaches the
+        cache)."""
         if keys is None:
             if T == 1:
                 return None, False

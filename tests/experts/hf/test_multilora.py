@@ -156,6 +156,9 @@ def test_an_idle_engine_drops_the_lora_rows_stacks_and_trims(tiny_model_dir, poo
             for i, f in enumerate(factors)]
     assert len(set(want)) == len(want)  # each adapter answers its own way
     engine = Engine(Limits(max_batch_size=4))
+    if not engine.heap.available:
+        engine.close()
+        pytest.skip("no malloc_trim in this C library: the engine has nothing to wake up for")
     engine.heap.after_idle_s = 0.05
 
     async def burst() -> list[str]:
@@ -173,7 +176,7 @@ def test_an_idle_engine_drops_the_lora_rows_stacks_and_trims(tiny_model_dir, poo
             deadline = time.monotonic() + 10
             while engine.heap.trims <= round_ and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert engine.heap.trims == round_ + 1 or not engine.heap.available
+            assert engine.heap.trims == round_ + 1
             assert base.model._mergegate_multilora._last is None  # the per-row stacks went with the idle model
     finally:
         engine.close()
