@@ -24,7 +24,7 @@ class Limits:
     # empty batch: after `admit_window_s`, so that a burst of arrivals is prefilled as one batch.
     admit_ratio: float = 0.25
     max_wait_s: float = 0.08
-    admit_window_s: float = 0.0  # the gateway sets MERGEGATE_ADMIT_WINDOW_MS (3 ms)
+    admit_window_s: float = 0.0  # the gateway: MERGEGATE_ADMIT_WINDOW_MS (0 by default)
     gpt2_kernel: bool = True  # plain GPT-2s run on the engine's own kernel (experts.hf.engine.gpt2)
 
 
