@@ -57,6 +57,16 @@ def wait_until(predicate, timeout: float = 10.0, every: float = 0.02) -> bool:
     return bool(predicate())
 
 
+class FakeClock:
+    """A monotonic clock a test moves by hand (`clock.t += 1.0`)."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,18 +17,11 @@ from experts.remote.expert import RemoteExpert
 from experts.remote.secrets import SecretStore
 from experts.remote.upstream import RemoteRuntime, RemoteSpec, retry_after_s, split_events
 from experts.repository.registry import ExpertRecord
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.helpers import FakeClock
 
 
 def test_breaker_cycle():
-    clock = Clock()
+    clock = FakeClock()
     b = CircuitBreaker(threshold=3, cooldown_s=10, clock=clock)
     for _ in range(2):
         assert b.allow()

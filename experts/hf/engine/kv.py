@@ -124,7 +124,7 @@ class HFAdapter:
         self.kernel = StackedGPT2Runner([model]) if kernel and self.growing and not stacked_unsupported([model]) \
             else None
         n_layer = self.kernel.n_layer if self.kernel is not None else 0
-        self.kernel_paths = {f"transformer.h.{i}.{p}" for i in range(n_layer) for p in PROJECTIONS}
+        self.kernel_paths = {_module_path(i, p) for i in range(n_layer) for p in PROJECTIONS}
 
     def release(self) -> None:
         MultiLora.release(self.model)  # the LoRA rows' stacks of its last batch
@@ -141,8 +141,7 @@ class HFAdapter:
                     b, t = ids.shape
 
                     def lora(layer: int, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                        path = f"transformer.h.{layer}.{name}"
-                        return ml.delta(path, x.view(b, t, -1), y.view(b, t, -1)).view(y.shape)
+                        return ml.delta(_module_path(layer, name), x.view(b, t, -1), y.view(b, t, -1)).view(y.shape)
 
                     logits, state = self.kernel(ids, cache, True, mask=mask, positions=positions,
                                                 last_only=last_only, lora=lora)
@@ -238,6 +237,11 @@ class HFAdapter:
             assert self.kernel is not None
             return self.kernel.trim_left(cache, n)
         return cache if n <= 0 else self._apply(cache, lambda t: t[:, :, n:])
+
+
+def _module_path(layer: int, projection: str) -> str:
+    """A GPT-2 projection's module path (one of gpt2.PROJECTIONS in block `layer`), as LoRA adapters name it."""
+    return f"transformer.h.{layer}.{projection}"
 
 
 def _plain_layers(model: Any) -> bool:

@@ -9,19 +9,12 @@ import textwrap
 import pytest
 
 from experts.hf.engine.heap import HeapTrimmer, _glibc_trim
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.helpers import FakeClock
 
 
 def test_one_trim_per_idle_period_after_the_idle_delay():
     calls: list[int] = []
-    clock = Clock()
+    clock = FakeClock()
     heap = HeapTrimmer(trim=lambda pad: calls.append(pad) or 1, after_idle_s=1.0, clock=clock)
     assert heap.due_in() == float("inf") and not heap.run_if_due()  # never busy: nothing to give back
     heap.busy()

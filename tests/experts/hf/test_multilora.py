@@ -14,7 +14,7 @@ from experts.hf.loading import load_hf_model
 from experts.hf.lora import load_lora_model
 from experts.hf.multilora import AdapterCache, MultiLora, evo_factors, read_adapter
 from merging.lora import evo_lora
-from tests.helpers import build_adapter_dir
+from tests.helpers import build_adapter_dir, wait_until
 
 PARAMS = GenerationParams(max_tokens=12, temperature=0.0, logprobs=2)
 
@@ -145,7 +145,6 @@ def test_lora_rows_run_on_the_gpt2_kernel(tiny_model_dir, pool, monkeypatch):
 
 def test_an_idle_engine_drops_the_lora_rows_stacks_and_trims(tiny_model_dir, pool):
     import asyncio
-    import time
 
     from experts.base import StreamDelta
     from experts.hf.engine.engine import Engine, Prompt
@@ -173,9 +172,7 @@ def test_an_idle_engine_drops_the_lora_rows_stacks_and_trims(tiny_model_dir, poo
         for round_ in range(2):  # the second burst runs on a released binding and a trimmed heap
             got = asyncio.run(burst())
             assert got == want
-            deadline = time.monotonic() + 10
-            while engine.heap.trims <= round_ and time.monotonic() < deadline:
-                time.sleep(0.02)
+            assert wait_until(lambda r=round_: engine.heap.trims > r)
             assert engine.heap.trims == round_ + 1
             assert base.model._mergegate_multilora._last is None  # the per-row stacks went with the idle model
     finally:
