@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -34,6 +35,12 @@ class GenerationParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token plus k alternatives
     echo: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # forwarded verbatim by remote experts
+
+    def sampling_seed(self) -> int:
+        """The request's seed, or a fresh one in [0, 2**63). A fresh seed comes from the process's Mersenne
+        Twister (seeded from the OS at start, reseeded in a forked child): no system call on the event
+        loop's thread, where each one is a point at which the engine's thread can take the GIL."""
+        return self.seed if self.seed is not None else random.getrandbits(63)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ before a service sees it (a 400 in the error envelope otherwise):
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, get_args, get_origin
 
@@ -115,6 +116,12 @@ def _takes_int(annotation: Any) -> bool:
     return found == {"int"}
 
 
+@functools.cache
+def _int_field(cls: type[BaseModel], name: str) -> bool:
+    """`_takes_int` of a model's field, once per field (the validator runs for every field of every request)."""
+    return _takes_int(cls.model_fields[name].annotation)
+
+
 def _integral(value: Any) -> Any:
     """JSON Schema's integers include 1.0: integral floats become ints (1.5, NaN, Infinity stay floats, refused)."""
     if isinstance(value, float) and value.is_integer():
@@ -136,7 +143,7 @@ class RequestModel(BaseModel):
         if where is not None:
             at = "" if where == "value" else f" at {where}"
             raise ValueError(f"text must be valid Unicode: a lone UTF-16 surrogate{at}")
-        if info.field_name is not None and _takes_int(cls.model_fields[info.field_name].annotation):
+        if info.field_name is not None and _int_field(cls, info.field_name):
             return _integral(value)
         return value
 

@@ -8,7 +8,6 @@ both into OpenAI wire responses.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -268,7 +267,7 @@ class BlackBoxEnsemble:
         weights = [m.weight for m in active]
         k = self.spec.top_logprobs
         steppers = await gather([lambda m=m: m.stepper(prompt, params.max_tokens, k, ledger) for m in active])
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        seed = params.sampling_seed()
         rng = random.Random(seed)
         want = params.logprobs is not None
         holdback = max((len(s) for s in params.stop), default=1) - 1

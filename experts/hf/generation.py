@@ -22,10 +22,31 @@ except ImportError:  # pragma: no cover - older transformers
 
 _BACKEND_DECODE = getattr(_Backend, "_decode", None)
 _BACKEND_API = _Backend.decode
+_BACKEND_ENCODE = getattr(_Backend, "_encode_plus", None)
+_BACKEND_CALL = _Backend.__call__
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer(text, add_special_tokens=False)["input_ids"]`, through the Rust tokenizer directly when that is
+    all the call does: the Python wrapper costs several times the encoding itself, on the event loop's thread
+    for every request."""
+    backend = _plain_backend(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer of a fast tokenizer whose call adds nothing to it: neither its class nor its settings
+    (split special tokens; truncation or padding, which the wrapper switches off) change the ids."""
+    t = type(tokenizer)
+    if _BACKEND_ENCODE is None or getattr(t, "_encode_plus", None) is not _BACKEND_ENCODE \
+            or t.__call__ is not _BACKEND_CALL or getattr(tokenizer, "split_special_tokens", False):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(backend, "truncation", 1) is not None or getattr(backend, "padding", 1) is not None:
+        return None
+    return backend
 
 
 def context_length(model: Any) -> int:

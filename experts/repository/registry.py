@@ -6,7 +6,7 @@ is versioned: `MIGRATIONS[i]` moves the database from version i to i + 1, inside
 
 from __future__ import annotations
 
-import copy
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -169,7 +169,9 @@ class Registry:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._recent: dict[str, tuple[float, ExpertRecord]] = {}  # id -> (when read, the row)
+        # id -> (when read, the row pickled): each hit unpickles its own copy, 4x cheaper than a deepcopy of a
+        # forest's spec, which the serving path pays per request
+        self._recent: dict[str, tuple[float, bytes]] = {}
 
     # -- schema -------------------------------------------------------------------------------
     def migrate(self) -> int:
@@ -253,7 +255,7 @@ class Registry:
         if max_age_s > 0:
             hit = self._recent.get(expert_id)
             if hit is not None and time.monotonic() - hit[0] <= max_age_s:
-                return copy.deepcopy(hit[1])
+                return pickle.loads(hit[1])
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(experts_table).where(experts_table.c.id == expert_id)).mappings().first()
         if row is None:
@@ -262,7 +264,7 @@ class Registry:
         record = ExpertRecord(**dict(row))
         if len(self._recent) >= RECENT_ROWS:
             self._recent.clear()
-        self._recent[expert_id] = (time.monotonic(), copy.deepcopy(record))
+        self._recent[expert_id] = (time.monotonic(), pickle.dumps(record))
         return record
 
     def forget_recent(self, expert_id: str) -> None:

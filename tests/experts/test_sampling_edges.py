@@ -44,3 +44,10 @@ def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
     params = GenerationParams(max_tokens=1, temperature=1.0, top_p=top_p)
     assert [int(sample(logits, params, torch.Generator().manual_seed(s))) for s in range(5)] == [1] * 5
     assert choose({"a": 0.2, "b": 0.5, "c": 0.3}, temperature=1.0, top_p=top_p, rng=random.Random(0)) == "b"
+
+
+def test_a_request_without_a_seed_gets_a_fresh_one_in_the_generators_range():
+    assert GenerationParams(seed=-5).sampling_seed() == -5
+    fresh = {GenerationParams().sampling_seed() for _ in range(50)}
+    assert len(fresh) == 50 and all(0 <= s < 2**63 for s in fresh)
+    torch.Generator().manual_seed(max(fresh))  # a seed torch takes

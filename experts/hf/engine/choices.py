@@ -10,7 +10,6 @@ the prompt (and its logprobs) first; `finish_reason` is "stop" (EOS or a stop st
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +47,7 @@ class Group:
         self.prompt = prompt
         self.ids = ids
         self.n_prompt = n_prompt
-        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        seed = p.sampling_seed()
         self.gen = torch.Generator().manual_seed(seed)
         self.k = p.logprobs or 0
         self.want_lp = p.logprobs is not None
